@@ -1,0 +1,103 @@
+"""The Python API: ``aligner.train``. The CLI's ``train`` command is a thin layer over it.
+
+Setup order, and why:
+1. config validated and plugins resolved, 2. every stage's data read and validated: both cheap and
+   the likeliest to be wrong, so they fail before anything slow happens;
+3. tokenizer, then tokenization (needs the tokenizer, not the model);
+4. seeds, accelerator, and only then the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from aligner.config import RunConfig, dump_config, load_config
+from aligner.data.templates import load_template
+from aligner.data.tokenize import tokenize_rows
+from aligner.run import RunResult, RunState
+from aligner.stages import PreparedStage, prepare_stages
+
+log = logging.getLogger("aligner")
+
+
+def _is_chat(stage: PreparedStage) -> bool:
+    rows = stage.train_rows[:1]
+    return bool(rows) and isinstance(rows[0].data.get("prompt"), list)
+
+
+def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
+    """Tokenize a stage's train and eval rows and log what truncation dropped."""
+    data = stage.config.data
+    template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
+    for split, rows in (("train", stage.train_rows), ("eval", stage.eval_rows)):
+        if not rows:
+            continue
+        tokenized = tokenize_rows(rows, stage.data_format, tokenizer, template, data.max_length, data.max_prompt_length)
+        if tokenized.dropped:
+            reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
+            log.warning("stage '%s' %s: dropped %d of %d rows (%s)", stage.name, split,
+                        sum(tokenized.dropped.values()), len(rows), reasons)
+        if tokenized.truncated_rows:
+            log.info("stage '%s' %s: truncated %d rows to max_length %d / max_prompt_length %d", stage.name, split,
+                     tokenized.truncated_rows, data.max_length, data.max_prompt_length)
+        if not tokenized.examples:
+            from aligner.errors import DataError
+
+            raise DataError(f"stage '{stage.name}': no {split} rows left after tokenization and truncation")
+        setattr(stage, f"{split}_data", tokenized)
+
+
+def _precision(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
+          output_dir: str | Path | None = None) -> RunResult:
+    """Train a model through every stage of ``config``; return the output path and final metrics.
+
+    ``config`` is a YAML path, a dict of the same shape, or a ``RunConfig``; ``overrides`` are
+    ``key.path=value`` strings; ``output_dir`` replaces the config's.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from aligner.models import load_model, load_tokenizer
+
+    resolved = load_config(config, overrides)
+    if output_dir is not None:
+        resolved.output_dir = str(output_dir)
+    stages = prepare_stages(resolved)
+    tokenizer = load_tokenizer(resolved)
+    for stage in stages:
+        tokenize_stage(stage, tokenizer)
+
+    accelerator = Accelerator(mixed_precision=_precision(resolved.precision))
+    out = Path(resolved.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(resolved, out / "config.yaml")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    set_seed(resolved.seed)
+    model = load_model(resolved.model, tokenizer)
+
+    from aligner.loop import train_stage
+
+    results: dict[str, dict[str, float]] = {}
+    for stage in stages:
+        run = RunState(config=resolved, output_dir=out, stage=stage, tokenizer=tokenizer, accelerator=accelerator)
+        set_seed(resolved.seed + stage.index)
+        model, results[stage.name] = train_stage(run, model)
+    final_dir = out / stages[-1].name / "final"
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps({"final_model": str(final_dir), "stages": results}, indent=2))
+    accelerator.end_training()
+    return RunResult(output_dir=out, final_model_dir=final_dir, metrics=results)

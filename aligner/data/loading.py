@@ -1,0 +1,99 @@
+"""Reading rows from local files and validating them before anything is trained.
+
+JSON Lines files are parsed here line by line rather than by ``datasets`` so that every error can
+name the exact line (``datasets`` reports a pyarrow schema error for the whole file). CSV, Parquet,
+JSON arrays and ``save_to_disk`` folders go through ``datasets``; their rows are located by index.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aligner.data.formats import detect_format, validate_row
+from aligner.errors import DataError
+
+
+@dataclass
+class Row:
+    """One validated row and where it came from (for error messages)."""
+
+    data: dict[str, Any]
+    location: str
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}")
+            rows.append(Row(value, where))
+    return rows
+
+
+def _read_with_datasets(path: Path, split: str) -> list[Row]:
+    import datasets
+
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"{path}: no split '{split}'; splits: {', '.join(loaded)}")
+                loaded = loaded[split]
+            first_line, unit = 0, "row"
+        elif suffix == ".csv":
+            loaded = datasets.load_dataset("csv", data_files=str(path), split="train")
+            first_line, unit = 2, "line"  # line 1 is the header
+        elif suffix == ".parquet":
+            loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            first_line, unit = 0, "row"
+        elif suffix == ".json":
+            loaded = datasets.load_dataset("json", data_files=str(path), split="train")
+            first_line, unit = 0, "item"
+        else:
+            raise DataError(f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json, .csv, .parquet "
+                            "or a datasets save_to_disk folder")
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for unreadable files
+        raise DataError(f"{path}: could not be read: {type(exc).__name__}: {exc}") from None
+    return [Row(dict(r), f"{path}, {unit} {i + first_line}") for i, r in enumerate(loaded.to_list())]
+
+
+def read_rows(path: str | Path, split: str = "train") -> list[Row]:
+    """All rows of a local data file or ``save_to_disk`` folder, each with its location."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
+    return _read_with_datasets(path, split)
+
+
+def load_validated(path: str | Path, data_format: str | None, split: str = "train",
+                   max_rows: int | None = None) -> tuple[str, list[Row]]:
+    """Read and validate every row; return the data format and the rows.
+
+    The first invalid row stops everything with a ``DataError`` naming its file, line and field.
+    """
+    rows = read_rows(path, split)
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    fmt = data_format or detect_format(rows[0].data, rows[0].location)
+    for row in rows:
+        row.data = validate_row(row.data, fmt, row.location)
+    return fmt, rows

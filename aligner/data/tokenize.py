@@ -1,0 +1,89 @@
+"""Rows -> token ids, with an explicit truncation policy.
+
+Policy: the prompt is cut from the left to ``max_prompt_length`` tokens (the end of a prompt, next
+to the answer, matters most; a leading BOS token is kept), then each completion is cut from the
+right to fit ``max_length``. A row left with no completion token (empty, or pushed out by a long
+prompt) is dropped and counted by reason, never trained on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aligner.data.loading import Row
+from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, UNPAIRED
+
+COMPLETION_FIELDS = {SFT: ("completion",), PREFERENCE: ("chosen", "rejected"), UNPAIRED: ("completion",), PROMPT_ONLY: ()}
+
+
+@dataclass
+class TokenizedData:
+    """Token ids of every kept row, plus counts of what truncation did."""
+
+    data_format: str
+    examples: list[dict[str, Any]]
+    dropped: Counter = field(default_factory=Counter)
+    truncated_rows: int = 0
+
+    def lengths(self) -> list[int]:
+        """Tokens per example as batched (prompt + longest completion), for length grouping."""
+        fields = COMPLETION_FIELDS[self.data_format]
+        return [len(e["prompt_ids"]) + max((len(e[f + "_ids"]) for f in fields), default=0) for e in self.examples]
+
+
+def prompt_for_judge(prompt: str | list[dict[str, str]]) -> str:
+    """The plain text a judge sees as the prompt: the string, or the last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: Any,
+                  max_length: int, max_prompt_length: int) -> TokenizedData:
+    """Tokenize validated rows; drop (and count) rows with no completion token left."""
+    data = TokenizedData(data_format, [])
+    bos = tokenizer.bos_token_id
+    for row_id, row in enumerate(rows):
+        prompt_ids = _encode(tokenizer, template.prompt_text(row.data["prompt"]))
+        if bos is not None and (not prompt_ids or prompt_ids[0] != bos) and getattr(tokenizer, "add_bos_token", True):
+            prompt_ids = [bos, *prompt_ids]
+        completions = {f: _encode(tokenizer, template.completion_text(row.data[f])) for f in COMPLETION_FIELDS[data_format]}
+        empty = [f for f, ids in completions.items() if not row_has_text(row.data[f])]
+        if empty:
+            data.dropped[f"empty {empty[0]}"] += 1
+            continue
+        cut = False
+        if len(prompt_ids) > max_prompt_length:
+            keep_bos = bos is not None and prompt_ids[0] == bos
+            prompt_ids = ([bos] if keep_bos else []) + prompt_ids[len(prompt_ids) - max_prompt_length + keep_bos:]
+            cut = True
+        room = max_length - len(prompt_ids)
+        for f, ids in completions.items():
+            if len(ids) > room:
+                completions[f] = ids[: max(room, 0)]
+                cut = True
+        if any(not ids for ids in completions.values()):
+            data.dropped["no completion tokens left after truncation"] += 1
+            continue
+        data.truncated_rows += cut
+        example: dict[str, Any] = {"row_id": row_id, "prompt_ids": prompt_ids,
+                                   "prompt": prompt_for_judge(row.data["prompt"])}
+        example.update({f + "_ids": ids for f, ids in completions.items()})
+        if data_format == UNPAIRED:
+            example["label"] = row.data["label"]
+        data.examples.append(example)
+    return data
+
+
+def row_has_text(value: Any) -> bool:
+    """Whether a completion field holds any non-whitespace text."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return any(m["content"].strip() for m in value)

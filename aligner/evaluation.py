@@ -1,0 +1,93 @@
+"""Held-out evaluation: the stage's losses and metrics on eval rows, and judged generations."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from aligner.data.batching import LengthGroupedBatches, collate
+from aligner.forward import compute_losses, move_to
+from aligner.run import RunState
+from aligner.tracking import to_float
+
+
+@torch.no_grad()
+def evaluate_losses(run: RunState, model: torch.nn.Module) -> dict[str, float]:
+    """Mean of every loss metric over the eval rows (weighted by rows per batch)."""
+    stage = run.stage
+    examples = stage.eval_data.examples
+    batches = LengthGroupedBatches(stage.eval_data.lengths(), run.stage.config.eval.batch_size, seed=0, shuffle=False)
+    loader = DataLoader(examples, batch_sampler=batches,
+                        collate_fn=partial(collate, data_format=stage.data_format, pad_token_id=run.tokenizer.pad_token_id))
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        batch = move_to(batch, run.accelerator.device)
+        _, metrics = compute_losses(model, stage, batch)
+        rows = len(batch["row_ids"])
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + to_float(value) * rows
+        count += rows
+    return {f"eval/{k}": v / count for k, v in sums.items()}
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int,
+             temperature: float, top_p: float, batch_size: int, seed: int) -> list[str]:
+    """Sample one completion per prompt (left-padded batches, KV cache on); returns decoded text.
+
+    Sampling uses its own seeded RNG stream so that evaluating does not change the training run.
+    """
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+                "do_sample": False}
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 use_cache=True, **sampling)
+            texts.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
+    return texts
+
+
+def evaluate_generations(run: RunState, model: torch.nn.Module) -> dict[str, float]:
+    """Judge sampled completions for held-out prompts: ``eval/judge_score`` (mean) and a samples file."""
+    settings = run.stage.config.eval.generate
+    examples = run.stage.eval_data.examples[: settings.num_prompts]
+    unwrapped = run.accelerator.unwrap_model(model)
+    texts = generate(unwrapped, run.tokenizer, [e["prompt_ids"] for e in examples], settings.max_new_tokens,
+                     settings.temperature, settings.top_p, settings.batch_size, seed=run.config.seed)
+    prompts = [e["prompt"] for e in examples]
+    scores = run.stage.judge.score(prompts, texts)
+    if run.is_main_process:
+        directory = run.stage_dir / "samples"
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / f"step-{run.step}.jsonl").open("w") as handle:
+            for prompt, text, score in zip(prompts, texts, scores, strict=True):
+                handle.write(json.dumps({"prompt": prompt, "completion": text, "score": score}) + "\n")
+    return {"eval/judge_score": sum(scores) / len(scores)}
+
+
+def evaluate(run: RunState, model: torch.nn.Module) -> dict[str, float]:
+    """All held-out metrics of the stage at the current step (empty without eval rows)."""
+    if run.stage.eval_data is None or not run.stage.eval_data.examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = evaluate_losses(run, model)
+        if run.stage.judge is not None:
+            metrics.update(evaluate_generations(run, model))
+    finally:
+        model.train(was_training)
+    return metrics

@@ -1,0 +1,39 @@
+"""Supervised fine-tuning: mean negative log-likelihood of the completion tokens.
+
+On preference data it trains on the chosen completions, so it can be added to any preference loss
+with a weight (RPO-style: ``losses: [{name: dpo}, {name: sft, weight: 0.2}]``).
+"""
+
+from __future__ import annotations
+
+
+from aligner.hookspecs import hookimpl
+from aligner.protocols import PREFERENCE, SFT, LossInputs, LossOutput, Options
+
+
+class SFTLoss:
+    """Token-averaged NLL over the completion tokens of the micro-batch."""
+
+    name = "sft"
+    data_formats = (SFT, PREFERENCE)
+    needs_reference = False
+
+    class Options(Options):
+        """SFT takes no options beyond its weight."""
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        """``-sum(log p(completion tokens)) / number of completion tokens``."""
+        policy = inputs.policy.pairs()[0] if inputs.data_format == PREFERENCE else inputs.policy
+        tokens = policy.num_tokens.sum().clamp(min=1)
+        nll = -policy.logps.sum() / tokens
+        return LossOutput(loss=nll, metrics={"nll": nll.detach()})
+
+
+
+@hookimpl
+def register_losses(register):
+    """Register the SFT loss."""
+    register(SFTLoss)

@@ -1,0 +1,211 @@
+"""The plugin manager: loads built-in and installed plugins and builds the registries from them.
+
+Loading is lazy: nothing is imported until a registry is first needed. Built-ins are registered
+through the same ``register_*`` hooks as third-party plugins; the only difference is that their
+modules are listed here instead of in an entry point.
+
+Environment variables:
+- ``ALIGNER_DISABLE_PLUGIN_AUTOLOAD=1``: do not load plugins from the ``aligner`` entry-point group.
+- ``ALIGNER_SKIP_BROKEN_PLUGINS=1``: a plugin that fails to import is skipped with a warning
+  instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import inspect
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from aligner import hookspecs
+from aligner.errors import PluginError, suggest
+from aligner.registry import Registry
+
+ENTRY_POINT_GROUP = "aligner"
+
+BUILTIN_PLUGINS = (
+    "aligner.losses.sft",
+    "aligner.losses.dpo",
+    "aligner.references.frozen_copy",
+    "aligner.references.no_reference",
+    "aligner.judges.rule",
+    "aligner.peft_backends.full",
+    "aligner.peft_backends.lora",
+)
+
+# registry kind -> registration hook name
+REGISTRATION_HOOKS = {
+    "loss": "register_losses",
+    "reference policy": "register_reference_policies",
+    "judge": "register_judges",
+    "peft backend": "register_peft_backends",
+}
+
+
+@dataclass
+class PluginInfo:
+    """Where a plugin came from: ``builtin``, an entry point of a distribution, or run-time."""
+
+    name: str
+    source: str
+    distribution: str | None = None
+    version: str | None = None
+    registers: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.pm: pluggy.PluginManager | None = None
+        self.infos: dict[str, PluginInfo] = {}
+        self.registries: dict[str, Registry] | None = None
+
+
+_state = _State()
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("aligner")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _check_hook_names(plugin: Any, plugin_name: str) -> None:
+    """Reject functions marked as hook implementations whose name is not a hook."""
+    specs = [n for n, f in inspect.getmembers(hookspecs) if inspect.isfunction(f) and hasattr(f, "aligner_spec")]
+    for attr, value in inspect.getmembers(plugin):
+        if callable(value) and hasattr(value, "aligner_impl") and attr not in specs:
+            raise PluginError(
+                f"plugin '{plugin_name}' implements '{attr}', which is not an aligner hook{suggest(attr, specs)}"
+            )
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, info: PluginInfo) -> None:
+    _check_hook_names(plugin, info.name)
+    if pm.has_plugin(info.name):
+        raise PluginError(f"a plugin named '{info.name}' is already registered")
+    try:
+        pm.register(plugin, name=info.name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin '{info.name}' is invalid: {exc}") from exc
+    _state.infos[info.name] = info
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    skip_broken = os.environ.get("ALIGNER_SKIP_BROKEN_PLUGINS", "") not in ("", "0")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else "unknown distribution"
+        version = dist.version if dist is not None else None
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+            message = (
+                f"plugin '{ep.name}' from distribution '{dist_name}' (entry point '{ep.value}' in group "
+                f"'{ENTRY_POINT_GROUP}') failed to load: {type(exc).__name__}: {exc}"
+            )
+            if skip_broken:
+                warnings.warn(message + "; skipped (ALIGNER_SKIP_BROKEN_PLUGINS is set)", stacklevel=2)
+                continue
+            raise PluginError(message + "; set ALIGNER_SKIP_BROKEN_PLUGINS=1 to skip it") from exc
+        _register(pm, plugin, PluginInfo(ep.name, "entry point", dist_name, version))
+
+
+def load_plugins() -> pluggy.PluginManager:
+    """Load built-in and installed plugins once and return the plugin manager."""
+    if _state.pm is not None:
+        return _state.pm
+    pm = _new_manager()
+    _state.pm = pm
+    try:
+        from aligner import __version__
+
+        for module_name in BUILTIN_PLUGINS:
+            module = importlib.import_module(module_name)
+            _register(pm, module, PluginInfo(module_name, "builtin", "aligner-trainer", __version__))
+        if os.environ.get("ALIGNER_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0"):
+            _load_entry_points(pm)
+    except BaseException:
+        reset_plugins()
+        raise
+    return pm
+
+
+def reset_plugins() -> None:
+    """Forget every loaded plugin and registry; the next use loads them again."""
+    _state.pm = None
+    _state.infos = {}
+    _state.registries = None
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> str:
+    """Register a plugin object or module at run time (tests, notebooks); returns its name."""
+    pm = load_plugins()
+    plugin_name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+    _register(pm, plugin, PluginInfo(plugin_name, "runtime"))
+    _state.registries = None
+    return plugin_name
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered with ``register_plugin``."""
+    pm = load_plugins()
+    pm.unregister(name=name)
+    _state.infos.pop(name, None)
+    _state.registries = None
+
+
+@contextlib.contextmanager
+def temporary_plugin(plugin: Any, name: str | None = None) -> Iterator[str]:
+    """Register ``plugin`` for the duration of a ``with`` block."""
+    plugin_name = register_plugin(plugin, name)
+    try:
+        yield plugin_name
+    finally:
+        unregister_plugin(plugin_name)
+
+
+def get_registries() -> dict[str, Registry]:
+    """Build (once) and return the registries, keyed by kind: loss, reference policy, judge, peft backend."""
+    if _state.registries is not None:
+        return _state.registries
+    pm = load_plugins()
+    registries = {kind: Registry(kind) for kind in REGISTRATION_HOOKS}
+    for info in _state.infos.values():
+        info.registers = {}
+    for kind, hook_name in REGISTRATION_HOOKS.items():
+        hook = getattr(pm.hook, hook_name)
+        # Call each implementation on its own so every registered object is tied to its plugin.
+        for impl in reversed(hook.get_hookimpls()):
+            registry = registries[kind]
+            plugin_name = impl.plugin_name
+
+            def register(obj: Any, _registry: Registry = registry, _plugin: str = plugin_name) -> None:
+                _registry.add(obj, _plugin)
+                _state.infos[_plugin].registers.setdefault(_registry.kind, []).append(obj.name)
+
+            impl.function(register=register)
+    _state.registries = registries
+    return registries
+
+
+def get_registry(kind: str) -> Registry:
+    """One registry: ``"loss"``, ``"reference policy"``, ``"judge"`` or ``"peft backend"``."""
+    return get_registries()[kind]
+
+
+def plugin_infos() -> list[PluginInfo]:
+    """Every loaded plugin with its source, version and what it registered."""
+    get_registries()
+    return list(_state.infos.values())
+
+
+def call_hook(name: str, **kwargs: Any) -> None:
+    """Call a lifecycle hook on every plugin implementing it."""
+    getattr(load_plugins().hook, name)(**kwargs)

@@ -1,0 +1,172 @@
+"""What the loop expects of each registrable kind, and the values passed between them.
+
+Registries check a registered class against the ``REQUIRED_MEMBERS`` of its kind when it is
+registered, so a plugin missing a member fails at start-up, naming the plugin and the member,
+never in the middle of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+# Data formats a stage can train on. A loss lists the ones it accepts in ``data_formats``.
+SFT = "sft"  # prompt + completion (or chat messages)
+PREFERENCE = "preference"  # prompt + chosen + rejected
+UNPAIRED = "unpaired"  # prompt + completion + boolean label
+PROMPT_ONLY = "prompt"  # prompt alone (online methods generate the completion)
+DATA_FORMATS = (SFT, PREFERENCE, UNPAIRED, PROMPT_ONLY)
+
+
+class Options(BaseModel):
+    """Base class for a plugin's options: unknown keys are rejected with their path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class SequenceLogProbs:
+    """Log-probabilities of the completion tokens of each sequence in a batch.
+
+    ``logps[i]`` is the sum over completion tokens of sequence ``i``; ``num_tokens[i]`` how many
+    there are. ``token_logps``/``mask`` (shape ``[N, T]``) are filled only when a loss asks for
+    per-token values. For preference batches the first half of the sequences are the chosen
+    completions and the second half the rejected ones, pair ``i`` being rows ``i`` and ``i + N/2``.
+    """
+
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+    token_logps: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def pairs(self) -> tuple[SequenceLogProbs, SequenceLogProbs]:
+        """Split a preference batch into its (chosen, rejected) halves."""
+        half = self.logps.shape[0] // 2
+        return self.select(slice(0, half)), self.select(slice(half, None))
+
+    def select(self, index: slice | torch.Tensor) -> SequenceLogProbs:
+        """The same values for a subset of the sequences."""
+        return SequenceLogProbs(
+            logps=self.logps[index],
+            num_tokens=self.num_tokens[index],
+            token_logps=None if self.token_logps is None else self.token_logps[index],
+            mask=None if self.mask is None else self.mask[index],
+        )
+
+    def mean_logps(self) -> torch.Tensor:
+        """Per-sequence average log-probability per completion token."""
+        return self.logps / self.num_tokens.clamp(min=1)
+
+    def detach(self) -> SequenceLogProbs:
+        """A copy with no autograd history (for reference values)."""
+        return SequenceLogProbs(
+            logps=self.logps.detach(),
+            num_tokens=self.num_tokens,
+            token_logps=None if self.token_logps is None else self.token_logps.detach(),
+            mask=self.mask,
+        )
+
+
+@dataclass
+class LossInputs:
+    """Everything a loss may read for one micro-batch.
+
+    ``reference`` is ``None`` unless the loss declared ``needs_reference``; ``batch`` holds the
+    collated tensors (``labels`` for unpaired data, ``row_ids``, ...); ``extra`` carries values
+    other forward passes produced for losses that asked for them (e.g. ``kl_policy``).
+    """
+
+    data_format: str
+    policy: SequenceLogProbs
+    reference: SequenceLogProbs | None
+    batch: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """A loss value to minimise and the metrics to log for it (plain floats or 0-d tensors)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Loss(Protocol):
+    """A training objective. Instantiated as ``LossClass(options)``, options an ``Options`` model."""
+
+    name: ClassVar[str]
+    data_formats: ClassVar[tuple[str, ...]]
+    needs_reference: ClassVar[bool]
+    Options: ClassVar[type[Options]]
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        """Return the loss for one micro-batch and its metrics."""
+        ...
+
+
+@dataclass
+class ReferenceContext:
+    """What a reference policy gets to set itself up at the start of a stage.
+
+    ``logprobs_fn(model, batch)`` computes ``SequenceLogProbs`` exactly as the policy's forward
+    does, so reference values are comparable. ``peft_backend`` is the backend wrapping ``policy``.
+    """
+
+    policy: torch.nn.Module
+    logprobs_fn: Any
+    peft_backend: Any
+    device: torch.device
+    run_dir: str
+
+
+@runtime_checkable
+class ReferencePolicy(Protocol):
+    """Supplies reference log-probs. Instantiated as ``ReferenceClass(options)``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]]
+
+    def setup(self, context: ReferenceContext) -> None:
+        """Prepare before the first step (copy weights, open a cache, ...)."""
+        ...
+
+    def logprobs(self, batch: dict[str, Any]) -> SequenceLogProbs:
+        """Reference log-probs for the sequences of ``batch``, without gradient."""
+        ...
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Scores completions. Instantiated as ``JudgeClass(options)``; higher scores are better."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]]
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """One score per (prompt, completion) pair."""
+        ...
+
+
+@runtime_checkable
+class PeftBackend(Protocol):
+    """Decides which weights train. Instantiated as ``BackendClass(options)``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]]
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Return the model to train (wrapped or not), with only trainable weights requiring grad."""
+        ...
+
+
+# The members each registry checks at registration time, per kind.
+REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
+    "loss": ("name", "data_formats", "needs_reference", "Options", "compute"),
+    "reference policy": ("name", "Options", "setup", "logprobs"),
+    "judge": ("name", "Options", "score"),
+    "peft backend": ("name", "Options", "apply"),
+}

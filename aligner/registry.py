@@ -1,0 +1,83 @@
+"""Name -> class registries that check what plugins register and remember who registered it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from aligner.errors import PluginError, suggest
+from aligner.protocols import DATA_FORMATS, REQUIRED_MEMBERS
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered object and the plugin that registered it."""
+
+    name: str
+    obj: Any
+    plugin: str
+
+
+class Registry:
+    """Registered classes of one kind (``"loss"``, ``"judge"``, ...), keyed by their ``name``."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, obj: Any, plugin: str) -> None:
+        """Check ``obj`` against its protocol and register it under ``obj.name`` for ``plugin``."""
+        missing = [m for m in REQUIRED_MEMBERS[self.kind] if not hasattr(obj, m)]
+        if missing:
+            raise PluginError(
+                f"plugin '{plugin}' registered {self.kind} {obj!r} which lacks required member(s): "
+                + ", ".join(missing)
+            )
+        name = obj.name
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin '{plugin}' registered a {self.kind} whose name is not a string")
+        if not (isinstance(obj.Options, type) and issubclass(obj.Options, BaseModel)):
+            raise PluginError(
+                f"plugin '{plugin}' registered {self.kind} '{name}' whose Options is not a pydantic model"
+            )
+        if self.kind == "loss":
+            unknown = [f for f in obj.data_formats if f not in DATA_FORMATS]
+            if unknown or not obj.data_formats:
+                raise PluginError(
+                    f"plugin '{plugin}' registered loss '{name}' with invalid data_formats {obj.data_formats!r}; "
+                    f"valid formats: {', '.join(DATA_FORMATS)}"
+                )
+        if name in self._entries:
+            other = self._entries[name].plugin
+            raise PluginError(
+                f"{self.kind} '{name}' is registered twice: by plugin '{other}' and by plugin '{plugin}'"
+            )
+        self._entries[name] = Entry(name=name, obj=obj, plugin=plugin)
+
+    def get(self, name: str, where: str = "") -> Any:
+        """The class registered as ``name``; an unknown name lists the known ones."""
+        if name not in self._entries:
+            location = f" at {where}" if where else ""
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise PluginError(
+                f"unknown {self.kind} '{name}'{location}{suggest(name, self._entries)}; known: {known}"
+            )
+        return self._entries[name].obj
+
+    def entry(self, name: str) -> Entry:
+        """The full entry (with the registering plugin) for ``name``."""
+        self.get(name)
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        """All entries, sorted by name."""
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries

@@ -1,0 +1,121 @@
+"""Turning a stage's config into resolved plugins and validated data, before any model is loaded.
+
+Everything a user can get wrong in a stage (an unknown loss, a bad option, a loss that cannot train
+on the data's format, a bad row) is found here, so a run fails in seconds, not after loading weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from aligner.config import PluginChoice, RunConfig, StageConfig, validate_plugin_options
+from aligner.data.loading import Row, load_validated
+from aligner.data.tokenize import TokenizedData
+from aligner.errors import ConfigError
+from aligner.plugins import get_registry
+from aligner.references import choose_reference
+
+log = logging.getLogger("aligner")
+
+
+@dataclass
+class PreparedStage:
+    """A stage with its plugins instantiated and its rows validated (not yet tokenized)."""
+
+    index: int
+    config: StageConfig
+    data_format: str
+    losses: list[tuple[Any, float]]
+    reference_name: str
+    reference: Any
+    peft: Any
+    judge: Any | None
+    train_rows: list[Row]
+    eval_rows: list[Row]
+    train_data: TokenizedData | None = None
+    eval_data: TokenizedData | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The stage's name from the config."""
+        return self.config.name
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any loss of the stage reads reference log-probs."""
+        return any(loss.needs_reference for loss, _ in self.losses)
+
+    @property
+    def needs_token_logps(self) -> bool:
+        """Whether any loss asked for per-token log-probs."""
+        return any(getattr(loss, "needs_token_logps", False) for loss, _ in self.losses)
+
+
+def instantiate(kind: str, choice: PluginChoice, loc: tuple, config: RunConfig) -> Any:
+    """Look up ``choice.name`` in the ``kind`` registry and build it with its validated options."""
+    cls = get_registry(kind).get(choice.name, where=_where(loc))
+    options = validate_plugin_options(cls.Options, choice, loc, config)
+    return cls(options)
+
+
+def _where(loc: tuple) -> str:
+    from aligner.config import format_loc
+
+    return f"'{format_loc(loc)}'"
+
+
+def _split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = int(round(len(rows) * fraction))
+    held = set(order[:cut])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
+    """Resolve one stage's plugins and load and validate its rows."""
+    stage = config.stages[index]
+    base = ("stages", index)
+    losses = []
+    for i, choice in enumerate(stage.losses):
+        loss = instantiate("loss", choice, (*base, "losses", i), config)
+        losses.append((loss, choice.weight))
+    data_format, train_rows = load_validated(stage.data.train, stage.data.format, stage.data.split, stage.data.max_rows)
+    for loss, _ in losses:
+        if data_format not in loss.data_formats:
+            raise ConfigError(
+                f"loss '{loss.name}' in stage '{stage.name}' trains on {'/'.join(loss.data_formats)} data, but "
+                f"{stage.data.train} is {data_format} data (set 'stages[{index}].data.format' if the guess is wrong)"
+            )
+    if stage.data.eval is not None:
+        _, eval_rows = load_validated(stage.data.eval, data_format, stage.data.split)
+    elif stage.data.eval_fraction > 0:
+        train_rows, eval_rows = _split_eval(train_rows, stage.data.eval_fraction, config.seed)
+    else:
+        eval_rows = []
+    needs_reference = any(loss.needs_reference for loss, _ in losses)
+    reference_name = choose_reference(stage.reference.name, needs_reference)
+    if needs_reference and reference_name == "none":
+        needing = [loss.name for loss, _ in losses if loss.needs_reference]
+        raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but loss(es) {', '.join(needing)} "
+                          f"need reference log-probs ('stages[{index}].reference.name')")
+    reference_choice = PluginChoice(name=reference_name, **stage.reference.options())
+    reference = instantiate("reference policy", reference_choice, (*base, "reference"), config)
+    peft = instantiate("peft backend", stage.peft, (*base, "peft"), config)
+    judge = None
+    if stage.eval.generate is not None:
+        judge = instantiate("judge", stage.eval.generate.judge, (*base, "eval", "generate", "judge"), config)
+        if not eval_rows:
+            raise ConfigError(f"stage '{stage.name}': eval.generate needs held-out prompts; set "
+                              f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
+    return PreparedStage(index, stage, data_format, losses, reference_name, reference, peft, judge,
+                         train_rows, eval_rows)
+
+
+def prepare_stages(config: RunConfig) -> list[PreparedStage]:
+    """Every stage of the run, resolved and validated."""
+    return [prepare_stage(config, i) for i in range(len(config.stages))]
