@@ -182,7 +182,7 @@ def get_registries() -> dict[str, Registry]:
     for kind, hook_name in REGISTRATION_HOOKS.items():
         hook = getattr(pm.hook, hook_name)
         # Call each implementation on its own so every registered object is tied to its plugin.
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # registration order: built-ins first
             registry = registries[kind]
             plugin_name = impl.plugin_name
 

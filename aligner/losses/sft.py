@@ -6,7 +6,6 @@ with a weight (RPO-style: ``losses: [{name: dpo}, {name: sft, weight: 0.2}]``).
 
 from __future__ import annotations
 
-
 from aligner.hookspecs import hookimpl
 from aligner.protocols import PREFERENCE, SFT, LossInputs, LossOutput, Options
 
