@@ -19,7 +19,8 @@ from aligner.errors import AlignerError
 def _train(args: argparse.Namespace) -> int:
     from aligner.api import train
 
-    result = train(args.config, args.overrides, output_dir=args.output_dir)
+    result = train(args.config, args.overrides, output_dir=args.output_dir, resume=True if args.resume else None,
+                   overwrite=args.overwrite)
     print(f"final model: {result.final_model_dir}")
     return 0
 
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="path to a YAML config")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.dpo.train.learning_rate=1e-5")
     train.add_argument("--output-dir", default=None, help="replace the config's output_dir")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     train.set_defaults(handler=_train)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")

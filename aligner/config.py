@@ -138,6 +138,8 @@ class RunConfig(Strict):
     """A whole run: one model trained through one or more stages (e.g. SFT then DPO)."""
 
     output_dir: str = "runs/default"
+    resume: bool | Literal["auto"] = Field(
+        False, description="continue from the last complete checkpoint; 'auto': only if there is one")
     seed: int = 0
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     model: ModelConfig
