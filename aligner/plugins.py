@@ -38,6 +38,7 @@ BUILTIN_PLUGINS = (
     "aligner.judges.rule",
     "aligner.peft_backends.full",
     "aligner.peft_backends.lora",
+    "aligner.trackers.wandb_tracker",
 )
 
 # registry kind -> registration hook name
