@@ -8,7 +8,7 @@ import aligner
 from aligner.trackers.wandb_tracker import resolve_mode
 
 from .conftest import preference_rows
-from .wandb_offline import history, summary_and_config
+from .wandb_offline import history, summary_and_config, wait_until_complete
 
 
 def test_offline_run_logs_metrics_config_and_summary_without_leaking_the_key(make_config, monkeypatch):
@@ -22,7 +22,7 @@ def test_offline_run_logs_metrics_config_and_summary_without_leaking_the_key(mak
     result = aligner.train(config)
     files = list((result.output_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    rows = history(files[0])
+    rows = history(wait_until_complete(files[0]))
     steps = [r for r in rows if "dpo/loss" in r]
     assert [r["global_step"] for r in steps] == [1, 2, 3]
     assert steps[0]["dpo/loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1

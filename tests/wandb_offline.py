@@ -71,3 +71,22 @@ def summary_and_config(path: Path) -> tuple[dict, dict]:
             for item in record.config.update:
                 config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return summary, config
+
+
+def wait_until_complete(path: Path, timeout: float = 60.0) -> Path:
+    """Wait for wandb's background writer to finish the file (its ``exit`` record), then return it.
+
+    ``wandb.finish`` returns before the offline file is fully written.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in records(path)):
+                time.sleep(0.5)  # the records after the exit record (final summary) follow at once
+                return path
+        except Exception:  # noqa: BLE001 - a record may be half-written while we read
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} was not completed within {timeout}s")
