@@ -25,6 +25,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from aligner.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from aligner.plugins import plugin_infos
 
@@ -76,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     train.set_defaults(handler=_train)
+
+    plot = sub.add_parser("plot", help="draw loss/reward/margin/accuracy/KL curves of a run to PNG")
+    plot.add_argument("run_dir", help="a run's output directory")
+    plot.set_defaults(handler=_plot)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")

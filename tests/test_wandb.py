@@ -56,3 +56,17 @@ def test_disabled_mode_writes_nothing(make_config, monkeypatch):
     config["wandb"] = {"mode": "disabled"}
     result = aligner.train(config)
     assert not list((result.output_dir / "wandb").glob("*run-*"))
+
+
+def test_plot_draws_curves_of_a_run(make_config, capsys):
+    from PIL import Image
+
+    from aligner.cli import main
+
+    result = aligner.train(make_config("dpo", steps=3, eval_rows=preference_rows(4)))
+    assert main(["plot", str(result.output_dir)]) == 0
+    png = result.output_dir / "plots" / "dpo.png"
+    assert str(png) in capsys.readouterr().out
+    with Image.open(png) as image:
+        assert image.size[0] > 4 * image.size[1]  # loss, reward, margin and accuracy panels side by side
+    assert main(["plot", str(result.output_dir / "nowhere")]) == 2
