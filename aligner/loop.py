@@ -66,8 +66,10 @@ def _setup(run: RunState, model: torch.nn.Module):
     model.train()
     # The reference is set up from the policy before the first update; a frozen copy taken later
     # would be a copy of an already-trained model.
-    stage.reference.setup(ReferenceContext(policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft,
-                                           device=run.accelerator.device, run_dir=str(run.output_dir)))
+    stage.reference.setup(ReferenceContext(
+        policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft, device=run.accelerator.device,
+        run_dir=str(run.output_dir), stage=stage, autocast=run.accelerator.autocast,
+        collate_fn=partial(collate, data_format=stage.data_format, pad_token_id=run.tokenizer.pad_token_id)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError(f"stage '{stage.name}': the PEFT backend '{stage.peft.name}' left no trainable weights")
