@@ -14,11 +14,13 @@ write the same entry at once both leave a complete, identical file; readers neve
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,9 +147,14 @@ class ReferenceCache:
                 "created": entry.metadata.get("created"), **json.loads(entry.metadata.get("info", "{}"))}
 
     def clear(self) -> int:
-        """Delete every entry and leftover temporary file; return how many entries were removed."""
+        """Delete every entry and stale temporary file; return how many entries were removed.
+
+        Temporary files younger than an hour may belong to a run writing right now and are kept.
+        """
         removed = sum(self.remove(key) for key in self.keys())
         if self.directory.is_dir():
             for leftover in self.directory.glob(f".tmp-*{SUFFIX}"):
-                leftover.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - leftover.stat().st_mtime > 3600:
+                        leftover.unlink()
         return removed

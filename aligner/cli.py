@@ -53,6 +53,8 @@ def setup_logging() -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # bitsandbytes (imported by peft) warns at import about an optional kernels package on CPUs.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -61,6 +61,8 @@ PEFT_CHOICES = {
 
 @pytest.mark.parametrize("backend", list(PEFT_CHOICES))
 def test_dpo_with_disabled_adapter_trains_adapters_every_step_and_never_the_base(make_config, backend):
+    if backend == "qlora":
+        pytest.importorskip("bitsandbytes")
     rows = preference_rows(12)
     # Evaluating after every step puts an eval-mode no_grad forward (the QLoRA trap) between steps.
     config = make_config("dpo", rows=rows[:8], eval_rows=rows[8:], steps=3,
@@ -91,7 +93,7 @@ def _adapter_grads(model, ids):
 
 
 def _bnb_repacks_on_this_cpu() -> bool:
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")
 
     return bool(getattr(bnb.nn.Linear4bit(64, 64), "support_avx512bf16_for_cpu", False))
 

@@ -150,3 +150,14 @@ def test_corrupt_entry_is_rebuilt_with_a_warning(make_config, tmp_path, caplog, 
     assert second.reference.forward_passes == first.reference.forward_passes
     assert second.losses == first.losses
     assert ReferenceCache(cache_dir).describe(key)["status"] == "ok"
+
+
+def test_cached_with_adapters_scores_the_base_model_like_disabled_adapter(make_config, tmp_path):
+    peft = {"name": "lora", "r": 4}
+    config = make_config("dpo", steps=2, reference={"name": "cached", "dir": str(tmp_path / "c")}, peft=peft)
+    cached, _ = _run(config)
+    config = make_config("dpo", steps=2, reference={"name": "disabled_adapter"}, peft=peft)
+    config["output_dir"] += "-disabled"
+    disabled, _ = _run(config)
+    assert cached.reference.forward_passes == 1 and disabled.reference.forward_passes == 2
+    assert cached.losses == pytest.approx(disabled.losses, abs=1e-5)
