@@ -39,6 +39,27 @@ def final_dir(run_dir: Path, stage: str | None) -> Path:
     return run_dir / stage / "final"
 
 
+def _previous_stage_model(source: Path) -> str | None:
+    """The full model saved by the stage before ``source``'s stage, if that is what it trained on.
+
+    A base built in memory (a ``tiny`` spec) has no path in the adapter config; when an earlier
+    full fine-tuning stage of the same run saved it, that saved model is the base.
+    """
+    import yaml
+
+    run_dir, stage = source.parent.parent, source.parent.name
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    names = [s["name"] for s in yaml.safe_load(config.read_text()).get("stages", [])]
+    if stage not in names or names.index(stage) == 0:
+        return None
+    previous = run_dir / names[names.index(stage) - 1] / "final"
+    if (previous / "config.json").is_file() and not (previous / "adapter_config.json").exists():
+        return str(previous)
+    return None
+
+
 def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = True, stage: str | None = None,
            base: str | None = None) -> Path:
     """Write the exported model and return its directory."""
@@ -54,7 +75,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = base or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    base = base or json.loads(adapter_config.read_text()).get("base_model_name_or_path") or _previous_stage_model(source)
     if not base:
         raise ConfigError(f"the adapter in {source} does not say which base model it was trained on; pass --base")
     model = AutoModelForCausalLM.from_pretrained(base)

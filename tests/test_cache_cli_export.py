@@ -89,3 +89,15 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(mak
         base_logits = base(input_ids=torch.tensor(ids)).logits[0]
     assert not torch.allclose(adapter_logits, base_logits, atol=1e-4)  # the adapter did learn something
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_finds_the_base_saved_by_the_previous_full_stage(tmp_path):
+    from aligner.export import _previous_stage_model
+
+    (tmp_path / "config.yaml").write_text("stages: [{name: sft}, {name: dpo}]\n")
+    for stage, files in (("sft", ["config.json"]), ("dpo", ["adapter_config.json"])):
+        (tmp_path / stage / "final").mkdir(parents=True)
+        for f in files:
+            (tmp_path / stage / "final" / f).write_text("{}")
+    assert _previous_stage_model(tmp_path / "dpo" / "final") == str(tmp_path / "sft" / "final")
+    assert _previous_stage_model(tmp_path / "sft" / "final") is None

@@ -140,12 +140,14 @@ class CachedReference:
         # Deterministic values (no dropout); a 4-bit base is guarded against eval-mode repacking
         # by its PEFT backend (aligner.peft_backends.quantization).
         model.eval()
+        # Setup runs before accelerate places the model, so batches go where its weights are now.
+        device = next(model.parameters()).device
         logps, counts = [], []
         progress = Progress(f"{stage.name} reference log-probs ({split})", len(batches))
         try:
             with torch.no_grad():
                 for done, batch in enumerate(batches, 1):
-                    moved = {k: v.to(context.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                     disabled = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
                     autocast = context.autocast() if context.autocast is not None else contextlib.nullcontext()
                     with disabled, autocast:
