@@ -59,14 +59,17 @@ PEFT_CHOICES = {
 }
 
 
-@pytest.mark.parametrize("backend", list(PEFT_CHOICES))
-def test_dpo_with_disabled_adapter_trains_adapters_every_step_and_never_the_base(make_config, backend):
+@pytest.mark.parametrize(("backend", "reference"), [*((b, "disabled_adapter") for b in PEFT_CHOICES),
+                                                    ("qlora", "cached")])
+def test_dpo_trains_adapters_every_step_and_never_the_base(make_config, tmp_path, backend, reference):
     if backend == "qlora":
         pytest.importorskip("bitsandbytes")
     rows = preference_rows(12)
-    # Evaluating after every step puts an eval-mode no_grad forward (the QLoRA trap) between steps.
+    # Evaluating after every step puts an eval-mode no_grad forward (the QLoRA trap) between steps;
+    # the cached reference's precomputation is another one, before the first step.
+    choice = {"name": reference, **({"dir": str(tmp_path / "cache")} if reference == "cached" else {})}
     config = make_config("dpo", rows=rows[:8], eval_rows=rows[8:], steps=3,
-                         reference={"name": "disabled_adapter"}, peft=PEFT_CHOICES[backend])
+                         reference=choice, peft=PEFT_CHOICES[backend])
     config["stages"][0]["train"].update({"weight_decay": 0.0, "eval_every": 1, "batch_size": 4})
     watcher = WeightWatcher()
     with temporary_plugin(watcher, name="watcher"):
