@@ -53,6 +53,15 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
         setattr(stage, f"{split}_data", tokenized)
 
 
+def _multi_process_cpu() -> bool:
+    """Several processes (torchrun) and no GPU: accelerate needs ``cpu=True`` to join them with gloo."""
+    import os
+
+    import torch
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _precision(requested: str) -> str:
     import torch
 
@@ -109,7 +118,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     for stage in stages:
         tokenize_stage(stage, tokenizer)
 
-    accelerator = Accelerator(mixed_precision=_precision(resolved.precision))
+    accelerator = Accelerator(mixed_precision=_precision(resolved.precision), cpu=_multi_process_cpu())
     out = Path(resolved.output_dir)
     resuming = resolved.resume
     if resuming is True and not (out / "config.yaml").exists():

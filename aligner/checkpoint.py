@@ -15,25 +15,30 @@ from typing import Any
 MARKER = "COMPLETE"
 
 
-def _save_model(model: Any, tokenizer: Any, directory: Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
+def _save_model(model: Any, tokenizer: Any, directory: Path, state_dict: dict | None = None) -> None:
+    if state_dict is not None:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
 
 def write_atomically(target: Path, model: Any, tokenizer: Any, state: dict[str, Any],
-                     extra: Callable[[Path], dict[str, Any] | None] | None = None) -> Path:
+                     extra: Callable[[Path], dict[str, Any] | None] | None = None,
+                     state_dict: dict | None = None) -> Path:
     """Save model, tokenizer and a JSON state file into ``target`` atomically.
 
     ``extra(directory)`` may write more files into the unfinished directory and return more
-    state to merge into ``trainer_state.json``.
+    state to merge into ``trainer_state.json``. ``state_dict`` replaces the model's own (the
+    gathered full weights under FSDP or DeepSpeed ZeRO-3).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".tmp-{target.name}"
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
-    _save_model(model, tokenizer, temporary)
+    _save_model(model, tokenizer, temporary, state_dict)
     if extra is not None:
         state = {**state, **(extra(temporary) or {})}
     (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))

@@ -62,6 +62,8 @@ def setup_logging() -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # bitsandbytes (imported by peft) warns at import about an optional kernels package on CPUs.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--all", action="store_true", help="include the built-in plugins (shown when none else)")
     plugins.set_defaults(handler=_plugins)
+
+    from aligner import cache_cli, export
+
+    cache_cli.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

@@ -76,8 +76,10 @@ def _setup(run: RunState, model: torch.nn.Module):
     model.train()
     # The reference is set up from the policy before the first update; a frozen copy taken later
     # (or after loading a resumed checkpoint) would be a copy of an already-trained model.
-    stage.reference.setup(ReferenceContext(policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft,
-                                           device=run.accelerator.device, run_dir=str(run.output_dir)))
+    stage.reference.setup(ReferenceContext(
+        policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft, device=run.accelerator.device,
+        run_dir=str(run.output_dir), stage=stage, autocast=run.accelerator.autocast,
+        collate_fn=partial(collate, data_format=stage.data_format, pad_token_id=run.tokenizer.pad_token_id)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError(f"stage '{stage.name}': the PEFT backend '{stage.peft.name}' left no trainable weights")
@@ -87,8 +89,21 @@ def _setup(run: RunState, model: torch.nn.Module):
     run.total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=int(train.warmup_ratio * run.total_steps),
                               num_training_steps=run.total_steps)
-    model, optimizer, scheduler = run.accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not handed to accelerate: its wrapper steps once per process per step,
+    # while total_steps here already counts global (all-process) steps.
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    # FSDP replaces parameters when it wraps the model: clip the prepared model's ones.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return model, optimizer, scheduler, sampler, loader, trainable
+
+
+def _gathered_weights(run: RunState, model: torch.nn.Module) -> dict | None:
+    """Full weights for saving under FSDP/DeepSpeed (a collective: every process must call it)."""
+    from accelerate.utils import DistributedType
+
+    if run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return run.accelerator.get_state_dict(model)
+    return None
 
 
 def _mean_metrics(run: RunState, collected: list[dict[str, Any]]) -> dict[str, float]:
@@ -102,13 +117,15 @@ def _mean_metrics(run: RunState, collected: list[dict[str, Any]]) -> dict[str, f
 
 def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                      position: resume.Position) -> Path | None:
+    weights = _gathered_weights(run, model)
     if not run.is_main_process:
         return None
     directory = run.stage_dir / "checkpoints"
     target = directory / f"step-{run.step}"
     state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps}
     checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
-                                extra=lambda d: resume.save_training_state(d, optimizer, scheduler, position))
+                                extra=lambda d: resume.save_training_state(d, optimizer, scheduler, position),
+                                state_dict=weights)
     checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
     return target
@@ -218,10 +235,11 @@ def train_stage(run: RunState, model: torch.nn.Module,
         call_hook("on_evaluate", run=run, step=run.step, metrics=after)
     unwrapped = accelerator.unwrap_model(model)
     final = {**{f"train/{k}": v for k, v in last.items()}, **after}
+    weights = _gathered_weights(run, model)
     if run.is_main_process:
         checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
                                     {"stage": stage.name, "step": run.step, "metrics": final},
-                                    extra=lambda d: write_model_card(d, run.config, stage, final))
+                                    extra=lambda d: write_model_card(d, run.config, stage, final), state_dict=weights)
         report(stage.name, before, after)
     call_hook("on_run_end", run=run, metrics=final)
     release = getattr(stage.peft, "release", None)

@@ -35,9 +35,13 @@ BUILTIN_PLUGINS = (
     "aligner.losses.dpo",
     "aligner.references.frozen_copy",
     "aligner.references.no_reference",
+    "aligner.references.disabled_adapter",
+    "aligner.references.cached",
     "aligner.judges.rule",
     "aligner.peft_backends.full",
     "aligner.peft_backends.lora",
+    "aligner.peft_backends.qlora",
+    "aligner.peft_backends.peft_generic",
     "aligner.trackers.wandb_tracker",
 )
 

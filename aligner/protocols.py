@@ -114,6 +114,9 @@ class ReferenceContext:
 
     ``logprobs_fn(model, batch)`` computes ``SequenceLogProbs`` exactly as the policy's forward
     does, so reference values are comparable. ``peft_backend`` is the backend wrapping ``policy``.
+    ``stage`` (the prepared stage: tokenized ``train_data``/``eval_data``, batch sizes),
+    ``collate_fn(examples)`` and ``autocast()`` let a reference precompute values for the whole
+    stage exactly as the loop would batch and run them.
     """
 
     policy: torch.nn.Module
@@ -121,6 +124,9 @@ class ReferenceContext:
     peft_backend: Any
     device: torch.device
     run_dir: str
+    stage: Any = None
+    collate_fn: Any = None
+    autocast: Any = None
 
 
 @runtime_checkable

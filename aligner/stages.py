@@ -98,7 +98,7 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     else:
         eval_rows = []
     needs_reference = any(loss.needs_reference for loss, _ in losses)
-    reference_name = choose_reference(stage.reference.name, needs_reference)
+    reference_name = choose_reference(stage.reference.name, needs_reference, data_format, stage.peft.name)
     if needs_reference and reference_name == "none":
         needing = [loss.name for loss, _ in losses if loss.needs_reference]
         raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but loss(es) {', '.join(needing)} "
