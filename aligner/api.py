@@ -76,6 +76,13 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
     stages = prepare_stages(resolved)
+    # One model runs through every stage, so its head (LM or reward score) must suit them all.
+    kinds = {stage.forward_kind for stage in stages}
+    if len(kinds) > 1:
+        from aligner.errors import ConfigError
+
+        raise ConfigError("a run's stages must all train the same kind of model (language model or reward model); "
+                          "train the reward model in its own run, with model.path set to the earlier run's output")
     tokenizer = load_tokenizer(resolved)
     for stage in stages:
         tokenize_stage(stage, tokenizer)
@@ -87,7 +94,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
         dump_config(resolved, out / "config.yaml")
         (out / "metrics.jsonl").unlink(missing_ok=True)
     set_seed(resolved.seed)
-    model = load_model(resolved.model, tokenizer)
+    model = load_model(resolved.model, tokenizer, kinds.pop())
 
     from aligner.loop import train_stage
 
