@@ -91,7 +91,11 @@ def aligner_batch(input_ids, attention_mask, completion_mask, rows: int, **more)
 
 
 def stage_for(losses, data_format, reference_model=None, forward_kind="logprobs"):
-    """The parts of a PreparedStage that ``compute_losses`` reads."""
+    """The parts of a PreparedStage that ``compute_losses`` reads.
+
+    The reference is the trainer's ``ref_model`` as TRL prepared it (its log-probs differ from the
+    model handed to TRL in the fourth decimal), so both sides score with identical weights.
+    """
     reference = None
     if reference_model is not None:
         reference = FrozenCopyReference()
@@ -127,7 +131,7 @@ def test_dpo_family_first_step_matches_trl(tmp_path, tokenizer, rows, trl_loss, 
     expected = trainer.compute_loss(trainer.model, dict(batch)).item()
 
     ours_batch = aligner_batch(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], rows=4)
-    loss, _ = compute_losses(trainer.model, stage_for([ours], PREFERENCE, reference), ours_batch)
+    loss, _ = compute_losses(trainer.model, stage_for([ours], PREFERENCE, trainer.ref_model), ours_batch)
     assert loss.item() == pytest.approx(expected, abs=TOLERANCE)
     assert abs(expected - 0.6931) > 1e-3 or trl_loss != "sigmoid"  # a real log-ratio gap was compared
 
@@ -136,7 +140,8 @@ def test_kto_first_step_matches_trl(tmp_path, tokenizer, rows):
     from trl import KTOConfig, KTOTrainer
     from trl.data_utils import unpair_preference_dataset
 
-    policy, reference = lm(tokenizer, 0), lm(tokenizer, 1)
+    # Seeds for which the mismatched log-ratios average above 0, so the KL reference point is not clamped.
+    policy, reference = lm(tokenizer, 1), lm(tokenizer, 0)
     # Paired rows unpaired by TRL's own helper: 4 desirable rows, then 4 undesirable ones.
     dataset = unpair_preference_dataset(Dataset.from_list(rows))
     args = KTOConfig(per_device_train_batch_size=8, beta=0.1, desirable_weight=1.3, undesirable_weight=1.0,
@@ -157,9 +162,10 @@ def test_kto_first_step_matches_trl(tmp_path, tokenizer, rows):
         assert ours_kl["input_ids"][i][ours_kl["attention_mask"][i].bool()].tolist() == theirs.tolist()
 
     kto = KTOLoss(KTOLoss.Options(beta=0.1, desirable_weight=1.3, undesirable_weight=1.0))
-    loss, metrics = compute_losses(trainer.model, stage_for([kto], UNPAIRED, reference), ours_batch)
+    loss, metrics = compute_losses(trainer.model, stage_for([kto], UNPAIRED, trainer.ref_model), ours_batch)
     assert loss.item() == pytest.approx(expected, abs=TOLERANCE)
     assert metrics["kl"].item() == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=TOLERANCE)
+    assert metrics["kl"].item() > 1e-3  # the reference point was estimated, not clamped to 0
 
 
 def test_orpo_first_step_matches_trl_except_for_the_prompt_nll(tmp_path, tokenizer, rows):
