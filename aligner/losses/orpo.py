@@ -67,7 +67,9 @@ class ORPOLoss:
         beta = self.options.beta
         chosen, rejected = inputs.policy.pairs()
         nll = -chosen.logps.sum() / chosen.num_tokens.sum().clamp(min=1)
-        mean_chosen, mean_rejected = chosen.mean_logps().float(), rejected.mean_logps().float()
+        # At least float32: in half precision 1 - exp(l) loses every digit for l near 0.
+        dtype = torch.promote_types(chosen.logps.dtype, torch.float32)
+        mean_chosen, mean_rejected = chosen.mean_logps().to(dtype), rejected.mean_logps().to(dtype)
         log_odds = (mean_chosen - mean_rejected) - (log1mexp(mean_chosen) - log1mexp(mean_rejected))
         ratio = F.logsigmoid(log_odds)
         loss = nll - beta * ratio.mean()

@@ -44,7 +44,8 @@ class RewardModelLoss:
         """Mean Bradley-Terry loss over the pairs (plus the centring term)."""
         if inputs.scores is None:
             raise ValueError("reward_model needs sequence scores; its stage must run the 'reward' forward")
-        chosen, rejected = inputs.scores.float().chunk(2)
+        scores = inputs.scores.to(torch.promote_types(inputs.scores.dtype, torch.float32))
+        chosen, rejected = scores.chunk(2)
         gap = chosen - rejected
         margin = inputs.batch.get("margin")
         if self.options.use_margin and margin is not None:
