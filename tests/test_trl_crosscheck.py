@@ -22,24 +22,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUICKSTART_DATA
+from datasets import Dataset
 
-pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
-
-from aligner.config import TinyModelConfig  # noqa: E402
-from aligner.forward import compute_losses  # noqa: E402
-from aligner.logprobs import completion_logprobs  # noqa: E402
-from aligner.losses.dpo import DPOLoss, IPOLoss  # noqa: E402
-from aligner.losses.dpo_variants import HingeLoss, RobustDPOLoss  # noqa: E402
-from aligner.losses.kto import KTOLoss  # noqa: E402
-from aligner.losses.orpo import ORPOLoss  # noqa: E402
-from aligner.losses.reward_model import RewardModelLoss  # noqa: E402
-from aligner.models import build_tiny_model, build_tiny_reward_model  # noqa: E402
-from aligner.protocols import PREFERENCE, UNPAIRED, ReferenceContext  # noqa: E402
-from aligner.references.frozen_copy import FrozenCopyReference  # noqa: E402
-from aligner.tiny_tokenizer import load_builtin_tokenizer  # noqa: E402
-
-from conftest import QUICKSTART_DATA  # noqa: E402
+from aligner.config import TinyModelConfig
+from aligner.forward import compute_losses
+from aligner.logprobs import completion_logprobs
+from aligner.losses.dpo import DPOLoss, IPOLoss
+from aligner.losses.dpo_variants import HingeLoss, RobustDPOLoss
+from aligner.losses.kto import KTOLoss
+from aligner.losses.orpo import ORPOLoss
+from aligner.losses.reward_model import RewardModelLoss
+from aligner.models import build_tiny_model, build_tiny_reward_model
+from aligner.protocols import PREFERENCE, UNPAIRED, ReferenceContext
+from aligner.references.frozen_copy import FrozenCopyReference
+from aligner.tiny_tokenizer import load_builtin_tokenizer
 
 TOLERANCE = 1e-4
 SPEC = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
