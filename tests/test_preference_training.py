@@ -160,6 +160,20 @@ def test_a_run_cannot_switch_from_language_model_to_reward_model(make_config, tm
         train(config)
 
 
+def test_reward_model_with_lora_trains_adapters_and_the_score_head(make_config):
+    from safetensors.torch import load_file
+
+    config = make_config("reward_model", steps=2)
+    config["stages"][0]["peft"] = {"name": "lora", "r": 4}
+    result = train(config)
+    # A LoRA stage saves its adapter; peft's SEQ_CLS task keeps the new score head in it, trained in full.
+    adapter = json.loads((result.final_model_dir / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS"
+    weights = load_file(str(result.final_model_dir / "adapter_model.safetensors"))
+    assert any("lora_A" in key for key in weights)
+    assert any(key.endswith("score.weight") for key in weights)
+
+
 def test_margin_column_must_be_numeric(make_config, tmp_path):
     rows = preference_rows(4)
     rows[2] = {**rows[2], "margin": "big"}

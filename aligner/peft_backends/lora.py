@@ -32,8 +32,10 @@ class LoRABackend:
         from peft import LoraConfig, get_peft_model
 
         o = self.options
+        # A reward model's fresh score head must train in full: peft's SEQ_CLS task keeps it trainable.
+        task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
         config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules,
-                            use_rslora=o.rslora, use_dora=o.dora, task_type="CAUSAL_LM")
+                            use_rslora=o.rslora, use_dora=o.dora, task_type=task)
         return get_peft_model(model, config)
 
     def release(self, model: torch.nn.Module) -> torch.nn.Module:
