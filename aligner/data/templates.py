@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-from aligner.errors import ConfigError, DataError
 from datasets_templates import TEMPLATE_DIR
+
+from aligner.errors import ConfigError, DataError
 
 
 def available_templates() -> list[str]:
