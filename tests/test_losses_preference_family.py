@@ -125,6 +125,27 @@ def test_kto_unpairs_a_preference_batch_and_reports_pairwise_accuracy():
     assert out.metrics["rewards/margins"].item() == pytest.approx(((1 + 0.5) + (-1 - 0.5)) / 2)
 
 
+def test_kto_with_equal_chosen_and_rejected_is_one_half_whatever_the_kl():
+    # For one completion in both roles: (1 - sigmoid(b(r - z0))) + (1 - sigmoid(b(z0 - r))) = 1.
+    inputs = LossInputs(PREFERENCE, seq([-3.0, -7.0, -3.0, -7.0]), seq([-2.0, -9.0, -2.0, -9.0]), batch={},
+                        extra={"kl_policy": seq([-4.0] * 4), "kl_reference": seq([-4.7] * 4)})
+    out = KTOLoss(KTOLoss.Options(beta=0.3)).compute(inputs)
+    assert out.loss.item() == pytest.approx(0.5)
+    assert out.metrics["rewards/accuracies"].item() == 0.0
+
+
+def test_kto_saturates_without_overflow_on_very_long_completions():
+    # Summed log-ratios of +-400 nats (thousands of tokens): losses go to 0 or lambda, gradients stay finite.
+    policy = torch.tensor([-100.0, -900.0, -5.0], dtype=torch.float64, requires_grad=True)
+    inputs = LossInputs(UNPAIRED, SequenceLogProbs(policy, torch.tensor([2000, 2000, 3])),
+                        seq([-500.0, -500.0, -5.0]), batch={"labels": torch.tensor([True, False, True])},
+                        extra={"kl_policy": seq([-1.0, -2.0, -3.0]), "kl_reference": seq([-1.0, -2.0, -3.0])})
+    out = KTOLoss(KTOLoss.Options(beta=0.1)).compute(inputs)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx((0.0 + 0.0 + 0.5) / 3, abs=1e-12)
+    assert torch.isfinite(policy.grad).all()
+
+
 def test_kto_balance_warning_only_far_from_the_papers_range():
     assert balance_advice(500, 500, 1.0, 1.0) is None
     assert balance_advice(550, 450, 1.0, 1.0) is None
