@@ -56,8 +56,15 @@ def rows():
 
 
 @pytest.fixture(autouse=True)
-def quiet_trl(caplog):
+def quiet_trl_and_reset_accelerate(caplog):
+    """Quiet TRL's logs; afterwards forget the process-wide accelerate state TRL's trainers set up,
+    which would otherwise clash with the Accelerator of any later ``aligner.train`` in this process."""
+    from accelerate.state import AcceleratorState, PartialState
+
     caplog.set_level(logging.ERROR)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
 
 
 def lm(tokenizer, seed: int) -> torch.nn.Module:
@@ -66,8 +73,9 @@ def lm(tokenizer, seed: int) -> torch.nn.Module:
 
 
 def common_args(tmp_path) -> dict:
+    # Full precision, as aligner runs on CPU (TRL's configs default to bf16 where it is available).
     return {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True, "save_strategy": "no",
-            "logging_strategy": "no"}
+            "logging_strategy": "no", "bf16": False}
 
 
 def first_batch(trainer) -> dict:
