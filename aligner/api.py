@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from aligner.config import RunConfig, dump_config, load_config
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
+from aligner.errors import ConfigError
+from aligner.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.run import RunResult, RunState
 from aligner.stages import PreparedStage, prepare_stages
 
@@ -60,12 +63,36 @@ def _precision(requested: str) -> str:
     return "no"
 
 
+def _check_output_dir(out: Path, resuming: bool | str, overwrite: bool) -> None:
+    """Never silently replace an earlier run: resume it, overwrite it on request, or stop."""
+    if resuming or not (out / "config.yaml").exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir {out} already holds a run; continue it with --resume (resume: true), "
+                          "replace it with --overwrite, or choose another output_dir")
+    shutil.rmtree(out)
+
+
+def _restore_finished_stage(stage: PreparedStage, model: Any, out: Path) -> tuple[Any, dict[str, float]]:
+    """A stage that completed before the resume: load its final weights instead of training again."""
+    final = out / stage.name / "final"
+    model = stage.peft.apply(model)
+    load_weights(model, final)
+    release = getattr(stage.peft, "release", None)
+    metrics = json.loads((final / "trainer_state.json").read_text())["metrics"]
+    log.info("stage '%s' already finished; loaded %s", stage.name, final)
+    return (release(model) if release else model), metrics
+
+
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
-          output_dir: str | Path | None = None) -> RunResult:
+          output_dir: str | Path | None = None, resume: bool | str | None = None,
+          overwrite: bool = False) -> RunResult:
     """Train a model through every stage of ``config``; return the output path and final metrics.
 
     ``config`` is a YAML path, a dict of the same shape, or a ``RunConfig``; ``overrides`` are
-    ``key.path=value`` strings; ``output_dir`` replaces the config's.
+    ``key.path=value`` strings; ``output_dir`` replaces the config's. ``resume`` (or the config's
+    ``resume``) continues an interrupted run from its last complete checkpoint: finished stages
+    are loaded, not retrained. ``overwrite`` replaces an earlier run in ``output_dir``.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -75,6 +102,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     resolved = load_config(config, overrides)
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
+    if resume is not None:
+        resolved.resume = resume
     stages = prepare_stages(resolved)
     # One model runs through every stage, so its head (LM or reward score) must suit them all.
     kinds = {stage.forward_kind for stage in stages}
@@ -89,10 +118,14 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
 
     accelerator = Accelerator(mixed_precision=_precision(resolved.precision))
     out = Path(resolved.output_dir)
+    resuming = resolved.resume
+    if resuming is True and not (out / "config.yaml").exists():
+        raise ConfigError(f"--resume: {out} holds no run to resume")
     if accelerator.is_main_process:
+        _check_output_dir(out, resuming, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         dump_config(resolved, out / "config.yaml")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     set_seed(resolved.seed)
     model = load_model(resolved.model, tokenizer, kinds.pop())
 
@@ -100,9 +133,13 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
 
     results: dict[str, dict[str, float]] = {}
     for stage in stages:
+        if resuming and stage_finished(out / stage.name):
+            model, results[stage.name] = _restore_finished_stage(stage, model, out)
+            continue
         run = RunState(config=resolved, output_dir=out, stage=stage, tokenizer=tokenizer, accelerator=accelerator)
         set_seed(resolved.seed + stage.index)
-        model, results[stage.name] = train_stage(run, model)
+        start = latest_checkpoint(out / stage.name) if resuming else None
+        model, results[stage.name] = train_stage(run, model, resume_from=start)
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps({"final_model": str(final_dir), "stages": results}, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,21 @@ def _save_model(model: Any, tokenizer: Any, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def write_atomically(target: Path, model: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
-    """Save model, tokenizer and a JSON state file into ``target`` atomically."""
+def write_atomically(target: Path, model: Any, tokenizer: Any, state: dict[str, Any],
+                     extra: Callable[[Path], dict[str, Any] | None] | None = None) -> Path:
+    """Save model, tokenizer and a JSON state file into ``target`` atomically.
+
+    ``extra(directory)`` may write more files into the unfinished directory and return more
+    state to merge into ``trainer_state.json``.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".tmp-{target.name}"
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
     _save_model(model, tokenizer, temporary)
+    if extra is not None:
+        state = {**state, **(extra(temporary) or {})}
     (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
     (temporary / MARKER).write_text("ok\n")
     if target.exists():

@@ -19,8 +19,17 @@ from aligner.errors import AlignerError
 def _train(args: argparse.Namespace) -> int:
     from aligner.api import train
 
-    result = train(args.config, args.overrides, output_dir=args.output_dir)
+    result = train(args.config, args.overrides, output_dir=args.output_dir, resume=True if args.resume else None,
+                   overwrite=args.overwrite)
     print(f"final model: {result.final_model_dir}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from aligner.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
     return 0
 
 
@@ -72,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="path to a YAML config")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.dpo.train.learning_rate=1e-5")
     train.add_argument("--output-dir", default=None, help="replace the config's output_dir")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     train.set_defaults(handler=_train)
+
+    plot = sub.add_parser("plot", help="draw loss/reward/margin/accuracy/KL curves of a run to PNG")
+    plot.add_argument("run_dir", help="a run's output directory")
+    plot.set_defaults(handler=_plot)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")

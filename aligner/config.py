@@ -134,14 +134,29 @@ class StageConfig(Strict):
     eval: EvalConfig = EvalConfig()
 
 
+class WandbConfig(Strict):
+    """Weights & Biases tracking (on when this section is present)."""
+
+    project: str = "aligner"
+    entity: str | None = None
+    name: str | None = Field(None, description="default: the output directory's name")
+    group: str | None = None
+    tags: list[str] = []
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online with an API key, offline without (never waits for a login)")
+
+
 class RunConfig(Strict):
     """A whole run: one model trained through one or more stages (e.g. SFT then DPO)."""
 
     output_dir: str = "runs/default"
+    resume: bool | Literal["auto"] = Field(
+        False, description="continue from the last complete checkpoint; 'auto': only if there is one")
     seed: int = 0
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     model: ModelConfig
     tokenizer: str | None = Field(None, description="'builtin', a directory or hub id; default: the model's")
+    wandb: WandbConfig | None = None
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

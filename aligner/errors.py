@@ -29,6 +29,12 @@ class PluginError(AlignerError):
     """A plugin failed to load, registered something invalid, or a name is unknown."""
 
 
+class Interrupted(AlignerError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint to resume from."""
+
+    exit_code = 130
+
+
 def suggest(name: str, candidates: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest candidate, or an empty string."""
     matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)

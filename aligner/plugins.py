@@ -42,6 +42,7 @@ BUILTIN_PLUGINS = (
     "aligner.judges.rule",
     "aligner.peft_backends.full",
     "aligner.peft_backends.lora",
+    "aligner.trackers.wandb_tracker",
 )
 
 # registry kind -> registration hook name
@@ -186,7 +187,7 @@ def get_registries() -> dict[str, Registry]:
     for kind, hook_name in REGISTRATION_HOOKS.items():
         hook = getattr(pm.hook, hook_name)
         # Call each implementation on its own so every registered object is tied to its plugin.
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # registration order: built-ins first
             registry = registries[kind]
             plugin_name = impl.plugin_name
 

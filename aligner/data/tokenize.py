@@ -41,6 +41,11 @@ def prompt_for_judge(prompt: str | list[dict[str, str]]) -> str:
     return users[-1] if users else prompt[-1]["content"]
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -49,10 +54,12 @@ def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: A
                   max_length: int, max_prompt_length: int) -> TokenizedData:
     """Tokenize validated rows; drop (and count) rows with no completion token left."""
     data = TokenizedData(data_format, [])
-    bos = tokenizer.bos_token_id
+    # Prepend BOS only for tokenizers that add it themselves (Llama-style); chat templates that
+    # already write it, and tokenizers without one (Qwen, GPT-2), get none.
+    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     for row_id, row in enumerate(rows):
         prompt_ids = _encode(tokenizer, template.prompt_text(row.data["prompt"]))
-        if bos is not None and (not prompt_ids or prompt_ids[0] != bos) and getattr(tokenizer, "add_bos_token", True):
+        if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
             prompt_ids = [bos, *prompt_ids]
         completions = {f: _encode(tokenizer, template.completion_text(row.data[f])) for f in COMPLETION_FIELDS[data_format]}
         empty = [f for f, ids in completions.items() if not row_has_text(row.data[f])]
