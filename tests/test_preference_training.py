@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUICKSTART_DATA, ROOT, preference_rows, write_jsonl
 
 from aligner.api import train
 from aligner.config import load_config
 from aligner.errors import ConfigError, DataError
 from aligner.stages import prepare_stage
+
+from .conftest import QUICKSTART_DATA, ROOT, preference_rows, write_jsonl
 
 SMALL = {"tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 172}}
 THRESHOLD = 0.9

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUICKSTART_DATA
 from datasets import Dataset
 
 from aligner.config import TinyModelConfig
@@ -37,6 +36,8 @@ from aligner.models import build_tiny_model, build_tiny_reward_model
 from aligner.protocols import PREFERENCE, UNPAIRED, ReferenceContext
 from aligner.references.frozen_copy import FrozenCopyReference
 from aligner.tiny_tokenizer import load_builtin_tokenizer
+
+from .conftest import QUICKSTART_DATA
 
 TOLERANCE = 1e-4
 SPEC = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
