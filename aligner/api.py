@@ -114,6 +114,13 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     if resume is not None:
         resolved.resume = resume
     stages = prepare_stages(resolved)
+    # One model runs through every stage, so its head (LM or reward score) must suit them all.
+    kinds = {stage.forward_kind for stage in stages}
+    if len(kinds) > 1:
+        from aligner.errors import ConfigError
+
+        raise ConfigError("a run's stages must all train the same kind of model (language model or reward model); "
+                          "train the reward model in its own run, with model.path set to the earlier run's output")
     tokenizer = load_tokenizer(resolved)
     for stage in stages:
         tokenize_stage(stage, tokenizer)
@@ -129,7 +136,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
         dump_config(resolved, out / "config.yaml")
     accelerator.wait_for_everyone()
     set_seed(resolved.seed)
-    model = load_model(resolved.model, tokenizer)
+    model = load_model(resolved.model, tokenizer, kinds.pop())
 
     from aligner.loop import train_stage
 

@@ -33,6 +33,10 @@ ENTRY_POINT_GROUP = "aligner"
 BUILTIN_PLUGINS = (
     "aligner.losses.sft",
     "aligner.losses.dpo",
+    "aligner.losses.dpo_variants",
+    "aligner.losses.kto",
+    "aligner.losses.orpo",
+    "aligner.losses.reward_model",
     "aligner.references.frozen_copy",
     "aligner.references.no_reference",
     "aligner.references.disabled_adapter",

@@ -98,4 +98,7 @@ def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int)
     }
     if data_format == UNPAIRED:
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+    if any("margin" in e for e in examples):
+        # Rows without a margin (in a file where others have one) count as margin 0.
+        batch["margin"] = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
     return batch

@@ -85,6 +85,8 @@ def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: A
         example.update({f + "_ids": ids for f, ids in completions.items()})
         if data_format == UNPAIRED:
             example["label"] = row.data["label"]
+        if "margin" in row.data:
+            example["margin"] = row.data["margin"]
         data.examples.append(example)
     return data
 

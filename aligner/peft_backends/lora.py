@@ -29,20 +29,23 @@ class LoRABackend:
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()
 
-    def lora_config(self):
-        """The peft ``LoraConfig`` these options describe."""
+    def lora_config(self, model: torch.nn.Module | None = None):
+        """The peft ``LoraConfig`` these options describe (for a classifier ``model``: the SEQ_CLS task)."""
         from peft import LoraConfig
 
         o = self.options
         dora = self.default_dora if o.dora is None else o.dora
+        # A reward model's fresh score head must train in full: peft's SEQ_CLS task keeps it trainable.
+        task = "SEQ_CLS" if model is not None and type(model).__name__.endswith("ForSequenceClassification") \
+            else "CAUSAL_LM"
         return LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules,
-                          use_rslora=o.rslora, use_dora=dora, task_type="CAUSAL_LM")
+                          use_rslora=o.rslora, use_dora=dora, task_type=task)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Add fresh adapters (peft freezes every other weight)."""
         from peft import get_peft_model
 
-        wrapped = get_peft_model(model, self.lora_config())
+        wrapped = get_peft_model(model, self.lora_config(model))
         # A base model quantised before this stage must not be repacked by an eval forward either.
         guard_4bit_training(wrapped)
         return wrapped

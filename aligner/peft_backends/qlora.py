@@ -38,7 +38,7 @@ class QLoRABackend(LoRABackend):
             quantize_4bit(model, o.quant_type, o.double_quant, DTYPES[o.compute_dtype])
         except ImportError as exc:
             raise RuntimeError("peft backend 'qlora' needs bitsandbytes: pip install bitsandbytes") from exc
-        wrapped = get_peft_model(model, self.lora_config())
+        wrapped = get_peft_model(model, self.lora_config(model))
         guard_4bit_training(wrapped)
         return wrapped
 
