@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aligner.config import RunConfig, dump_config, load_config
+from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
 from aligner.run import RunResult, RunState
@@ -36,6 +37,8 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
         if not rows:
             continue
         tokenized = tokenize_rows(rows, stage.data_format, tokenizer, template, data.max_length, data.max_prompt_length)
+        # Too many drops means the data or the length limits are wrong: stop before the model loads.
+        enforce_drop_limit(stage.name, split, data, stage.data_format, rows, tokenized)
         if tokenized.dropped:
             reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
             log.warning("stage '%s' %s: dropped %d of %d rows (%s)", stage.name, split,
@@ -98,6 +101,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
         model, results[stage.name] = train_stage(run, model)
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps({"final_model": str(final_dir), "stages": results}, indent=2))
+        summary = {"final_model": str(final_dir), "stages": results, "data": data_summary(stages)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return RunResult(output_dir=out, final_model_dir=final_dir, metrics=results)

@@ -24,6 +24,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from aligner.data.check import check_data, format_reports
+
+    reports = check_data(args.config, args.overrides)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(format_reports(reports))
+    return 2 if any(r.failed for r in reports) else 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from aligner.plugins import plugin_infos
 
@@ -73,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.dpo.train.learning_rate=1e-5")
     train.add_argument("--output-dir", default=None, help="replace the config's output_dir")
     train.set_defaults(handler=_train)
+
+    data = sub.add_parser("data", help="inspect the data a config points to")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="validate every stage's data and report rows, drops and lengths "
+                                "(exit 2 on rejected rows or too many drops)")
+    check.add_argument("config", help="path to a YAML config")
+    check.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=_data_check)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")

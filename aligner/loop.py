@@ -29,6 +29,7 @@ from aligner import checkpoint
 from aligner.data.batching import LengthGroupedBatches, collate
 from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
+from aligner.guards import NonFiniteGuard
 from aligner.logprobs import completion_logprobs
 from aligner.plugins import call_hook
 from aligner.protocols import ReferenceContext
@@ -92,8 +93,10 @@ def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sche
     directory = run.stage_dir / "checkpoints"
     target = directory / f"step-{run.step}"
     state = {"stage": run.stage.name, "step": run.step, "epoch": epoch, "total_steps": run.total_steps}
-    checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, target / "optimizer.pt")
+    # The optimizer state goes inside the atomic write, so a checkpoint is complete or absent.
+    checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
+                                extra=lambda d: torch.save({"optimizer": optimizer.state_dict(),
+                                                            "scheduler": scheduler.state_dict()}, d / "optimizer.pt"))
     checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
 
@@ -118,6 +121,7 @@ def train_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module,
     progress = Progress(f"{stage.name}", run.total_steps, enabled=run.is_main_process)
     micro_batches = _micro_batches(sampler, loader)
     accumulation = train.gradient_accumulation_steps
+    guard = NonFiniteGuard(run, train.max_nonfinite_steps)
     last: dict[str, float] = {}
     epoch = 0
     while run.step < run.total_steps and not run.should_stop:
@@ -133,6 +137,11 @@ def train_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module,
                 loss, metrics = compute_losses(model, stage, batch)
                 accelerator.backward(loss / accumulation)
             collected.append(metrics)
+            guard.observe(loss, batch)
+        if not guard.step_ok(trainable):
+            # A NaN/inf loss or gradient: no update at all (it would poison every weight); counted.
+            optimizer.zero_grad(set_to_none=True)
+            continue
         grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
         optimizer.step()
         scheduler.step()
@@ -142,6 +151,7 @@ def train_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module,
         last = _mean_metrics(collected)
         last["learning_rate"] = scheduler.get_last_lr()[0]
         last["epoch"] = epoch + 1
+        last["nonfinite_steps_skipped"] = guard.skipped
         last["tokens_per_second"] = tokens * accelerator.num_processes / (time.perf_counter() - started)
         if grad_norm is not None:
             last["grad_norm"] = to_float(grad_norm)
@@ -169,6 +179,7 @@ def train_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module,
         call_hook("on_evaluate", run=run, step=run.step, metrics=after)
     unwrapped = accelerator.unwrap_model(model)
     final = {**{f"train/{k}": v for k, v in last.items()}, **after}
+    final["train/nonfinite_steps_skipped"] = guard.skipped
     if run.is_main_process:
         checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
                                     {"stage": stage.name, "step": run.step, "metrics": final})
