@@ -18,6 +18,7 @@ from aligner.config import RunConfig, dump_config, load_config
 from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
+from aligner.errors import AlignerError
 from aligner.run import RunResult, RunState
 from aligner.stages import PreparedStage, prepare_stages
 
@@ -32,7 +33,11 @@ def _is_chat(stage: PreparedStage) -> bool:
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
     data = stage.config.data
-    template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
+    try:
+        template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
+    except AlignerError as exc:
+        # Say which stage's setting it is; the template module only knows the name.
+        raise type(exc)(f"stage '{stage.name}' ('stages[{stage.index}].data.template'): {exc}") from None
     for split, rows in (("train", stage.train_rows), ("eval", stage.eval_rows)):
         if not rows:
             continue

@@ -91,9 +91,9 @@ class NonFiniteGuard:
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
                 f"stage '{stage}': {self.consecutive} consecutive steps with a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={self.max_consecutive}); stopped at step {step}, whose batch "
-                f"had a non-finite {what} on rows {rows}; last good checkpoint: {self._last_checkpoint()}; "
-                "try a lower learning rate or check those rows"
+                f"(train.max_nonfinite_steps={self.max_consecutive}); stopped at step {step} (last update: "
+                f"step {self.run.step}); its batch had a non-finite {what} on rows {rows}; last good "
+                f"checkpoint: {self._last_checkpoint()}; try a lower learning rate or check those rows"
             )
         return False
 
