@@ -55,11 +55,27 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is emitted.
+
+    ``main`` may run many times in one process (tests, notebooks) with stderr swapped in between;
+    a handler bound to the first stream would write into a closed one.
+    """
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """aligner's own messages at INFO on stderr; other libraries only at WARNING."""
     logger = logging.getLogger("aligner")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[aligner] %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
