@@ -47,7 +47,7 @@ def test_data_check_reports_every_fault_with_its_line(messy_config, capsys):
     out = capsys.readouterr().out
     assert code == 2
     assert f"stage 'dpo' train ({data}, preference format): 20 rows read, 4 rejected, 3 dropped, 13 kept" in out
-    assert f"{data}, line 3: not valid JSON" in out
+    assert f"{data}, line 3: not valid JSON: Expecting property name enclosed in double quotes (column 33)" in out
     assert f"{data}, line 5: field 'chosen' must be a string or a list of messages, got int" in out
     assert f"{data}, line 7: missing field 'chosen'" in out
     assert f"{data}, line 17: each line must be a JSON object, got list" in out
@@ -66,7 +66,7 @@ def test_data_check_json_and_length_distribution(messy_config, capsys):
     path, _ = messy_config
     assert main(["data", "check", str(path), "--json"]) == 2
     train_report, eval_report = json.loads(capsys.readouterr().out)
-    assert [r["location"].rsplit(" ", 1)[1] for r in train_report["rejected"]] == ["3", "17", "5", "7"]
+    assert [r["location"].rsplit(" ", 1)[1] for r in train_report["rejected"]] == ["3", "5", "7", "17"]
     assert train_report["dropped"] == {"identical chosen and rejected": 1, "empty chosen": 1,
                                        "no completion tokens left after truncation": 1}
     lengths = train_report["token_lengths"]

@@ -110,6 +110,12 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     return {"min": ordered[0], "median": statistics.median(ordered), "p95": p95, "max": ordered[-1]}
 
 
+def _position(location: str) -> int:
+    """The line/row/item number at the end of a location, for sorting."""
+    last = location.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else -1
+
+
 def _row_key(row: Row) -> str:
     return json.dumps(row.data, sort_keys=True, ensure_ascii=False)
 
@@ -118,8 +124,10 @@ def split_report(stage: str, split: str, source: str, data: DataConfig, data_for
                  rejected: list[RejectedRow], tokenized: TokenizedData | None,
                  train_keys: set[str] | None = None) -> SplitReport:
     """Summarise one split from its valid rows, rejected rows and (if the template loaded) tokenization."""
+    # Unparseable lines are found while reading, invalid rows afterwards: list them in file order.
+    ordered = sorted(rejected, key=lambda r: _position(r.location))
     report = SplitReport(stage, split, source, data_format, data.max_length, data.max_prompt_length,
-                         data.max_drop_fraction, rejected=list(rejected), valid=len(rows))
+                         data.max_drop_fraction, rejected=ordered, valid=len(rows))
     counts = Counter(_row_key(r) for r in rows)
     report.duplicates = sum(n - 1 for n in counts.values())
     if data_format == PREFERENCE:

@@ -47,7 +47,7 @@ def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row
                 continue
             where = f"{path}, line {line_number}"
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
             except json.JSONDecodeError as exc:
                 _reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
                 continue
