@@ -44,6 +44,7 @@ def write_atomically(target: Path, model: Any, tokenizer: Any, state: dict[str, 
 
     check_finite_weights(model, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     temporary = target.parent / f".tmp-{target.name}"
     if temporary.exists():
         shutil.rmtree(temporary)  # left by a process killed mid-write
@@ -72,6 +73,13 @@ def write_atomically(target: Path, model: Any, tokenizer: Any, state: dict[str, 
     else:
         temporary.rename(target)
     return target
+
+
+def recover(target: Path) -> None:
+    """Put back a complete ``.old-<name>`` copy when a kill came between replacing renames."""
+    old = target.parent / f".old-{target.name}"
+    if not target.exists() and (old / MARKER).is_file():
+        old.rename(target)
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:

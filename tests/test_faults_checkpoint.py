@@ -113,3 +113,14 @@ def test_a_kill_during_writing_leaves_the_previous_checkpoint_usable(tmp_path):
     assert not (directory / ".tmp-step-4" / MARKER).exists()
     assert complete_checkpoints(directory) == [directory / "step-2"]
     assert _same_weights(LlamaForCausalLM.from_pretrained(directory / "step-2"), first)
+
+
+def test_a_kill_between_the_replacing_renames_is_recovered(tmp_path):
+    first = _model(0)
+    write_atomically(tmp_path / "final", first, None, {})
+    # The state a kill leaves after "final -> .old-final" and before ".tmp-final -> final".
+    (tmp_path / "final").rename(tmp_path / ".old-final")
+    (tmp_path / ".tmp-final").mkdir()
+    write_atomically(tmp_path / "final", _model(1), None, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert _same_weights(LlamaForCausalLM.from_pretrained(tmp_path / "final"), _model(1))

@@ -122,3 +122,47 @@ def test_describe_rows_groups_lines_of_one_file():
     assert describe_rows(["a.jsonl, line 3", "a.jsonl, line 9"]) == "a.jsonl, lines 3, 9"
     assert describe_rows(["a.jsonl, line 3", "b.csv, line 2"]) == "a.jsonl, line 3; b.csv, line 2"
     assert describe_rows([f"a.jsonl, line {i}" for i in range(10)]).endswith("6, 7 and 2 more")
+
+
+def _guard(accelerator):
+    from types import SimpleNamespace
+
+    from aligner.guards import NonFiniteGuard
+
+    run = SimpleNamespace(accelerator=accelerator, step=4, stage=SimpleNamespace(name="s", train_rows=[]),
+                          stage_dir="/nonexistent")
+    return NonFiniteGuard(run, max_consecutive=2)
+
+
+def _parameter(grad_value: float) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, grad_value, 0.0])
+    return p
+
+
+def test_under_fp16_overflowing_gradients_are_left_to_the_grad_scaler():
+    from types import SimpleNamespace
+
+    guard = _guard(SimpleNamespace(scaler=object(), num_processes=1))
+    guard.observe(torch.tensor(1.0), {})
+    assert guard.step_ok([_parameter(float("inf"))])  # the scaler skips this step itself
+    guard.observe(torch.tensor(float("nan")), {})
+    assert not guard.step_ok([_parameter(1.0)])  # a NaN loss is still caught
+
+
+def test_every_process_takes_the_same_decision():
+    class TwoProcesses:
+        num_processes = 2
+        scaler = None
+
+        def reduce(self, flags, reduction):
+            assert reduction == "sum"
+            return flags + torch.tensor([1.0, 0.0])  # the other process saw a non-finite gradient
+
+    guard = _guard(TwoProcesses())
+    guard.observe(torch.tensor(1.0), {"row_ids": torch.tensor([0, 1])})
+    assert not guard.step_ok([_parameter(1.0)])
+    assert guard.skipped == 1
+    guard.observe(torch.tensor(1.0), {})
+    with pytest.raises(NonFiniteError, match="2 consecutive steps .* stopped at step 5 .* non-finite gradient"):
+        guard.step_ok([_parameter(1.0)])
