@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from aligner.config import RunConfig, dump_config, load_config
+from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
-from aligner.errors import ConfigError
+from aligner.errors import AlignerError, ConfigError
 from aligner.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.run import RunResult, RunState
 from aligner.stages import PreparedStage, prepare_stages
@@ -34,11 +35,17 @@ def _is_chat(stage: PreparedStage) -> bool:
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
     data = stage.config.data
-    template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
+    try:
+        template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
+    except AlignerError as exc:
+        # Say which stage's setting it is; the template module only knows the name.
+        raise type(exc)(f"stage '{stage.name}' ('stages[{stage.index}].data.template'): {exc}") from None
     for split, rows in (("train", stage.train_rows), ("eval", stage.eval_rows)):
         if not rows:
             continue
         tokenized = tokenize_rows(rows, stage.data_format, tokenizer, template, data.max_length, data.max_prompt_length)
+        # Too many drops means the data or the length limits are wrong: stop before the model loads.
+        enforce_drop_limit(stage.name, split, data, stage.data_format, rows, tokenized)
         if tokenized.dropped:
             reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
             log.warning("stage '%s' %s: dropped %d of %d rows (%s)", stage.name, split,
@@ -151,6 +158,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
         model, results[stage.name] = train_stage(run, model, resume_from=start)
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps({"final_model": str(final_dir), "stages": results}, indent=2))
+        summary = {"final_model": str(final_dir), "stages": results, "data": data_summary(stages)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return RunResult(output_dir=out, final_model_dir=final_dir, metrics=results)

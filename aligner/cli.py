@@ -33,6 +33,17 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from aligner.data.check import check_data, format_reports
+
+    reports = check_data(args.config, args.overrides)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(format_reports(reports))
+    return 2 if any(r.failed for r in reports) else 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from aligner.plugins import plugin_infos
 
@@ -53,11 +64,27 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is emitted.
+
+    ``main`` may run many times in one process (tests, notebooks) with stderr swapped in between;
+    a handler bound to the first stream would write into a closed one.
+    """
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """aligner's own messages at INFO on stderr; other libraries only at WARNING."""
     logger = logging.getLogger("aligner")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[aligner] %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -90,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw loss/reward/margin/accuracy/KL curves of a run to PNG")
     plot.add_argument("run_dir", help="a run's output directory")
     plot.set_defaults(handler=_plot)
+
+    data = sub.add_parser("data", help="inspect the data a config points to")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="validate every stage's data and report rows, drops and lengths "
+                                "(exit 2 on rejected rows or too many drops)")
+    check.add_argument("config", help="path to a YAML config")
+    check.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=_data_check)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")

@@ -82,6 +82,9 @@ class DataConfig(Strict):
     max_length: int = Field(512, gt=1)
     max_prompt_length: int = Field(256, gt=0)
     max_rows: int | None = Field(None, gt=0)
+    max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "stop before training when a larger share of a split's rows would be dropped (empty, "
+        "identical pair, emptied by truncation)"))
 
 
 class TrainConfig(Strict):
@@ -101,6 +104,8 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
+    max_nonfinite_steps: int = Field(3, gt=0, description=(
+        "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"))
 
 
 class GenerationEvalConfig(Strict):

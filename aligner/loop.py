@@ -35,6 +35,7 @@ from aligner.data.batching import LengthGroupedBatches, collate
 from aligner.errors import Interrupted
 from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
+from aligner.guards import NonFiniteGuard
 from aligner.logprobs import completion_logprobs
 from aligner.model_card import write_model_card
 from aligner.plugins import call_hook
@@ -177,6 +178,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
     progress = Progress(f"{stage.name}", run.total_steps, enabled=run.is_main_process)
     micro_batches = _micro_batches(sampler, loader, position, accelerator.num_processes)
     accumulation = train.gradient_accumulation_steps
+    guard = NonFiniteGuard(run, train.max_nonfinite_steps)
     last: dict[str, float] = {}
     saved_at = None
     with _stop_on_signals(run):
@@ -193,6 +195,11 @@ def train_stage(run: RunState, model: torch.nn.Module,
                     loss, metrics = compute_losses(model, stage, batch)
                     accelerator.backward(loss / accumulation)
                 collected.append(metrics)
+                guard.observe(loss, batch)
+            if not guard.step_ok(trainable):
+                # A NaN/inf loss or gradient: no update at all (it would poison every weight); counted.
+                optimizer.zero_grad(set_to_none=True)
+                continue
             grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
             optimizer.step()
             scheduler.step()
@@ -205,6 +212,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
                 last["grad_norm"] = to_float(grad_norm)
             last["learning_rate"] = scheduler.get_last_lr()[0]
             last["epoch"] = epoch + consumed / max(len(sampler), 1)
+            last["nonfinite_steps_skipped"] = guard.skipped
             last["tokens_per_second"] = tokens * accelerator.num_processes / (time.perf_counter() - started)
             call_hook("on_step_end", run=run, step=run.step, metrics=last)
             if run.step % train.log_every == 0 or run.step == run.total_steps:
@@ -236,6 +244,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
     unwrapped = accelerator.unwrap_model(model)
     final = {**{f"train/{k}": v for k, v in last.items()}, **after}
     weights = _gathered_weights(run, model)
+    final["train/nonfinite_steps_skipped"] = guard.skipped
     if run.is_main_process:
         checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
                                     {"stage": stage.name, "step": run.step, "metrics": final},

@@ -76,7 +76,9 @@ def forward_kind_of(losses: list[Any], where: str = "") -> str:
 
 def instantiate(kind: str, choice: PluginChoice, loc: tuple, config: RunConfig) -> Any:
     """Look up ``choice.name`` in the ``kind`` registry and build it with its validated options."""
-    cls = get_registry(kind).get(choice.name, where=_where(loc))
+    source = getattr(config, "_source", None)
+    line = source.where((*loc, "name")) if source is not None else ""
+    cls = get_registry(kind).get(choice.name, where=_where(loc) + line)
     options = validate_plugin_options(cls.Options, choice, loc, config)
     return cls(options)
 
