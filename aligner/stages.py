@@ -123,7 +123,9 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     else:
         eval_rows = []
     needs_reference = any(loss.needs_reference for loss, _ in losses)
-    reference_name = choose_reference(stage.reference.name, needs_reference, data_format, stage.peft.name)
+    scores_extra = any(getattr(loss, "needs_kl_completions", False) for loss, _ in losses)
+    reference_name = choose_reference(stage.reference.name, needs_reference, data_format, stage.peft.name,
+                                      scores_extra_sequences=scores_extra)
     if needs_reference and reference_name == "none":
         needing = [loss.name for loss, _ in losses if loss.needs_reference]
         raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but loss(es) {', '.join(needing)} "

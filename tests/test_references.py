@@ -64,6 +64,9 @@ def test_auto_picks_cache_offline_on_the_fly_online_and_none_without_need():
     assert choose_reference("auto", True, "prompt", "lora") == "disabled_adapter"
     assert choose_reference("auto", False, "preference", "lora") == "none"
     assert choose_reference("frozen_copy", True, "preference", "full") == "frozen_copy"
+    # KTO scores mismatched prompt/completion pairs made during training: they cannot be cached.
+    assert choose_reference("auto", True, "unpaired", "full", scores_extra_sequences=True) == "frozen_copy"
+    assert choose_reference("auto", True, "preference", "lora", scores_extra_sequences=True) == "disabled_adapter"
 
 
 def test_disabled_adapter_keeps_one_copy_of_the_base_weights(make_config):
