@@ -128,8 +128,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
             message = (
-                f"plugin '{ep.name}' from distribution '{dist_name}' (entry point '{ep.value}' in group "
-                f"'{ENTRY_POINT_GROUP}') failed to load: {type(exc).__name__}: {exc}"
+                f"plugin '{ep.name}' from distribution '{dist_name}'{f' {version}' if version else ''} "
+                f"(entry point '{ep.name} = {ep.value}' in group '{ENTRY_POINT_GROUP}') failed to load: "
+                f"{type(exc).__name__}: {exc}"
             )
             if skip_broken:
                 warnings.warn(message + "; skipped (ALIGNER_SKIP_BROKEN_PLUGINS is set)", stacklevel=2)
@@ -202,8 +203,9 @@ def get_registries() -> dict[str, Registry]:
         info.registers = {}
     for kind, hook_name in REGISTRATION_HOOKS.items():
         hook = getattr(pm.hook, hook_name)
-        # Call each implementation on its own so every registered object is tied to its plugin.
-        for impl in reversed(hook.get_hookimpls()):
+        # Call each implementation on its own so every registered object is tied to its plugin, in
+        # registration order (built-ins, then entry points, then run time): a clash names the newcomer last.
+        for impl in hook.get_hookimpls():
             registry = registries[kind]
             plugin_name = impl.plugin_name
 
