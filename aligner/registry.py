@@ -72,8 +72,9 @@ class Registry:
         if name not in self._entries:
             location = f" at {where}" if where else ""
             known = ", ".join(sorted(self._entries)) or "none"
+            # A stricter cutoff than for config keys: plugin names are short, and 'simpo' is not a typo of 'ipo'.
             raise PluginError(
-                f"unknown {self.kind} '{name}'{location}{suggest(name, self._entries)}; known: {known} "
+                f"unknown {self.kind} '{name}'{location}{suggest(name, self._entries, cutoff=0.8)}; known: {known} "
                 "(is the plugin that provides it installed? `aligner plugins --all` lists what is loaded)"
             )
         return self._entries[name].obj
