@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from aligner.config import RunConfig, dump_config, load_config
+from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
+from aligner.errors import AlignerError, ConfigError
+from aligner.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.run import RunResult, RunState
 from aligner.stages import PreparedStage, prepare_stages
 
@@ -31,11 +35,17 @@ def _is_chat(stage: PreparedStage) -> bool:
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
     data = stage.config.data
-    template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
+    try:
+        template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
+    except AlignerError as exc:
+        # Say which stage's setting it is; the template module only knows the name.
+        raise type(exc)(f"stage '{stage.name}' ('stages[{stage.index}].data.template'): {exc}") from None
     for split, rows in (("train", stage.train_rows), ("eval", stage.eval_rows)):
         if not rows:
             continue
         tokenized = tokenize_rows(rows, stage.data_format, tokenizer, template, data.max_length, data.max_prompt_length)
+        # Too many drops means the data or the length limits are wrong: stop before the model loads.
+        enforce_drop_limit(stage.name, split, data, stage.data_format, rows, tokenized)
         if tokenized.dropped:
             reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
             log.warning("stage '%s' %s: dropped %d of %d rows (%s)", stage.name, split,
@@ -50,6 +60,15 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
         setattr(stage, f"{split}_data", tokenized)
 
 
+def _multi_process_cpu() -> bool:
+    """Several processes (torchrun) and no GPU: accelerate needs ``cpu=True`` to join them with gloo."""
+    import os
+
+    import torch
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _precision(requested: str) -> str:
     import torch
 
@@ -60,12 +79,36 @@ def _precision(requested: str) -> str:
     return "no"
 
 
+def _check_output_dir(out: Path, resuming: bool | str, overwrite: bool) -> None:
+    """Never silently replace an earlier run: resume it, overwrite it on request, or stop."""
+    if resuming or not (out / "config.yaml").exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir {out} already holds a run; continue it with --resume (resume: true), "
+                          "replace it with --overwrite, or choose another output_dir")
+    shutil.rmtree(out)
+
+
+def _restore_finished_stage(stage: PreparedStage, model: Any, out: Path) -> tuple[Any, dict[str, float]]:
+    """A stage that completed before the resume: load its final weights instead of training again."""
+    final = out / stage.name / "final"
+    model = stage.peft.apply(model)
+    load_weights(model, final)
+    release = getattr(stage.peft, "release", None)
+    metrics = json.loads((final / "trainer_state.json").read_text())["metrics"]
+    log.info("stage '%s' already finished; loaded %s", stage.name, final)
+    return (release(model) if release else model), metrics
+
+
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
-          output_dir: str | Path | None = None) -> RunResult:
+          output_dir: str | Path | None = None, resume: bool | str | None = None,
+          overwrite: bool = False) -> RunResult:
     """Train a model through every stage of ``config``; return the output path and final metrics.
 
     ``config`` is a YAML path, a dict of the same shape, or a ``RunConfig``; ``overrides`` are
-    ``key.path=value`` strings; ``output_dir`` replaces the config's.
+    ``key.path=value`` strings; ``output_dir`` replaces the config's. ``resume`` (or the config's
+    ``resume``) continues an interrupted run from its last complete checkpoint: finished stages
+    are loaded, not retrained. ``overwrite`` replaces an earlier run in ``output_dir``.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -75,29 +118,47 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     resolved = load_config(config, overrides)
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
+    if resume is not None:
+        resolved.resume = resume
     stages = prepare_stages(resolved)
+    # One model runs through every stage, so its head (LM or reward score) must suit them all.
+    kinds = {stage.forward_kind for stage in stages}
+    if len(kinds) > 1:
+        from aligner.errors import ConfigError
+
+        raise ConfigError("a run's stages must all train the same kind of model (language model or reward model); "
+                          "train the reward model in its own run, with model.path set to the earlier run's output")
     tokenizer = load_tokenizer(resolved)
     for stage in stages:
         tokenize_stage(stage, tokenizer)
 
-    accelerator = Accelerator(mixed_precision=_precision(resolved.precision))
+    accelerator = Accelerator(mixed_precision=_precision(resolved.precision), cpu=_multi_process_cpu())
     out = Path(resolved.output_dir)
+    resuming = resolved.resume
+    if resuming is True and not (out / "config.yaml").exists():
+        raise ConfigError(f"--resume: {out} holds no run to resume")
     if accelerator.is_main_process:
+        _check_output_dir(out, resuming, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         dump_config(resolved, out / "config.yaml")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     set_seed(resolved.seed)
-    model = load_model(resolved.model, tokenizer)
+    model = load_model(resolved.model, tokenizer, kinds.pop())
 
     from aligner.loop import train_stage
 
     results: dict[str, dict[str, float]] = {}
     for stage in stages:
+        if resuming and stage_finished(out / stage.name):
+            model, results[stage.name] = _restore_finished_stage(stage, model, out)
+            continue
         run = RunState(config=resolved, output_dir=out, stage=stage, tokenizer=tokenizer, accelerator=accelerator)
         set_seed(resolved.seed + stage.index)
-        model, results[stage.name] = train_stage(run, model)
+        start = latest_checkpoint(out / stage.name) if resuming else None
+        model, results[stage.name] = train_stage(run, model, resume_from=start)
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps({"final_model": str(final_dir), "stages": results}, indent=2))
+        summary = {"final_model": str(final_dir), "stages": results, "data": data_summary(stages)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return RunResult(output_dir=out, final_model_dir=final_dir, metrics=results)

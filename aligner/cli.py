@@ -19,9 +19,29 @@ from aligner.errors import AlignerError
 def _train(args: argparse.Namespace) -> int:
     from aligner.api import train
 
-    result = train(args.config, args.overrides, output_dir=args.output_dir)
+    result = train(args.config, args.overrides, output_dir=args.output_dir, resume=True if args.resume else None,
+                   overwrite=args.overwrite)
     print(f"final model: {result.final_model_dir}")
     return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from aligner.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from aligner.data.check import check_data, format_reports
+
+    reports = check_data(args.config, args.overrides)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(format_reports(reports))
+    return 2 if any(r.failed for r in reports) else 0
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -44,15 +64,33 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is emitted.
+
+    ``main`` may run many times in one process (tests, notebooks) with stderr swapped in between;
+    a handler bound to the first stream would write into a closed one.
+    """
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """aligner's own messages at INFO on stderr; other libraries only at WARNING."""
     logger = logging.getLogger("aligner")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[aligner] %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # bitsandbytes (imported by peft) warns at import about an optional kernels package on CPUs.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -72,12 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="path to a YAML config")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.dpo.train.learning_rate=1e-5")
     train.add_argument("--output-dir", default=None, help="replace the config's output_dir")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     train.set_defaults(handler=_train)
+
+    plot = sub.add_parser("plot", help="draw loss/reward/margin/accuracy/KL curves of a run to PNG")
+    plot.add_argument("run_dir", help="a run's output directory")
+    plot.set_defaults(handler=_plot)
+
+    data = sub.add_parser("data", help="inspect the data a config points to")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="validate every stage's data and report rows, drops and lengths "
+                                "(exit 2 on rejected rows or too many drops)")
+    check.add_argument("config", help="path to a YAML config")
+    check.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=_data_check)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--all", action="store_true", help="include the built-in plugins (shown when none else)")
     plugins.set_defaults(handler=_plugins)
+
+    from aligner import cache_cli, export
+
+    cache_cli.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

@@ -82,6 +82,9 @@ class DataConfig(Strict):
     max_length: int = Field(512, gt=1)
     max_prompt_length: int = Field(256, gt=0)
     max_rows: int | None = Field(None, gt=0)
+    max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "stop before training when a larger share of a split's rows would be dropped (empty, "
+        "identical pair, emptied by truncation)"))
 
 
 class TrainConfig(Strict):
@@ -101,6 +104,8 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
+    max_nonfinite_steps: int = Field(3, gt=0, description=(
+        "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"))
 
 
 class GenerationEvalConfig(Strict):
@@ -134,14 +139,29 @@ class StageConfig(Strict):
     eval: EvalConfig = EvalConfig()
 
 
+class WandbConfig(Strict):
+    """Weights & Biases tracking (on when this section is present)."""
+
+    project: str = "aligner"
+    entity: str | None = None
+    name: str | None = Field(None, description="default: the output directory's name")
+    group: str | None = None
+    tags: list[str] = []
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online with an API key, offline without (never waits for a login)")
+
+
 class RunConfig(Strict):
     """A whole run: one model trained through one or more stages (e.g. SFT then DPO)."""
 
     output_dir: str = "runs/default"
+    resume: bool | Literal["auto"] = Field(
+        False, description="continue from the last complete checkpoint; 'auto': only if there is one")
     seed: int = 0
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     model: ModelConfig
     tokenizer: str | None = Field(None, description="'builtin', a directory or hub id; default: the model's")
+    wandb: WandbConfig | None = None
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -29,7 +29,13 @@ class PluginError(AlignerError):
     """A plugin failed to load, registered something invalid, or a name is unknown."""
 
 
-def suggest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str:
+class Interrupted(AlignerError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint to resume from."""
+
+    exit_code = 130
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest candidate, or an empty string."""
-    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
+    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
     return f" (did you mean '{matches[0]}'?)" if matches else ""

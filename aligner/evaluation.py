@@ -69,12 +69,13 @@ def evaluate_generations(run: RunState, model: torch.nn.Module) -> dict[str, flo
                      settings.temperature, settings.top_p, settings.batch_size, seed=run.config.seed)
     prompts = [e["prompt"] for e in examples]
     scores = run.stage.judge.score(prompts, texts)
+    run.last_samples = [{"prompt": p, "completion": t, "score": s} for p, t, s in zip(prompts, texts, scores, strict=True)]
     if run.is_main_process:
         directory = run.stage_dir / "samples"
         directory.mkdir(parents=True, exist_ok=True)
         with (directory / f"step-{run.step}.jsonl").open("w") as handle:
-            for prompt, text, score in zip(prompts, texts, scores, strict=True):
-                handle.write(json.dumps({"prompt": prompt, "completion": text, "score": score}) + "\n")
+            for sample in run.last_samples:
+                handle.write(json.dumps(sample) + "\n")
     return {"eval/judge_score": sum(scores) / len(scores)}
 
 

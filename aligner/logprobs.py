@@ -47,8 +47,9 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_lev
     if trimmed:
         kwargs["logits_to_keep"] = keep
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], **kwargs).logits
-    if not trimmed:
-        logits = logits[:, start:]
+    # Count positions from the end: prompt tuning and P-tuning prepend virtual tokens, so the logits
+    # can be longer than input_ids, and the real positions are always the last ones.
+    logits = logits[:, logits.shape[1] - keep:]
     logits = logits[:, :-1]
     targets = input_ids[:, start + 1:]
     mask = completion_mask[:, start + 1:].to(logits.dtype if logits.is_floating_point() else torch.float32)

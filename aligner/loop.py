@@ -3,11 +3,13 @@
 A stage runs in four visible phases:
 
 1. setup: wrap the model with the PEFT backend, build the reference (it must see the policy
-   *before* any update), the optimizer over trainable weights only, the LR schedule and batches;
+   *before* any update, also when resuming), the optimizer over trainable weights only, the LR
+   schedule and batches; then, when resuming, load the checkpoint's weights and training state;
 2. evaluate at the start, so every held-out metric has a "before";
 3. train: micro-batches -> ``compute_losses`` -> backward, with gradient accumulation, clipping,
-   a step, metrics to ``metrics.jsonl`` and lifecycle hooks; evaluation and checkpoints every N steps;
-4. save: the final model (or adapter) with its tokenizer, and the final held-out metrics.
+   a step, metrics to ``metrics.jsonl`` and lifecycle hooks; evaluation and checkpoints every N
+   steps; SIGINT/SIGTERM finish the current step, save a checkpoint and stop;
+4. save: the final model (or adapter) with its tokenizer and model card, and final held-out metrics.
 
 What differs between algorithms lives in the loss plugins and the data format, never here.
 """
@@ -17,19 +19,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from aligner import checkpoint
+from aligner import checkpoint, resume
 from aligner.data.batching import LengthGroupedBatches, collate
+from aligner.errors import Interrupted
 from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
+from aligner.guards import NonFiniteGuard
 from aligner.logprobs import completion_logprobs
+from aligner.model_card import write_model_card
 from aligner.plugins import call_hook
 from aligner.protocols import ReferenceContext
 from aligner.run import RunState
@@ -46,18 +54,21 @@ def _batches(run: RunState) -> tuple[LengthGroupedBatches, DataLoader]:
                         collate_fn=partial(collate, data_format=stage.data_format,
                                            pad_token_id=run.tokenizer.pad_token_id))
     if run.accelerator.num_processes > 1:
+        # Each process takes every num_processes-th batch of the same global order.
         loader = run.accelerator.prepare_data_loader(loader)
     return sampler, loader
 
 
-def _micro_batches(sampler: LengthGroupedBatches, loader: DataLoader):
-    """Endless micro-batches, epoch after epoch, with the epoch number."""
-    epoch = 0
+def _micro_batches(sampler: LengthGroupedBatches, loader: DataLoader, start: resume.Position, processes: int):
+    """Endless ``(epoch, batches consumed in the epoch, batch)``, from a data position on."""
+    epoch, skip = start.epoch, start.batches_in_epoch
     while True:
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip=skip)
+        consumed = skip
         for batch in loader:
-            yield epoch, batch
-        epoch += 1
+            consumed += processes
+            yield epoch, consumed, batch
+        epoch, skip = epoch + 1, 0
 
 
 def _setup(run: RunState, model: torch.nn.Module):
@@ -65,100 +76,163 @@ def _setup(run: RunState, model: torch.nn.Module):
     model = stage.peft.apply(model)
     model.train()
     # The reference is set up from the policy before the first update; a frozen copy taken later
-    # would be a copy of an already-trained model.
-    stage.reference.setup(ReferenceContext(policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft,
-                                           device=run.accelerator.device, run_dir=str(run.output_dir)))
+    # (or after loading a resumed checkpoint) would be a copy of an already-trained model.
+    stage.reference.setup(ReferenceContext(
+        policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft, device=run.accelerator.device,
+        run_dir=str(run.output_dir), stage=stage, autocast=run.accelerator.autocast,
+        collate_fn=partial(collate, data_format=stage.data_format, pad_token_id=run.tokenizer.pad_token_id)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError(f"stage '{stage.name}': the PEFT backend '{stage.peft.name}' left no trainable weights")
     optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
     sampler, loader = _batches(run)
-    steps_per_epoch = math.ceil(len(sampler) / train.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(sampler) / (train.gradient_accumulation_steps * run.accelerator.num_processes))
     run.total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=int(train.warmup_ratio * run.total_steps),
                               num_training_steps=run.total_steps)
-    model, optimizer, scheduler = run.accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not handed to accelerate: its wrapper steps once per process per step,
+    # while total_steps here already counts global (all-process) steps.
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    # FSDP replaces parameters when it wraps the model: clip the prepared model's ones.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return model, optimizer, scheduler, sampler, loader, trainable
 
 
-def _mean_metrics(collected: list[dict[str, Any]]) -> dict[str, float]:
-    keys = collected[0].keys()
-    return {k: sum(to_float(m[k]) for m in collected) / len(collected) for k in keys}
+def _gathered_weights(run: RunState, model: torch.nn.Module) -> dict | None:
+    """Full weights for saving under FSDP/DeepSpeed (a collective: every process must call it)."""
+    from accelerate.utils import DistributedType
+
+    if run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return run.accelerator.get_state_dict(model)
+    return None
 
 
-def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any, epoch: int) -> None:
+def _mean_metrics(run: RunState, collected: list[dict[str, Any]]) -> dict[str, float]:
+    """Average over micro-batches, and over processes when there are several."""
+    keys = list(collected[0])
+    values = torch.tensor([sum(to_float(m[k]) for m in collected) / len(collected) for k in keys], dtype=torch.float64)
+    if run.accelerator.num_processes > 1:
+        values = run.accelerator.reduce(values.to(run.accelerator.device), reduction="mean").cpu()
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                     position: resume.Position) -> Path | None:
+    weights = _gathered_weights(run, model)
     if not run.is_main_process:
-        return
+        return None
     directory = run.stage_dir / "checkpoints"
     target = directory / f"step-{run.step}"
-    state = {"stage": run.stage.name, "step": run.step, "epoch": epoch, "total_steps": run.total_steps}
-    checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, target / "optimizer.pt")
+    state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps}
+    checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
+                                extra=lambda d: resume.save_training_state(d, optimizer, scheduler, position),
+                                state_dict=weights)
     checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
+    return target
 
 
-def train_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, float]]:
+@contextlib.contextmanager
+def _stop_on_signals(run: RunState):
+    """SIGINT/SIGTERM ask the loop to stop after the current step (and save) instead of dying mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        run.should_stop = True
+        run.stop_reason = f"signal {signal.Signals(signum).name}"
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train_stage(run: RunState, model: torch.nn.Module,
+                resume_from: Path | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one stage from ``model``; return the trained (unwrapped) model and final metrics."""
     stage, train, accelerator = run.stage, run.stage.config.train, run.accelerator
     metrics_file = MetricsFile(run.output_dir / "metrics.jsonl", enabled=run.is_main_process)
 
     # 1. setup
     model, optimizer, scheduler, sampler, loader, trainable = _setup(run, model)
+    position = resume.Position()
+    if resume_from is not None:
+        resume.load_weights(accelerator.unwrap_model(model), resume_from)
+        position = resume.load_training_state(resume_from, optimizer, scheduler)
+        run.step = position.step
+        log.info("stage '%s': resumed from %s (step %d)", stage.name, resume_from, run.step)
     run.model = model
     call_hook("on_run_start", run=run)
 
-    # 2. evaluate before training
-    before = evaluate(run, model) if stage.config.eval.at_start else {}
+    # 2. evaluate before training (a resumed stage already did)
+    before = evaluate(run, model) if stage.config.eval.at_start and resume_from is None else {}
     if before:
         call_hook("on_evaluate", run=run, step=0, metrics=before)  # before writing: hooks may add metrics
         metrics_file.write(stage.name, 0, before)
 
     # 3. train
     progress = Progress(f"{stage.name}", run.total_steps, enabled=run.is_main_process)
-    micro_batches = _micro_batches(sampler, loader)
+    micro_batches = _micro_batches(sampler, loader, position, accelerator.num_processes)
     accumulation = train.gradient_accumulation_steps
+    guard = NonFiniteGuard(run, train.max_nonfinite_steps)
     last: dict[str, float] = {}
-    epoch = 0
-    while run.step < run.total_steps and not run.should_stop:
-        started = time.perf_counter()
-        collected, tokens = [], 0
-        for micro in range(accumulation):
-            epoch, batch = next(micro_batches)
-            batch = move_to(batch, accelerator.device)
-            tokens += int(batch["attention_mask"].sum())
-            # Gradients sync across processes only on the last micro-batch of a step.
-            sync = micro == accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss, metrics = compute_losses(model, stage, batch)
-                accelerator.backward(loss / accumulation)
-            collected.append(metrics)
-        grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step += 1
+    saved_at = None
+    with _stop_on_signals(run):
+        while run.step < run.total_steps and not run.should_stop:
+            started = time.perf_counter()
+            collected, tokens = [], 0
+            for micro in range(accumulation):
+                epoch, consumed, batch = next(micro_batches)
+                batch = move_to(batch, accelerator.device)
+                tokens += int(batch["attention_mask"].sum())
+                # Gradients sync across processes only on the last micro-batch of a step.
+                sync = micro == accumulation - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    loss, metrics = compute_losses(model, stage, batch)
+                    accelerator.backward(loss / accumulation)
+                collected.append(metrics)
+                guard.observe(loss, batch)
+            if not guard.step_ok(trainable):
+                # A NaN/inf loss or gradient: no update at all (it would poison every weight); counted.
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            position = resume.Position(run.step, epoch, consumed)
 
-        last = _mean_metrics(collected)
-        last["learning_rate"] = scheduler.get_last_lr()[0]
-        last["epoch"] = epoch + 1
-        last["tokens_per_second"] = tokens * accelerator.num_processes / (time.perf_counter() - started)
-        if grad_norm is not None:
-            last["grad_norm"] = to_float(grad_norm)
-        call_hook("on_step_end", run=run, step=run.step, metrics=last)
-        if run.step % train.log_every == 0 or run.step == run.total_steps:
-            metrics_file.write(stage.name, run.step, last)
-        run.history.append(last)
-        progress.update(run.step, {"loss": last["loss"], "tok/s": last["tokens_per_second"]})
+            last = _mean_metrics(run, collected)
+            if grad_norm is not None:
+                last["grad_norm"] = to_float(grad_norm)
+            last["learning_rate"] = scheduler.get_last_lr()[0]
+            last["epoch"] = epoch + consumed / max(len(sampler), 1)
+            last["nonfinite_steps_skipped"] = guard.skipped
+            last["tokens_per_second"] = tokens * accelerator.num_processes / (time.perf_counter() - started)
+            call_hook("on_step_end", run=run, step=run.step, metrics=last)
+            if run.step % train.log_every == 0 or run.step == run.total_steps:
+                metrics_file.write(stage.name, run.step, last)
+            run.history.append(last)
+            progress.update(run.step, {"loss": last["loss"], "tok/s": last["tokens_per_second"]})
 
-        if train.eval_every and run.step % train.eval_every == 0 and run.step < run.total_steps:
-            held_out = evaluate(run, model)
-            if held_out:
-                call_hook("on_evaluate", run=run, step=run.step, metrics=held_out)
-                metrics_file.write(stage.name, run.step, held_out)
-        if train.save_every and run.step % train.save_every == 0:
-            _save_checkpoint(run, model, optimizer, scheduler, epoch)
+            if train.eval_every and run.step % train.eval_every == 0 and run.step < run.total_steps:
+                held_out = evaluate(run, model)
+                if held_out:
+                    call_hook("on_evaluate", run=run, step=run.step, metrics=held_out)
+                    metrics_file.write(stage.name, run.step, held_out)
+            if train.save_every and run.step % train.save_every == 0:
+                saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
     progress.close()
+    if run.should_stop and (run.stop_reason or "").startswith("signal"):
+        if saved_at is None or not saved_at.name.endswith(f"-{run.step}"):
+            saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
+        raise Interrupted(f"stage '{stage.name}' stopped by {run.stop_reason} at step {run.step}; checkpoint "
+                          f"saved to {saved_at}; continue with --resume")
     if run.should_stop:
         log.info("stage '%s' stopped at step %d: %s", stage.name, run.step, run.stop_reason or "requested by a plugin")
 
@@ -169,9 +243,12 @@ def train_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module,
         metrics_file.write(stage.name, run.step, after)
     unwrapped = accelerator.unwrap_model(model)
     final = {**{f"train/{k}": v for k, v in last.items()}, **after}
+    weights = _gathered_weights(run, model)
+    final["train/nonfinite_steps_skipped"] = guard.skipped
     if run.is_main_process:
         checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
-                                    {"stage": stage.name, "step": run.step, "metrics": final})
+                                    {"stage": stage.name, "step": run.step, "metrics": final},
+                                    extra=lambda d: write_model_card(d, run.config, stage, final), state_dict=weights)
         report(stage.name, before, after)
     call_hook("on_run_end", run=run, metrics=final)
     release = getattr(stage.peft, "release", None)

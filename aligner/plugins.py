@@ -33,11 +33,20 @@ ENTRY_POINT_GROUP = "aligner"
 BUILTIN_PLUGINS = (
     "aligner.losses.sft",
     "aligner.losses.dpo",
+    "aligner.losses.dpo_variants",
+    "aligner.losses.kto",
+    "aligner.losses.orpo",
+    "aligner.losses.reward_model",
     "aligner.references.frozen_copy",
     "aligner.references.no_reference",
+    "aligner.references.disabled_adapter",
+    "aligner.references.cached",
     "aligner.judges.rule",
     "aligner.peft_backends.full",
     "aligner.peft_backends.lora",
+    "aligner.peft_backends.qlora",
+    "aligner.peft_backends.peft_generic",
+    "aligner.trackers.wandb_tracker",
 )
 
 # registry kind -> registration hook name

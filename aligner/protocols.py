@@ -75,15 +75,18 @@ class LossInputs:
     """Everything a loss may read for one micro-batch.
 
     ``reference`` is ``None`` unless the loss declared ``needs_reference``; ``batch`` holds the
-    collated tensors (``labels`` for unpaired data, ``row_ids``, ...); ``extra`` carries values
-    other forward passes produced for losses that asked for them (e.g. ``kl_policy``).
+    collated tensors (``labels`` for unpaired data, ``margin`` when the rows have one, ``row_ids``,
+    ...); ``extra`` carries values other forward passes produced for losses that asked for them
+    (``kl_policy``/``kl_reference`` for ``needs_kl_completions``). Losses with
+    ``forward_kind = "reward"`` get ``scores`` (one scalar per sequence) and ``policy = None``.
     """
 
     data_format: str
-    policy: SequenceLogProbs
+    policy: SequenceLogProbs | None
     reference: SequenceLogProbs | None
     batch: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,7 +99,14 @@ class LossOutput:
 
 @runtime_checkable
 class Loss(Protocol):
-    """A training objective. Instantiated as ``LossClass(options)``, options an ``Options`` model."""
+    """A training objective. Instantiated as ``LossClass(options)``, options an ``Options`` model.
+
+    Optional class attributes: ``needs_token_logps`` (per-token values in ``policy``),
+    ``needs_kl_completions`` (log-probs of completions rotated within the batch, for KL estimates),
+    ``forward_kind`` (``"logprobs"``, the default, or ``"reward"`` for a scalar-score model; see
+    ``aligner.forward.FORWARDS``). Optional method ``check_stage(stage)``: called once the stage's
+    rows are validated, to warn about the data before training.
+    """
 
     name: ClassVar[str]
     data_formats: ClassVar[tuple[str, ...]]
@@ -114,6 +124,9 @@ class ReferenceContext:
 
     ``logprobs_fn(model, batch)`` computes ``SequenceLogProbs`` exactly as the policy's forward
     does, so reference values are comparable. ``peft_backend`` is the backend wrapping ``policy``.
+    ``stage`` (the prepared stage: tokenized ``train_data``/``eval_data``, batch sizes),
+    ``collate_fn(examples)`` and ``autocast()`` let a reference precompute values for the whole
+    stage exactly as the loop would batch and run them.
     """
 
     policy: torch.nn.Module
@@ -121,6 +134,9 @@ class ReferenceContext:
     peft_backend: Any
     device: torch.device
     run_dir: str
+    stage: Any = None
+    collate_fn: Any = None
+    autocast: Any = None
 
 
 @runtime_checkable

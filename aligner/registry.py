@@ -72,9 +72,11 @@ class Registry:
         if name not in self._entries:
             location = f" at {where}" if where else ""
             known = ", ".join(sorted(self._entries)) or "none"
-            # A stricter cutoff than for config keys: plugin names are short, and 'simpo' is not a typo of 'ipo'.
+            # Only names of about the same length are offered: plugin names are short, so 'dpp' is
+            # likely a typo of 'dpo', but 'simpo' (a plugin that is not installed) is not one of 'ipo'.
+            near = [n for n in self._entries if abs(len(n) - len(name)) <= max(1, len(name) // 4)]
             raise PluginError(
-                f"unknown {self.kind} '{name}'{location}{suggest(name, self._entries, cutoff=0.8)}; known: {known} "
+                f"unknown {self.kind} '{name}'{location}{suggest(name, near)}; known: {known} "
                 "(is the plugin that provides it installed? `aligner plugins --all` lists what is loaded)"
             )
         return self._entries[name].obj

@@ -28,6 +28,7 @@ class RunState:
     should_stop: bool = False
     stop_reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    last_samples: list[dict[str, Any]] | None = None  # judged generations of the latest evaluation
 
     @property
     def stage_dir(self) -> Path:

@@ -54,10 +54,31 @@ class PreparedStage:
         """Whether any loss asked for per-token log-probs."""
         return any(getattr(loss, "needs_token_logps", False) for loss, _ in self.losses)
 
+    @property
+    def needs_kl_completions(self) -> bool:
+        """Whether any loss reads log-probs of mismatched prompt/completion pairs (KTO's KL estimate)."""
+        return any(getattr(loss, "needs_kl_completions", False) for loss, _ in self.losses)
+
+    @property
+    def forward_kind(self) -> str:
+        """How the model runs on a batch (``aligner.forward.FORWARDS``); the same for all its losses."""
+        return forward_kind_of([loss for loss, _ in self.losses])
+
+
+def forward_kind_of(losses: list[Any], where: str = "") -> str:
+    """The one ``forward_kind`` the losses share (``logprobs`` unless declared); a ConfigError if they differ."""
+    kinds = {getattr(loss, "forward_kind", "logprobs") for loss in losses}
+    if len(kinds) > 1:
+        detail = ", ".join(f"{loss.name}: {getattr(loss, 'forward_kind', 'logprobs')}" for loss in losses)
+        raise ConfigError(f"{where}losses that need different model forwards cannot share a stage ({detail})")
+    return kinds.pop()
+
 
 def instantiate(kind: str, choice: PluginChoice, loc: tuple, config: RunConfig) -> Any:
     """Look up ``choice.name`` in the ``kind`` registry and build it with its validated options."""
-    cls = get_registry(kind).get(choice.name, where=_where(loc))
+    source = getattr(config, "_source", None)
+    line = source.where((*loc, "name")) if source is not None else ""
+    cls = get_registry(kind).get(choice.name, where=_where(loc) + line)
     options = validate_plugin_options(cls.Options, choice, loc, config)
     return cls(options)
 
@@ -84,6 +105,10 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     for i, choice in enumerate(stage.losses):
         loss = instantiate("loss", choice, (*base, "losses", i), config)
         losses.append((loss, choice.weight))
+    forward_kind = forward_kind_of([loss for loss, _ in losses], where=f"stage '{stage.name}': ")
+    if forward_kind == "reward" and stage.eval.generate is not None:
+        raise ConfigError(f"stage '{stage.name}': a reward model cannot generate; remove "
+                          f"'stages[{index}].eval.generate' (its held-out metric is eval/accuracy)")
     data_format, train_rows = load_validated(stage.data.train, stage.data.format, stage.data.split, stage.data.max_rows)
     for loss, _ in losses:
         if data_format not in loss.data_formats:
@@ -98,7 +123,7 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     else:
         eval_rows = []
     needs_reference = any(loss.needs_reference for loss, _ in losses)
-    reference_name = choose_reference(stage.reference.name, needs_reference)
+    reference_name = choose_reference(stage.reference.name, needs_reference, data_format, stage.peft.name)
     if needs_reference and reference_name == "none":
         needing = [loss.name for loss, _ in losses if loss.needs_reference]
         raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but loss(es) {', '.join(needing)} "
@@ -112,8 +137,14 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
         if not eval_rows:
             raise ConfigError(f"stage '{stage.name}': eval.generate needs held-out prompts; set "
                               f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
-    return PreparedStage(index, stage, data_format, losses, reference_name, reference, peft, judge,
-                         train_rows, eval_rows)
+    prepared = PreparedStage(index, stage, data_format, losses, reference_name, reference, peft, judge,
+                             train_rows, eval_rows)
+    # Losses may look at the validated data (class balance, batch size) and warn before any training.
+    for loss, _ in losses:
+        check = getattr(loss, "check_stage", None)
+        if check is not None:
+            check(prepared)
+    return prepared
 
 
 def prepare_stages(config: RunConfig) -> list[PreparedStage]:

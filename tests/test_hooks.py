@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import preference_rows, tiny_model, write_jsonl
 
 import aligner
 from aligner.hookspecs import hookimpl
 from aligner.plugins import get_registry, reset_plugins, temporary_plugin
 from aligner.protocols import PREFERENCE, LossOutput, Options, SequenceLogProbs
+from tests.conftest import preference_rows, tiny_model, write_jsonl
 
 STEPS = 4
 

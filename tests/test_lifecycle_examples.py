@@ -8,12 +8,12 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from conftest import preference_rows
 
 import aligner
 from aligner.examples.early_stopping import EarlyStopping
 from aligner.examples.extra_metrics import ExtraMetrics
 from aligner.plugins import reset_plugins, temporary_plugin
+from tests.conftest import preference_rows
 
 
 def _records(result) -> list[dict]:

@@ -17,25 +17,25 @@ import pytest
 import tomllib
 import torch
 import yaml
-from conftest import ROOT
 
 from aligner import hookspecs
 from aligner.plugins import get_registry, reset_plugins
 from aligner.protocols import PREFERENCE, LossInputs, SequenceLogProbs
+from tests.conftest import ROOT
 
 DOCS = ROOT / "docs" / "plugins.md"
 
 # Each hook -> the test (module::function) that exercises it in a real run.
 HOOK_TESTS = {
-    "register_losses": "test_hooks::test_register_losses_adds_a_loss_the_stage_trains_with",
-    "register_reference_policies": "test_hooks::test_register_reference_policies_adds_a_reference_the_loop_uses",
-    "register_judges": "test_hooks::test_register_judges_adds_a_judge_for_generation_eval",
-    "register_peft_backends": "test_hooks::test_register_peft_backends_adds_a_backend_that_decides_what_trains",
-    "on_run_start": "test_hooks::test_on_run_start_is_called_once_after_setup_before_any_step",
-    "on_step_end": "test_hooks::test_on_step_end_is_called_after_every_step_and_added_metrics_are_logged",
-    "on_evaluate": "test_hooks::test_on_evaluate_is_called_at_start_every_n_steps_and_at_end",
-    "on_checkpoint_saved": "test_hooks::test_on_checkpoint_saved_is_called_with_a_complete_checkpoint",
-    "on_run_end": "test_hooks::test_on_run_end_is_called_last_with_the_final_metrics",
+    "register_losses": "tests.test_hooks::test_register_losses_adds_a_loss_the_stage_trains_with",
+    "register_reference_policies": "tests.test_hooks::test_register_reference_policies_adds_a_reference_the_loop_uses",
+    "register_judges": "tests.test_hooks::test_register_judges_adds_a_judge_for_generation_eval",
+    "register_peft_backends": "tests.test_hooks::test_register_peft_backends_adds_a_backend_that_decides_what_trains",
+    "on_run_start": "tests.test_hooks::test_on_run_start_is_called_once_after_setup_before_any_step",
+    "on_step_end": "tests.test_hooks::test_on_step_end_is_called_after_every_step_and_added_metrics_are_logged",
+    "on_evaluate": "tests.test_hooks::test_on_evaluate_is_called_at_start_every_n_steps_and_at_end",
+    "on_checkpoint_saved": "tests.test_hooks::test_on_checkpoint_saved_is_called_with_a_complete_checkpoint",
+    "on_run_end": "tests.test_hooks::test_on_run_end_is_called_last_with_the_final_metrics",
 }
 
 
@@ -98,11 +98,11 @@ def tutorial_plugin_installed(tmp_path, monkeypatch):
     project = tomllib.loads(tutorial_block("pyproject.toml"))["project"]
     assert any(d.startswith("aligner-trainer>=") for d in project["dependencies"])
     site = tmp_path / "site"
-    (site / "aligner_hinge").mkdir(parents=True)
-    code = tutorial_block("aligner_hinge/__init__.py")
+    (site / "aligner_mean_hinge").mkdir(parents=True)
+    code = tutorial_block("aligner_mean_hinge/__init__.py")
     assert len(code.strip().splitlines()) <= 32, "the tutorial promises a loss plugin in about 30 lines"
-    (site / "aligner_hinge" / "__init__.py").write_text(code)
-    info = site / f"aligner_hinge-{project['version']}.dist-info"
+    (site / "aligner_mean_hinge" / "__init__.py").write_text(code)
+    info = site / f"aligner_mean_hinge-{project['version']}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
     points = project["entry-points"]["aligner"]
@@ -112,12 +112,12 @@ def tutorial_plugin_installed(tmp_path, monkeypatch):
     reset_plugins()
     yield
     reset_plugins()
-    sys.modules.pop("aligner_hinge", None)
+    sys.modules.pop("aligner_mean_hinge", None)
 
 
 def test_the_tutorial_plugin_registers_and_computes_its_loss(tutorial_plugin_installed):
-    entry = get_registry("loss").entry("hinge")
-    assert entry.plugin == "hinge"
+    entry = get_registry("loss").entry("mean_hinge")
+    assert entry.plugin == "mean_hinge"
     hinge = entry.obj(entry.obj.Options(margin=0.5))
     # pair 1: chosen -2 over 2 tokens (-1 each), rejected -6 over 3 (-2 each): gap 1 >= margin -> 0;
     # pair 2: chosen -3 over 2 (-1.5), rejected -2.5 over 2 (-1.25): gap -0.25 -> 0.5 + 0.25 = 0.75.
@@ -137,7 +137,7 @@ def test_the_tutorial_config_selects_the_plugin(tutorial_plugin_installed, tmp_p
     config = load_config({"output_dir": str(tmp_path / "run"), "model": {"tiny": {}}, "stages": [stage]})
     (prepared,) = prepare_stages(config)
     (loss, weight), = prepared.losses
-    assert loss.name == "hinge" and loss.options.margin == 0.5 and weight == 1.0
+    assert loss.name == "mean_hinge" and loss.options.margin == 0.5 and weight == 1.0
     assert prepared.reference_name == "none"  # reference-free: no reference model at all
 
 
@@ -148,11 +148,11 @@ def test_the_tutorials_option_typo_message_is_what_aligner_prints(tutorial_plugi
 
     stage = yaml.safe_load(tutorial_block("config"))["stages"][0]
     stage["data"]["train"] = str(ROOT / "aligner" / "quickstart" / "data" / "preference_train.jsonl")
-    stage["losses"] = [{"name": "hinge", "margn": 0.5}]
+    stage["losses"] = [{"name": "mean_hinge", "margn": 0.5}]
     config = load_config({"output_dir": str(tmp_path / "run"), "model": {"tiny": {}}, "stages": [stage]})
     with pytest.raises(ConfigError) as info:
         prepare_stages(config)
     message = str(info.value)
-    assert message.startswith("unknown option 'stages[0].losses[0].margn' for 'hinge'")
+    assert message.startswith("unknown option 'stages[0].losses[0].margn' for 'mean_hinge'")
     assert message.endswith("(did you mean 'margin'?)")
-    assert "unknown option 'stages[0].losses[0].margn' for 'hinge'" in DOCS.read_text()
+    assert "unknown option 'stages[0].losses[0].margn' for 'mean_hinge'" in DOCS.read_text()

@@ -32,10 +32,15 @@ class LengthGroupedBatches:
         self.group_by_length = group_by_length
         self.window = batch_size * window_batches
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` (different per epoch, the same on every rerun)."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use the order of ``epoch`` (different per epoch, the same on every rerun).
+
+        ``skip`` leaves out the epoch's first batches: a resumed run continues where it stopped.
+        """
         self.epoch = epoch
+        self.skip = skip
 
     def batches(self) -> list[list[int]]:
         """The batches of the current epoch."""
@@ -52,7 +57,7 @@ class LengthGroupedBatches:
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        return iter(self.batches()[self.skip:])
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
@@ -93,4 +98,7 @@ def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int)
     }
     if data_format == UNPAIRED:
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+    if any("margin" in e for e in examples):
+        # Rows without a margin (in a file where others have one) count as margin 0.
+        batch["margin"] = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
     return batch

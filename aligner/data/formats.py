@@ -1,7 +1,7 @@
 """The four row formats and their validation.
 
 - ``sft``: ``prompt`` + ``completion``, or chat ``messages`` whose last message is the assistant's.
-- ``preference``: ``prompt`` + ``chosen`` + ``rejected``; or implicit-prompt chat pairs (``chosen`` and
+- ``preference``: ``prompt`` + ``chosen`` + ``rejected`` (+ an optional numeric ``margin``); or implicit-prompt chat pairs (``chosen`` and
   ``rejected`` conversations sharing their first turns, as in HH-RLHF), split with trl's ``extract_prompt``.
 - ``unpaired``: ``prompt`` + ``completion`` + boolean ``label`` (desirable or not).
 - ``prompt``: ``prompt`` alone.
@@ -106,7 +106,16 @@ def validate_row(row: dict[str, Any], data_format: str, location: str) -> dict[s
             # Empty completions are allowed through validation and dropped (and counted) after
             # tokenization, together with rows that truncation empties.
             clean[field] = _check_text(row[field], field, location, allow_empty=field != "prompt")
+    if data_format == PREFERENCE and row.get("margin") is not None:
+        clean["margin"] = _check_margin(row["margin"], location)
     return clean
+
+
+def _check_margin(value: Any, location: str) -> float:
+    """The optional per-pair ``margin`` of preference rows (how much better chosen is; reward models use it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataError(f"{location}: field 'margin' must be a number, got {value!r}")
+    return float(value)
 
 
 def _check_label(value: Any, location: str) -> bool:

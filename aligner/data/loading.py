@@ -24,7 +24,22 @@ class Row:
     location: str
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+@dataclass
+class RejectedRow:
+    """A row that failed to parse or validate, with the located reason (``file, line N: why``)."""
+
+    location: str
+    message: str
+
+
+def _reject(error: DataError, location: str, errors: list[RejectedRow] | None) -> None:
+    """Collect ``error`` when collecting, else raise it (the training path stops at the first bad row)."""
+    if errors is None:
+        raise error
+    errors.append(RejectedRow(location, str(error)))
+
+
+def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row]:
     rows = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -32,11 +47,14 @@ def _read_jsonl(path: Path) -> list[Row]:
                 continue
             where = f"{path}, line {line_number}"
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+                _reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
+                continue
             if not isinstance(value, dict):
-                raise DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}")
+                _reject(DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}"),
+                        where, errors)
+                continue
             rows.append(Row(value, where))
     return rows
 
@@ -72,28 +90,45 @@ def _read_with_datasets(path: Path, split: str) -> list[Row]:
     return [Row(dict(r), f"{path}, {unit} {i + first_line}") for i, r in enumerate(loaded.to_list())]
 
 
-def read_rows(path: str | Path, split: str = "train") -> list[Row]:
-    """All rows of a local data file or ``save_to_disk`` folder, each with its location."""
+def read_rows(path: str | Path, split: str = "train", errors: list[RejectedRow] | None = None) -> list[Row]:
+    """All rows of a local data file or ``save_to_disk`` folder, each with its location.
+
+    With an ``errors`` list, unparseable JSON Lines are collected there instead of raising.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, errors)
     return _read_with_datasets(path, split)
 
 
 def load_validated(path: str | Path, data_format: str | None, split: str = "train",
-                   max_rows: int | None = None) -> tuple[str, list[Row]]:
+                   max_rows: int | None = None,
+                   collect_errors: list[RejectedRow] | None = None) -> tuple[str, list[Row]]:
     """Read and validate every row; return the data format and the rows.
 
-    The first invalid row stops everything with a ``DataError`` naming its file, line and field.
+    By default the first invalid row stops everything with a ``DataError`` naming its file, line
+    and field. With a ``collect_errors`` list (``aligner data check``), every bad row is appended
+    there and left out, so one pass reports all of them. A file with no rows at all still raises.
     """
-    rows = read_rows(path, split)
+    rows = read_rows(path, split, collect_errors)
     if max_rows is not None:
         rows = rows[:max_rows]
     if not rows:
-        raise DataError(f"{path}: no rows")
-    fmt = data_format or detect_format(rows[0].data, rows[0].location)
+        unreadable = f" ({len(collect_errors)} unreadable lines)" if collect_errors else ""
+        raise DataError(f"{path}: no rows{unreadable}")
+    fmt = data_format
+    valid = []
     for row in rows:
-        row.data = validate_row(row.data, fmt, row.location)
-    return fmt, rows
+        try:
+            # The format is guessed from the first row that is a usable object.
+            fmt = fmt or detect_format(row.data, row.location)
+            row.data = validate_row(row.data, fmt, row.location)
+        except DataError as exc:
+            _reject(exc, row.location, collect_errors)
+            continue
+        valid.append(row)
+    if fmt is None:
+        raise DataError(f"{path}: no row has a recognisable format")
+    return fmt, valid

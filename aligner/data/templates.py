@@ -21,9 +21,8 @@ from typing import Any
 
 import yaml
 
-from datasets_templates import TEMPLATE_DIR
-
 from aligner.errors import ConfigError, DataError
+from datasets_templates import TEMPLATE_DIR
 
 
 def available_templates() -> list[str]:

@@ -3,7 +3,9 @@
 Policy: the prompt is cut from the left to ``max_prompt_length`` tokens (the end of a prompt, next
 to the answer, matters most; a leading BOS token is kept), then each completion is cut from the
 right to fit ``max_length``. A row left with no completion token (empty, or pushed out by a long
-prompt) is dropped and counted by reason, never trained on.
+prompt) is dropped and counted by reason, never trained on; so is a preference pair whose chosen and
+rejected completions are identical (its DPO-style gradient is exactly zero: it only dilutes the batch),
+whether they were identical in the data or became so by truncation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ class TokenizedData:
     examples: list[dict[str, Any]]
     dropped: Counter = field(default_factory=Counter)
     truncated_rows: int = 0
+    # Where each dropped row came from and why, for ``aligner data check`` and the drop-limit report.
+    dropped_rows: list[tuple[str, str]] = field(default_factory=list)
+    # Tokens per input row before truncation (prompt + longest completion), kept or not.
+    full_lengths: list[int] = field(default_factory=list)
+
+    def drop(self, row: Row, reason: str) -> None:
+        """Count ``row`` as dropped for ``reason``."""
+        self.dropped[reason] += 1
+        self.dropped_rows.append((row.location, reason))
 
     def lengths(self) -> list[int]:
         """Tokens per example as batched (prompt + longest completion), for length grouping."""
@@ -41,6 +52,11 @@ def prompt_for_judge(prompt: str | list[dict[str, str]]) -> str:
     return users[-1] if users else prompt[-1]["content"]
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -49,15 +65,21 @@ def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: A
                   max_length: int, max_prompt_length: int) -> TokenizedData:
     """Tokenize validated rows; drop (and count) rows with no completion token left."""
     data = TokenizedData(data_format, [])
-    bos = tokenizer.bos_token_id
+    # Prepend BOS only for tokenizers that add it themselves (Llama-style); chat templates that
+    # already write it, and tokenizers without one (Qwen, GPT-2), get none.
+    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     for row_id, row in enumerate(rows):
         prompt_ids = _encode(tokenizer, template.prompt_text(row.data["prompt"]))
-        if bos is not None and (not prompt_ids or prompt_ids[0] != bos) and getattr(tokenizer, "add_bos_token", True):
+        if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
             prompt_ids = [bos, *prompt_ids]
         completions = {f: _encode(tokenizer, template.completion_text(row.data[f])) for f in COMPLETION_FIELDS[data_format]}
+        data.full_lengths.append(len(prompt_ids) + max((len(ids) for ids in completions.values()), default=0))
         empty = [f for f, ids in completions.items() if not row_has_text(row.data[f])]
         if empty:
-            data.dropped[f"empty {empty[0]}"] += 1
+            data.drop(row, f"empty {empty[0]}")
+            continue
+        if data_format == PREFERENCE and completions["chosen"] == completions["rejected"]:
+            data.drop(row, "identical chosen and rejected")
             continue
         cut = False
         if len(prompt_ids) > max_prompt_length:
@@ -70,7 +92,10 @@ def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: A
                 completions[f] = ids[: max(room, 0)]
                 cut = True
         if any(not ids for ids in completions.values()):
-            data.dropped["no completion tokens left after truncation"] += 1
+            data.drop(row, "no completion tokens left after truncation")
+            continue
+        if data_format == PREFERENCE and completions["chosen"] == completions["rejected"]:
+            data.drop(row, "chosen and rejected identical after truncation")
             continue
         data.truncated_rows += cut
         example: dict[str, Any] = {"row_id": row_id, "prompt_ids": prompt_ids,
@@ -78,6 +103,8 @@ def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: A
         example.update({f + "_ids": ids for f, ids in completions.items()})
         if data_format == UNPAIRED:
             example["label"] = row.data["label"]
+        if "margin" in row.data:
+            example["margin"] = row.data["margin"]
         data.examples.append(example)
     return data
 

@@ -1,21 +1,21 @@
 """Supervised fine-tuning: mean negative log-likelihood of the completion tokens.
 
-On preference data it trains on the chosen completions, so it can be added to any preference loss
-with a weight (RPO-style: ``losses: [{name: dpo}, {name: sft, weight: 0.2}]``).
+On preference data it trains on the chosen completions and on unpaired data on the desirable ones,
+so it can be added to any preference loss with a weight (RPO-style:
+``losses: [{name: dpo}, {name: sft, weight: 0.2}]``, or beside ``kto`` on unpaired rows).
 """
 
 from __future__ import annotations
 
-
 from aligner.hookspecs import hookimpl
-from aligner.protocols import PREFERENCE, SFT, LossInputs, LossOutput, Options
+from aligner.protocols import PREFERENCE, SFT, UNPAIRED, LossInputs, LossOutput, Options
 
 
 class SFTLoss:
     """Token-averaged NLL over the completion tokens of the micro-batch."""
 
     name = "sft"
-    data_formats = (SFT, PREFERENCE)
+    data_formats = (SFT, PREFERENCE, UNPAIRED)
     needs_reference = False
 
     class Options(Options):
@@ -25,12 +25,16 @@ class SFTLoss:
         self.options = options or self.Options()
 
     def compute(self, inputs: LossInputs) -> LossOutput:
-        """``-sum(log p(completion tokens)) / number of completion tokens``."""
-        policy = inputs.policy.pairs()[0] if inputs.data_format == PREFERENCE else inputs.policy
+        """``-sum(log p(completion tokens)) / number of completion tokens`` (chosen/desirable ones only)."""
+        policy = inputs.policy
+        if inputs.data_format == PREFERENCE:
+            policy = policy.pairs()[0]
+        elif inputs.data_format == UNPAIRED:
+            # Only desirable completions are imitated; a batch without one contributes 0.
+            policy = policy.select(inputs.batch["labels"].to(policy.logps.device))
         tokens = policy.num_tokens.sum().clamp(min=1)
         nll = -policy.logps.sum() / tokens
         return LossOutput(loss=nll, metrics={"nll": nll.detach()})
-
 
 
 @hookimpl

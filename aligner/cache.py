@@ -1,0 +1,160 @@
+"""A content-addressed, integrity-checked store of reference log-probs on disk.
+
+One entry is one safetensors file ``<key>.safetensors`` holding, per sequence, a 64-bit
+fingerprint of its tokens, the sum of its completion log-probs and its completion token count.
+``key`` is the SHA-256 of everything that changes those numbers (model weights, token ids, dtype,
+precision, the log-prob code's version), so an entry is never stale: a changed input is a new key.
+
+Integrity: the entry's metadata carries a SHA-256 of its tensor bytes; an entry whose file is
+truncated, unparsable or whose checksum does not match is reported as corrupt and never used.
+Concurrency: an entry is written to a unique temporary file in the same directory and moved into
+place with ``os.replace`` (atomic on POSIX), and equal keys mean equal contents, so two runs that
+write the same entry at once both leave a complete, identical file; readers never see a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUFFIX = ".safetensors"
+FORMAT_VERSION = "1"
+
+
+class CorruptEntry(Exception):
+    """A cache entry that is truncated, unreadable or fails its checksum."""
+
+
+def default_cache_dir() -> Path:
+    """``$ALIGNER_CACHE_DIR/reference``, else ``$XDG_CACHE_HOME/aligner/reference``, else ``~/.cache/...``."""
+    if os.environ.get("ALIGNER_CACHE_DIR"):
+        return Path(os.environ["ALIGNER_CACHE_DIR"]) / "reference"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "aligner" / "reference"
+
+
+def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class Entry:
+    """One cached table of reference values."""
+
+    key: str
+    fingerprints: torch.Tensor  # int64 [M]
+    logps: torch.Tensor  # float32 [M]
+    num_tokens: torch.Tensor  # int64 [M]
+    metadata: dict[str, str]
+
+
+class ReferenceCache:
+    """The entries in one directory."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory) if directory else default_cache_dir()
+
+    def path(self, key: str) -> Path:
+        """Where the entry ``key`` lives."""
+        return self.directory / f"{key}{SUFFIX}"
+
+    def load(self, key: str) -> Entry | None:
+        """The entry, ``None`` if absent; ``CorruptEntry`` if present but damaged."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise CorruptEntry(f"{path}: unreadable ({exc})") from None
+        expected = metadata.get("checksum")
+        if set(tensors) != {"fingerprints", "logps", "num_tokens"} or expected is None:
+            raise CorruptEntry(f"{path}: missing tensors or checksum")
+        if _tensor_checksum(tensors) != expected:
+            raise CorruptEntry(f"{path}: checksum mismatch")
+        if metadata.get("key") != key:
+            raise CorruptEntry(f"{path}: holds key {metadata.get('key')!r}")
+        return Entry(key, tensors["fingerprints"], tensors["logps"], tensors["num_tokens"], metadata)
+
+    def save(self, key: str, fingerprints: torch.Tensor, logps: torch.Tensor, num_tokens: torch.Tensor,
+             info: dict[str, Any] | None = None) -> Path:
+        """Write an entry atomically (unique temp file + rename) and return its path."""
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"fingerprints": fingerprints.to(torch.int64).contiguous().cpu(),
+                   "logps": logps.to(torch.float32).contiguous().cpu(),
+                   "num_tokens": num_tokens.to(torch.int64).contiguous().cpu()}
+        metadata = {"key": key, "format": FORMAT_VERSION, "checksum": _tensor_checksum(tensors),
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "info": json.dumps(info or {}, sort_keys=True)}
+        handle, temporary = tempfile.mkstemp(prefix=f".tmp-{key[:16]}-", suffix=SUFFIX, dir=self.directory)
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(temporary, self.path(key))
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        return self.path(key)
+
+    def remove(self, key: str) -> bool:
+        """Delete an entry; ``False`` if it was not there."""
+        try:
+            self.path(key).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def keys(self) -> list[str]:
+        """Keys of the entries present (complete files only; temporary files are skipped)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name[: -len(SUFFIX)] for p in self.directory.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+
+    def describe(self, key: str) -> dict[str, Any]:
+        """Size, creation time, row count, what it was computed from, and whether it is intact."""
+        path = self.path(key)
+        row: dict[str, Any] = {"key": key, "path": str(path), "bytes": path.stat().st_size if path.exists() else 0}
+        try:
+            entry = self.load(key)
+        except CorruptEntry as exc:
+            return {**row, "status": "corrupt", "problem": str(exc)}
+        if entry is None:
+            return {**row, "status": "missing"}
+        return {**row, "status": "ok", "sequences": int(entry.fingerprints.numel()),
+                "created": entry.metadata.get("created"), **json.loads(entry.metadata.get("info", "{}"))}
+
+    def clear(self) -> int:
+        """Delete every entry and stale temporary file; return how many entries were removed.
+
+        Temporary files younger than an hour may belong to a run writing right now and are kept.
+        """
+        removed = sum(self.remove(key) for key in self.keys())
+        if self.directory.is_dir():
+            for leftover in self.directory.glob(f".tmp-*{SUFFIX}"):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - leftover.stat().st_mtime > 3600:
+                        leftover.unlink()
+        return removed

@@ -1,0 +1,299 @@
+"""``aligner data check``: what a config's data would look like to training, without training.
+
+For every stage and split it reports the rows read, the rows rejected and why (file and line), the
+token-length distribution, what truncation would do, the rows training would drop (empty
+completions, identical chosen/rejected pairs, rows truncation empties), duplicates, and eval rows
+that also occur in train. Nothing here loads a model: only the tokenizer.
+
+Training uses the same report: when a split would lose more than ``data.max_drop_fraction`` of its
+rows, the run stops before the model is loaded and logs this report (``enforce_drop_limit``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aligner.config import DataConfig, RunConfig, load_config
+from aligner.data.loading import RejectedRow, Row, load_validated
+from aligner.data.templates import load_template
+from aligner.data.tokenize import TokenizedData, tokenize_rows
+from aligner.errors import AlignerError, DataError
+from aligner.protocols import PREFERENCE
+
+log = logging.getLogger("aligner")
+
+TRUNCATION_REASONS = ("no completion tokens left after truncation", "chosen and rejected identical after truncation")
+SHOWN = 20  # located rows listed per kind before "... and N more"
+
+
+@dataclass
+class SplitReport:
+    """What one split of one stage holds and what training would do with it."""
+
+    stage: str
+    split: str
+    source: str
+    data_format: str | None = None
+    max_length: int = 0
+    max_prompt_length: int = 0
+    max_drop_fraction: float = 1.0
+    rejected: list[RejectedRow] = field(default_factory=list)
+    valid: int = 0
+    kept: int | None = None
+    dropped: Counter = field(default_factory=Counter)
+    dropped_rows: list[tuple[str, str]] = field(default_factory=list)
+    truncated: int = 0
+    lengths: dict[str, float] = field(default_factory=dict)
+    duplicates: int = 0
+    identical_pairs: int = 0
+    in_train: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def rows_read(self) -> int:
+        """Rows in the source, valid or not."""
+        return self.valid + len(self.rejected)
+
+    @property
+    def dropped_total(self) -> int:
+        """Valid rows tokenization would drop."""
+        return sum(self.dropped.values())
+
+    @property
+    def drop_fraction(self) -> float:
+        """Share of the valid rows training would drop."""
+        return self.dropped_total / self.valid if self.valid else 0.0
+
+    @property
+    def truncation_touches(self) -> int:
+        """Rows whose prompt or completion truncation cuts, whether they survive or not."""
+        return self.truncated + sum(self.dropped[r] for r in TRUNCATION_REASONS)
+
+    @property
+    def truncation_empties(self) -> int:
+        """Rows truncation leaves without a completion token."""
+        return self.dropped[TRUNCATION_REASONS[0]]
+
+    @property
+    def failed(self) -> bool:
+        """Whether this split would stop a run (or fails the check)."""
+        return bool(self.rejected or self.problems) or self.drop_fraction > self.max_drop_fraction
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (``aligner data check --json``)."""
+        return {
+            "stage": self.stage, "split": self.split, "source": self.source, "format": self.data_format,
+            "rows": self.rows_read, "rejected": [{"location": r.location, "message": r.message} for r in self.rejected],
+            "kept": self.kept, "dropped": dict(self.dropped),
+            "dropped_rows": [{"location": loc, "reason": why} for loc, why in self.dropped_rows],
+            "drop_fraction": self.drop_fraction, "max_drop_fraction": self.max_drop_fraction,
+            "truncation": {"touches": self.truncation_touches, "empties": self.truncation_empties,
+                           "max_length": self.max_length, "max_prompt_length": self.max_prompt_length},
+            "token_lengths": self.lengths, "duplicates": self.duplicates, "identical_pairs": self.identical_pairs,
+            "eval_rows_in_train": self.in_train, "problems": self.problems, "failed": self.failed,
+        }
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    """min / median / p95 / max of token counts (nearest-rank p95); empty for no rows."""
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+    return {"min": ordered[0], "median": statistics.median(ordered), "p95": p95, "max": ordered[-1]}
+
+
+def _position(location: str) -> int:
+    """The line/row/item number at the end of a location, for sorting."""
+    last = location.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else -1
+
+
+def _row_key(row: Row) -> str:
+    return json.dumps(row.data, sort_keys=True, ensure_ascii=False)
+
+
+def split_report(stage: str, split: str, source: str, data: DataConfig, data_format: str | None, rows: list[Row],
+                 rejected: list[RejectedRow], tokenized: TokenizedData | None,
+                 train_keys: set[str] | None = None) -> SplitReport:
+    """Summarise one split from its valid rows, rejected rows and (if the template loaded) tokenization."""
+    # Unparseable lines are found while reading, invalid rows afterwards: list them in file order.
+    ordered = sorted(rejected, key=lambda r: _position(r.location))
+    report = SplitReport(stage, split, source, data_format, data.max_length, data.max_prompt_length,
+                         data.max_drop_fraction, rejected=ordered, valid=len(rows))
+    counts = Counter(_row_key(r) for r in rows)
+    report.duplicates = sum(n - 1 for n in counts.values())
+    if data_format == PREFERENCE:
+        report.identical_pairs = sum(r.data["chosen"] == r.data["rejected"] for r in rows)
+    if train_keys is not None:
+        report.in_train = sum(_row_key(r) in train_keys for r in rows)
+    if tokenized is not None:
+        report.kept = len(tokenized.examples)
+        report.dropped = Counter(tokenized.dropped)
+        report.dropped_rows = list(tokenized.dropped_rows)
+        report.truncated = tokenized.truncated_rows
+        report.lengths = length_stats(tokenized.full_lengths)
+    return report
+
+
+def _listed(items: list[str]) -> list[str]:
+    shown = [f"    {item}" for item in items[:SHOWN]]
+    if len(items) > SHOWN:
+        shown.append(f"    ... and {len(items) - SHOWN} more")
+    return shown
+
+
+def format_report(report: SplitReport) -> str:
+    """The human-readable report of one split."""
+    kept = "?" if report.kept is None else report.kept
+    lines = [f"stage '{report.stage}' {report.split} ({report.source}, {report.data_format or 'unknown'} format): "
+             f"{report.rows_read} rows read, {len(report.rejected)} rejected, {report.dropped_total} dropped, "
+             f"{kept} kept"]
+    lines += [f"  problem: {p}" for p in report.problems]
+    if report.rejected:
+        lines.append("  rejected rows:")
+        lines += _listed([r.message for r in report.rejected])
+    if report.dropped:
+        reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.most_common())
+        over = " - more than data.max_drop_fraction" if report.drop_fraction > report.max_drop_fraction else ""
+        lines.append(f"  dropped by training ({report.drop_fraction:.0%} of valid rows, limit "
+                     f"{report.max_drop_fraction:.0%}{over}): {reasons}")
+        lines += _listed([f"{loc}: {why}" for loc, why in report.dropped_rows])
+    if report.lengths:
+        s = report.lengths
+        lines.append(f"  tokens per row before truncation (prompt + longest completion): min {s['min']}, "
+                     f"median {s['median']:g}, p95 {s['p95']}, max {s['max']}")
+        lines.append(f"  truncation (max_length {report.max_length}, max_prompt_length {report.max_prompt_length}): "
+                     f"touches {report.truncation_touches} rows, empties {report.truncation_empties}")
+    extras = [f"{report.duplicates} duplicate rows"]
+    if report.data_format == PREFERENCE:
+        extras.append(f"{report.identical_pairs} identical chosen/rejected pairs")
+    if report.split == "eval":
+        extras.append(f"{report.in_train} rows also in train")
+    lines.append("  " + ", ".join(extras))
+    return "\n".join(lines)
+
+
+def format_reports(reports: list[SplitReport]) -> str:
+    """Every split's report and a closing verdict line."""
+    body = [format_report(r) for r in reports]
+    failed = [r for r in reports if r.failed]
+    if failed:
+        rejected = sum(len(r.rejected) for r in reports)
+        body.append(f"data check failed: {rejected} rejected rows; {len(failed)} of {len(reports)} splits have "
+                    "rejected rows, problems or drop more than data.max_drop_fraction")
+    else:
+        body.append(f"data check passed: {len(reports)} splits")
+    return "\n".join(body)
+
+
+def _is_chat(rows: list[Row]) -> bool:
+    return bool(rows) and isinstance(rows[0].data.get("prompt"), list)
+
+
+def _format_problem(config: RunConfig, index: int, data_format: str) -> list[str]:
+    """Losses of the stage that cannot train on this data format (unknown loss names included)."""
+    from aligner.plugins import get_registry
+
+    problems = []
+    for j, choice in enumerate(config.stages[index].losses):
+        try:
+            cls = get_registry("loss").get(choice.name, where=f"'stages[{index}].losses[{j}].name'")
+        except AlignerError as exc:
+            problems.append(str(exc))
+            continue
+        if data_format not in cls.data_formats:
+            problems.append(f"loss '{choice.name}' trains on {'/'.join(cls.data_formats)} data, not {data_format}")
+    return problems
+
+
+def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitReport]:
+    """Reports for the train and eval splits of one stage."""
+    from aligner.stages import _split_eval
+
+    stage = config.stages[index]
+    data = stage.data
+    rejected: list[RejectedRow] = []
+    try:
+        data_format, train_rows = load_validated(data.train, data.format, data.split, data.max_rows, rejected)
+    except DataError as exc:
+        report = SplitReport(stage.name, "train", data.train, data.format, rejected=rejected, problems=[str(exc)])
+        return [report]
+    problems = _format_problem(config, index, data_format)
+    splits: list[tuple[str, str, list[Row], list[RejectedRow]]] = []
+    eval_rows: list[Row] = []
+    eval_rejected: list[RejectedRow] = []
+    if data.eval is not None:
+        try:
+            _, eval_rows = load_validated(data.eval, data_format, data.split, collect_errors=eval_rejected)
+        except DataError as exc:
+            problems.append(str(exc))
+        splits.append(("eval", data.eval, eval_rows, eval_rejected))
+    elif data.eval_fraction > 0:
+        train_rows, eval_rows = _split_eval(train_rows, data.eval_fraction, config.seed)
+        splits.append(("eval", f"{data.eval_fraction:g} of train held out", eval_rows, []))
+    splits.insert(0, ("train", data.train, train_rows, rejected))
+    template = None
+    try:
+        template = load_template(data.template, tokenizer, chat_data=_is_chat(train_rows))
+    except AlignerError as exc:
+        problems.append(str(exc))
+    train_keys = {_row_key(r) for r in train_rows}
+    reports = []
+    for split, source, rows, bad in splits:
+        tokenized = (tokenize_rows(rows, data_format, tokenizer, template, data.max_length, data.max_prompt_length)
+                     if template is not None else None)
+        report = split_report(stage.name, split, source, data, data_format, rows, bad, tokenized,
+                              train_keys if split == "eval" else None)
+        reports.append(report)
+    reports[0].problems = problems
+    return reports
+
+
+def check_data(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> list[SplitReport]:
+    """Check the data of every stage of ``config`` (tokenizer loaded, no model); one report per split."""
+    from aligner.models import load_tokenizer
+
+    resolved = load_config(config, overrides)
+    tokenizer = load_tokenizer(resolved)
+    return [report for i in range(len(resolved.stages)) for report in check_stage(resolved, i, tokenizer)]
+
+
+def enforce_drop_limit(stage: str, split: str, data: DataConfig, data_format: str, rows: list[Row],
+                       tokenized: TokenizedData) -> None:
+    """Stop the run (``DataError``) when tokenization dropped more than ``data.max_drop_fraction`` of ``rows``.
+
+    The full report goes to the log first, so the one-line error can point at it.
+    """
+    if not rows or sum(tokenized.dropped.values()) / len(rows) <= data.max_drop_fraction:
+        return
+    report = split_report(stage, split, str(data.train if split == "train" else (data.eval or f"held out from {data.train}")), data, data_format,
+                          rows, [], tokenized)
+    log.error("%s", format_report(report))
+    reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.most_common())
+    raise DataError(f"stage '{stage}' {split}: {report.dropped_total} of {len(rows)} rows "
+                    f"({report.drop_fraction:.0%}) would be dropped ({reasons}), more than "
+                    f"data.max_drop_fraction={data.max_drop_fraction:g}; see the report above or run "
+                    "'aligner data check'")
+
+
+def data_summary(stages: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per stage and split: rows, kept, dropped by reason and truncated, for ``summary.json``."""
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for stage in stages:
+        for split in ("train", "eval"):
+            rows = getattr(stage, f"{split}_rows")
+            tokenized = getattr(stage, f"{split}_data")
+            if tokenized is None:
+                continue
+            summary.setdefault(stage.name, {})[split] = {
+                "rows": len(rows), "kept": len(tokenized.examples), "dropped": dict(tokenized.dropped),
+                "truncated": tokenized.truncated_rows}
+    return summary

@@ -1,0 +1,93 @@
+"""``aligner export RUN_DIR``: a run's adapter as a standalone model, or copied as a peft adapter.
+
+``--merge`` loads the base model, applies the adapter with peft, merges it into the weights and
+writes a plain transformers checkpoint (safetensors + config + tokenizer) that
+``AutoModelForCausalLM.from_pretrained`` loads with no aligner and no peft installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from aligner.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export`` subcommand to the CLI."""
+    export = sub.add_parser("export", help="export a run's final adapter (merged into the base with --merge)")
+    export.add_argument("run_dir", help="a run's output directory (or a stage's final/ directory)")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    export.add_argument("--stage", default=None, help="stage to export (default: the last one)")
+    export.add_argument("--base", default=None, help="base model directory (default: the adapter's "
+                                                     "base_model_name_or_path)")
+    export.add_argument("--output", default=None, help="where to write (default: RUN_DIR/export)")
+    export.set_defaults(handler=run)
+
+
+def final_dir(run_dir: Path, stage: str | None) -> Path:
+    """The directory holding the adapter to export."""
+    if (run_dir / "adapter_config.json").is_file():
+        return run_dir
+    if stage is None:
+        summary = run_dir / "summary.json"
+        if not summary.is_file():
+            raise ConfigError(f"{run_dir} has no summary.json; pass --stage or a final/ directory")
+        return Path(json.loads(summary.read_text())["final_model"])
+    return run_dir / stage / "final"
+
+
+def _previous_stage_model(source: Path) -> str | None:
+    """The full model saved by the stage before ``source``'s stage, if that is what it trained on.
+
+    A base built in memory (a ``tiny`` spec) has no path in the adapter config; when an earlier
+    full fine-tuning stage of the same run saved it, that saved model is the base.
+    """
+    import yaml
+
+    run_dir, stage = source.parent.parent, source.parent.name
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    names = [s["name"] for s in yaml.safe_load(config.read_text()).get("stages", [])]
+    if stage not in names or names.index(stage) == 0:
+        return None
+    previous = run_dir / names[names.index(stage) - 1] / "final"
+    if (previous / "config.json").is_file() and not (previous / "adapter_config.json").exists():
+        return str(previous)
+    return None
+
+
+def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = True, stage: str | None = None,
+           base: str | None = None) -> Path:
+    """Write the exported model and return its directory."""
+    run_dir = Path(run_dir)
+    source = final_dir(run_dir, stage)
+    adapter_config = source / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise ConfigError(f"{source} holds no peft adapter (a full fine-tuning run's final/ is already a model)")
+    target = Path(output) if output else run_dir / "export"
+    if not merge:
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        return target
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = base or json.loads(adapter_config.read_text()).get("base_model_name_or_path") or _previous_stage_model(source)
+    if not base:
+        raise ConfigError(f"the adapter in {source} does not say which base model it was trained on; pass --base")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    merged = PeftModel.from_pretrained(model, source).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
+    if (source / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle ``aligner export ...``."""
+    target = export(args.run_dir, args.output, args.merge, args.stage, args.base)
+    print(f"exported {'merged model' if args.merge else 'adapter'}: {target}")
+    return 0

@@ -1,0 +1,64 @@
+"""``aligner plot RUN_DIR``: training curves from ``metrics.jsonl`` as PNG files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aligner.errors import ConfigError
+
+# Panels drawn when the run logged them: (title, metric-name suffixes).
+PANELS = (
+    ("loss", ("loss",)),
+    ("reward", ("rewards/chosen", "rewards/rejected", "reward/mean", "judge_score")),
+    ("margin", ("rewards/margins",)),
+    ("accuracy", ("rewards/accuracies", "accuracy")),
+    ("KL", ("kl", "kl/mean", "kl_coef")),
+)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl (is it an aligner run directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw one PNG per stage with a panel per metric family; return the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    written = []
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        rows = [r for r in records if r["stage"] == stage]
+        keys = {k for r in rows for k in r if k not in ("stage", "step")}
+        panels = []
+        for title, suffixes in PANELS:
+            series = sorted(k for k in keys if any(k == s or k.endswith("/" + s) or k == "eval/" + s for s in suffixes))
+            if series:
+                panels.append((title, series))
+        if not panels:
+            continue
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+        for axis, (title, series) in zip(axes[0], panels, strict=True):
+            for key in series:
+                points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                style = "o--" if key.startswith("eval/") else "-"
+                axis.plot([p[0] for p in points], [p[1] for p in points], style, label=key, markersize=3)
+            axis.set_title(title)
+            axis.set_xlabel("step")
+            axis.legend(fontsize=7)
+        figure.suptitle(f"{run_dir.name} / {stage}")
+        figure.tight_layout()
+        target = run_dir / "plots" / f"{stage}.png"
+        target.parent.mkdir(exist_ok=True)
+        figure.savefig(target, dpi=100)
+        plt.close(figure)
+        written.append(target)
+    return written
