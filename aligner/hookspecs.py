@@ -7,9 +7,16 @@ hooks; third-party ones are found through the ``aligner`` entry-point group.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
+
+if TYPE_CHECKING:
+    from aligner.run import RunState
+
+# The callback a registration hook receives: call it with each class to register.
+Register = Callable[[type], None]
 
 hookspec = pluggy.HookspecMarker("aligner")
 hookimpl = pluggy.HookimplMarker("aligner")
@@ -23,7 +30,7 @@ hookimpl = pluggy.HookimplMarker("aligner")
 
 
 @hookspec
-def register_losses(register: Any) -> None:
+def register_losses(register: Register) -> None:
     """Register loss classes with ``register(LossClass)``.
 
     A loss class satisfies ``aligner.protocols.Loss``: it has a unique ``name``, the
@@ -33,7 +40,7 @@ def register_losses(register: Any) -> None:
 
 
 @hookspec
-def register_reference_policies(register: Any) -> None:
+def register_reference_policies(register: Register) -> None:
     """Register reference-policy classes with ``register(ReferenceClass)``.
 
     A reference policy satisfies ``aligner.protocols.ReferencePolicy``: it is built from the policy
@@ -42,7 +49,7 @@ def register_reference_policies(register: Any) -> None:
 
 
 @hookspec
-def register_judges(register: Any) -> None:
+def register_judges(register: Register) -> None:
     """Register judge classes with ``register(JudgeClass)``.
 
     A judge satisfies ``aligner.protocols.Judge``: it scores completions for prompts.
@@ -50,7 +57,7 @@ def register_judges(register: Any) -> None:
 
 
 @hookspec
-def register_peft_backends(register: Any) -> None:
+def register_peft_backends(register: Register) -> None:
     """Register PEFT backend classes with ``register(BackendClass)``.
 
     A backend satisfies ``aligner.protocols.PeftBackend``: it wraps a model for training and says
@@ -66,25 +73,29 @@ def register_peft_backends(register: Any) -> None:
 
 
 @hookspec
-def on_run_start(run: Any) -> None:
-    """Called once per stage after setup (model, data, reference ready), before the first step."""
+def on_run_start(run: RunState) -> None:
+    """Called once per stage after setup (model wrapped, reference ready, optimizer built), before
+    the evaluation at the start and the first step. ``run.step`` is 0; ``run.total_steps`` is known."""
 
 
 @hookspec
-def on_step_end(run: Any, step: int, metrics: dict[str, float]) -> None:
-    """Called after every optimizer step with that step's metrics; plugins may add keys in place."""
+def on_step_end(run: RunState, step: int, metrics: dict[str, float]) -> None:
+    """Called after every optimizer step with that step's training metrics (``loss``, the losses'
+    metrics, ``learning_rate``, ...), before they are logged: keys added to ``metrics`` are logged too."""
 
 
 @hookspec
-def on_evaluate(run: Any, step: int, metrics: dict[str, float]) -> None:
-    """Called after each evaluation with the ``eval/...`` metrics; plugins may add keys in place."""
+def on_evaluate(run: RunState, step: int, metrics: dict[str, float]) -> None:
+    """Called after each held-out evaluation (at the start, every ``eval_every`` steps, at the end)
+    with the ``eval/...`` metrics, before they are logged: keys added to ``metrics`` are logged too."""
 
 
 @hookspec
-def on_checkpoint_saved(run: Any, step: int, path: str) -> None:
+def on_checkpoint_saved(run: RunState, step: int, path: str) -> None:
     """Called after a checkpoint directory has been completely and atomically written."""
 
 
 @hookspec
-def on_run_end(run: Any, metrics: dict[str, float]) -> None:
-    """Called once per stage after training, with the stage's final metrics."""
+def on_run_end(run: RunState, metrics: dict[str, float]) -> None:
+    """Called once per stage after training and the final save, with the stage's final metrics
+    (``train/...`` from the last step and ``eval/...`` from the final evaluation)."""

@@ -171,8 +171,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
     # 2. evaluate before training (a resumed stage already did)
     before = evaluate(run, model) if stage.config.eval.at_start and resume_from is None else {}
     if before:
+        call_hook("on_evaluate", run=run, step=0, metrics=before)  # before writing: hooks may add metrics
         metrics_file.write(stage.name, 0, before)
-        call_hook("on_evaluate", run=run, step=0, metrics=before)
 
     # 3. train
     progress = Progress(f"{stage.name}", run.total_steps, enabled=run.is_main_process)
@@ -223,8 +223,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
             if train.eval_every and run.step % train.eval_every == 0 and run.step < run.total_steps:
                 held_out = evaluate(run, model)
                 if held_out:
-                    metrics_file.write(stage.name, run.step, held_out)
                     call_hook("on_evaluate", run=run, step=run.step, metrics=held_out)
+                    metrics_file.write(stage.name, run.step, held_out)
             if train.save_every and run.step % train.save_every == 0:
                 saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
     progress.close()
@@ -239,8 +239,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
     # 4. save and report
     after = evaluate(run, model)
     if after:
-        metrics_file.write(stage.name, run.step, after)
         call_hook("on_evaluate", run=run, step=run.step, metrics=after)
+        metrics_file.write(stage.name, run.step, after)
     unwrapped = accelerator.unwrap_model(model)
     final = {**{f"train/{k}": v for k, v in last.items()}, **after}
     weights = _gathered_weights(run, model)

@@ -25,7 +25,7 @@ from typing import Any
 import pluggy
 
 from aligner import hookspecs
-from aligner.errors import PluginError, suggest
+from aligner.errors import AlignerError, PluginError, suggest
 from aligner.registry import Registry
 
 ENTRY_POINT_GROUP = "aligner"
@@ -86,23 +86,44 @@ def _new_manager() -> pluggy.PluginManager:
 
 
 def _check_hook_names(plugin: Any, plugin_name: str) -> None:
-    """Reject functions marked as hook implementations whose name is not a hook."""
+    """Reject functions marked as hook implementations whose name is not a hook.
+
+    pluggy itself would accept them silently (as hooks nobody calls), so a typo such as
+    ``on_step_ned`` would never run; ``plugin_name`` is the plugin as messages describe it.
+    """
     specs = [n for n, f in inspect.getmembers(hookspecs) if inspect.isfunction(f) and hasattr(f, "aligner_spec")]
     for attr, value in inspect.getmembers(plugin):
         if callable(value) and hasattr(value, "aligner_impl") and attr not in specs:
             raise PluginError(
-                f"plugin '{plugin_name}' implements '{attr}', which is not an aligner hook{suggest(attr, specs)}"
+                f"{plugin_name} implements '{attr}', which is not an aligner hook{suggest(attr, specs)}"
             )
 
 
+def _describe(info: PluginInfo) -> str:
+    if info.source == "builtin":
+        return f"plugin '{info.name}' (built in)"
+    if info.source == "entry point":
+        return f"plugin '{info.name}' (distribution {info.distribution} {info.version or ''})".replace(" )", ")")
+    return f"plugin '{info.name}' (registered at run time)"
+
+
+def describe_plugin(name: str) -> str:
+    """``plugin 'simpo' (distribution aligner-simpo 0.1.0)``: a plugin as error messages name it."""
+    info = _state.infos.get(name)
+    return _describe(info) if info is not None else f"plugin '{name}'"
+
+
 def _register(pm: pluggy.PluginManager, plugin: Any, info: PluginInfo) -> None:
-    _check_hook_names(plugin, info.name)
+    _check_hook_names(plugin, _describe(info))
     if pm.has_plugin(info.name):
-        raise PluginError(f"a plugin named '{info.name}' is already registered")
+        raise PluginError(
+            f"two plugins are named '{info.name}': {describe_plugin(info.name)} and {_describe(info)}"
+        )
     try:
         pm.register(plugin, name=info.name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{info.name}' is invalid: {exc}") from exc
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise PluginError(f"{_describe(info)} is invalid: {detail}") from exc
     _state.infos[info.name] = info
 
 
@@ -116,8 +137,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
             message = (
-                f"plugin '{ep.name}' from distribution '{dist_name}' (entry point '{ep.value}' in group "
-                f"'{ENTRY_POINT_GROUP}') failed to load: {type(exc).__name__}: {exc}"
+                f"plugin '{ep.name}' from distribution '{dist_name}'{f' {version}' if version else ''} "
+                f"(entry point '{ep.name} = {ep.value}' in group '{ENTRY_POINT_GROUP}') failed to load: "
+                f"{type(exc).__name__}: {exc}"
             )
             if skip_broken:
                 warnings.warn(message + "; skipped (ALIGNER_SKIP_BROKEN_PLUGINS is set)", stacklevel=2)
@@ -185,13 +207,14 @@ def get_registries() -> dict[str, Registry]:
     if _state.registries is not None:
         return _state.registries
     pm = load_plugins()
-    registries = {kind: Registry(kind) for kind in REGISTRATION_HOOKS}
+    registries = {kind: Registry(kind, describe=describe_plugin) for kind in REGISTRATION_HOOKS}
     for info in _state.infos.values():
         info.registers = {}
     for kind, hook_name in REGISTRATION_HOOKS.items():
         hook = getattr(pm.hook, hook_name)
-        # Call each implementation on its own so every registered object is tied to its plugin.
-        for impl in hook.get_hookimpls():  # registration order: built-ins first
+        # Call each implementation on its own so every registered object is tied to its plugin, in
+        # registration order (built-ins, then entry points, then run time): a clash names the newcomer last.
+        for impl in hook.get_hookimpls():
             registry = registries[kind]
             plugin_name = impl.plugin_name
 
@@ -199,7 +222,13 @@ def get_registries() -> dict[str, Registry]:
                 _registry.add(obj, _plugin)
                 _state.infos[_plugin].registers.setdefault(_registry.kind, []).append(obj.name)
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except AlignerError:
+                raise
+            except Exception as exc:  # a bug in the plugin: say whose, keep the traceback for --debug
+                raise PluginError(f"{describe_plugin(plugin_name)} failed in {hook_name}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
     _state.registries = registries
     return registries
 

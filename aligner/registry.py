@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,12 @@ from pydantic import BaseModel
 
 from aligner.errors import PluginError, suggest
 from aligner.protocols import DATA_FORMATS, REQUIRED_MEMBERS
+
+# Required members that are values rather than methods.
+DATA_MEMBERS = frozenset({"name", "data_formats", "needs_reference", "Options"})
+# The protocol class in aligner.protocols that documents each kind.
+PROTOCOL_NAMES = {"loss": "Loss", "reference policy": "ReferencePolicy", "judge": "Judge",
+                  "peft backend": "PeftBackend"}
 
 
 @dataclass(frozen=True)
@@ -23,37 +30,41 @@ class Entry:
 class Registry:
     """Registered classes of one kind (``"loss"``, ``"judge"``, ...), keyed by their ``name``."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, describe: Callable[[str], str] | None = None):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        # Says which plugin a name is (with its distribution) in error messages.
+        self._describe = describe or (lambda plugin: f"plugin '{plugin}'")
 
     def add(self, obj: Any, plugin: str) -> None:
         """Check ``obj`` against its protocol and register it under ``obj.name`` for ``plugin``."""
+        who = self._describe(plugin)
+        what = f"'{obj.name}'" if isinstance(getattr(obj, "name", None), str) else repr(obj)
         missing = [m for m in REQUIRED_MEMBERS[self.kind] if not hasattr(obj, m)]
         if missing:
             raise PluginError(
-                f"plugin '{plugin}' registered {self.kind} {obj!r} which lacks required member(s): "
-                + ", ".join(missing)
+                f"{who} registered {self.kind} {what} which lacks required member(s): " + ", ".join(missing)
+                + f" (see aligner.protocols.{PROTOCOL_NAMES[self.kind]})"
             )
+        not_callable = [m for m in REQUIRED_MEMBERS[self.kind] if m not in DATA_MEMBERS and not callable(getattr(obj, m))]
+        if not_callable:
+            raise PluginError(f"{who} registered {self.kind} {what} whose member(s) {', '.join(not_callable)} "
+                              "must be methods")
         name = obj.name
         if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin '{plugin}' registered a {self.kind} whose name is not a string")
+            raise PluginError(f"{who} registered a {self.kind} whose name is not a non-empty string")
         if not (isinstance(obj.Options, type) and issubclass(obj.Options, BaseModel)):
-            raise PluginError(
-                f"plugin '{plugin}' registered {self.kind} '{name}' whose Options is not a pydantic model"
-            )
+            raise PluginError(f"{who} registered {self.kind} '{name}' whose Options is not a pydantic model")
         if self.kind == "loss":
             unknown = [f for f in obj.data_formats if f not in DATA_FORMATS]
             if unknown or not obj.data_formats:
                 raise PluginError(
-                    f"plugin '{plugin}' registered loss '{name}' with invalid data_formats {obj.data_formats!r}; "
+                    f"{who} registered loss '{name}' with invalid data_formats {obj.data_formats!r}; "
                     f"valid formats: {', '.join(DATA_FORMATS)}"
                 )
         if name in self._entries:
-            other = self._entries[name].plugin
-            raise PluginError(
-                f"{self.kind} '{name}' is registered twice: by plugin '{other}' and by plugin '{plugin}'"
-            )
+            other = self._describe(self._entries[name].plugin)
+            raise PluginError(f"{self.kind} '{name}' is registered twice: by {other} and by {who}")
         self._entries[name] = Entry(name=name, obj=obj, plugin=plugin)
 
     def get(self, name: str, where: str = "") -> Any:
@@ -61,8 +72,12 @@ class Registry:
         if name not in self._entries:
             location = f" at {where}" if where else ""
             known = ", ".join(sorted(self._entries)) or "none"
+            # Only names of about the same length are offered: plugin names are short, so 'dpp' is
+            # likely a typo of 'dpo', but 'simpo' (a plugin that is not installed) is not one of 'ipo'.
+            near = [n for n in self._entries if abs(len(n) - len(name)) <= max(1, len(name) // 4)]
             raise PluginError(
-                f"unknown {self.kind} '{name}'{location}{suggest(name, self._entries)}; known: {known}"
+                f"unknown {self.kind} '{name}'{location}{suggest(name, near)}; known: {known} "
+                "(is the plugin that provides it installed? `aligner plugins --all` lists what is loaded)"
             )
         return self._entries[name].obj
 

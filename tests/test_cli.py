@@ -59,7 +59,8 @@ def test_unknown_loss_and_wrong_data_format_are_config_errors(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("model: {tiny: {}}\nstages:\n  - name: s\n    data: {train: d.jsonl}\n    losses: [{name: dop}]\n")
     code, _, err = run(capsys, "train", str(config))
-    assert code == 2 and "unknown loss 'dop' at 'stages[0].losses[0]' (did you mean 'dpo'?); known:" in err
+    assert code == 2 and "unknown loss 'dop' at 'stages[0].losses[0]' (" in err
+    assert "c.yaml, line 5) (did you mean 'dpo'?); known:" in err
     config.write_text("model: {tiny: {}}\nstages:\n  - name: s\n    data: {train: d.jsonl}\n    losses: [{name: dpo}]\n")
     code, _, err = run(capsys, "train", str(config))
     assert code == 2 and "loss 'dpo' in stage 's' trains on preference data" in err and "is sft data" in err

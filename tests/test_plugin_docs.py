@@ -1,0 +1,158 @@
+"""Meta-tests: docs/plugins.md documents every hook with its exact signature, every hook has a test,
+and the tutorial's plugin works as written.
+
+Adding a hook to aligner/hookspecs.py fails these tests until it is documented in the hook reference
+and a test for it is named in HOOK_TESTS.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+import yaml
+
+from aligner import hookspecs
+from aligner.plugins import get_registry, reset_plugins
+from aligner.protocols import PREFERENCE, LossInputs, SequenceLogProbs
+from tests.conftest import ROOT
+
+DOCS = ROOT / "docs" / "plugins.md"
+
+# Each hook -> the test (module::function) that exercises it in a real run.
+HOOK_TESTS = {
+    "register_losses": "tests.test_hooks::test_register_losses_adds_a_loss_the_stage_trains_with",
+    "register_reference_policies": "tests.test_hooks::test_register_reference_policies_adds_a_reference_the_loop_uses",
+    "register_judges": "tests.test_hooks::test_register_judges_adds_a_judge_for_generation_eval",
+    "register_peft_backends": "tests.test_hooks::test_register_peft_backends_adds_a_backend_that_decides_what_trains",
+    "on_run_start": "tests.test_hooks::test_on_run_start_is_called_once_after_setup_before_any_step",
+    "on_step_end": "tests.test_hooks::test_on_step_end_is_called_after_every_step_and_added_metrics_are_logged",
+    "on_evaluate": "tests.test_hooks::test_on_evaluate_is_called_at_start_every_n_steps_and_at_end",
+    "on_checkpoint_saved": "tests.test_hooks::test_on_checkpoint_saved_is_called_with_a_complete_checkpoint",
+    "on_run_end": "tests.test_hooks::test_on_run_end_is_called_last_with_the_final_metrics",
+}
+
+
+def hookspec_signatures() -> dict[str, str]:
+    """``def name(args) -> returns`` for every function marked ``@hookspec``, parsed from the source."""
+    tree = ast.parse(Path(hookspecs.__file__).read_text())
+    signatures = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "hookspec" for d in node.decorator_list):
+            signatures[node.name] = f"def {node.name}({ast.unparse(node.args)}) -> {ast.unparse(node.returns)}"
+    return signatures
+
+
+def documented_signatures() -> dict[str, str]:
+    """The signature lines (``def ...) -> ...`` with no colon) of the docs' hook reference section."""
+    text = DOCS.read_text()
+    section = text.split("\n## Hook reference\n", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, str] = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
+        for line in block.splitlines():
+            match = re.fullmatch(r"def (\w+)\(.*\) -> [^:]+", line.strip())
+            if match:
+                assert match.group(1) not in found, f"hook {match.group(1)} is documented twice"
+                found[match.group(1)] = line.strip()
+    return found
+
+
+def test_hookspecs_are_what_pluggy_sees():
+    pluggy_names = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "aligner_spec")}
+    assert set(hookspec_signatures()) == pluggy_names and len(pluggy_names) == 9
+
+
+def test_every_hook_is_documented_with_its_exact_signature():
+    code, docs = hookspec_signatures(), documented_signatures()
+    assert sorted(set(code) - set(docs)) == [], "hooks missing from docs/plugins.md"
+    assert sorted(set(docs) - set(code)) == [], "docs/plugins.md documents hooks that do not exist"
+    for name, signature in code.items():
+        assert docs[name] == signature, f"docs/plugins.md has the wrong signature for {name}"
+        assert f"#### `{name}`" in DOCS.read_text()
+
+
+def test_every_hook_has_a_test():
+    assert sorted(set(hookspec_signatures()) - set(HOOK_TESTS)) == [], "add a test for the new hook to HOOK_TESTS"
+    assert sorted(set(HOOK_TESTS) - set(hookspec_signatures())) == [], "HOOK_TESTS names hooks that do not exist"
+    for hook, target in HOOK_TESTS.items():
+        module_name, function = target.split("::")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, function, None)), f"{target} (the test for {hook}) does not exist"
+
+
+def tutorial_block(label: str) -> str:
+    match = re.search(rf"<!-- tutorial: {re.escape(label)} -->\n```\w+\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    assert match, f"tutorial block {label} not found"
+    return match.group(1)
+
+
+@pytest.fixture
+def tutorial_plugin_installed(tmp_path, monkeypatch):
+    """The tutorial's two files, installed as a distribution (dist-info with its entry points) on sys.path."""
+    project = tomllib.loads(tutorial_block("pyproject.toml"))["project"]
+    assert any(d.startswith("aligner-trainer>=") for d in project["dependencies"])
+    site = tmp_path / "site"
+    (site / "aligner_mean_hinge").mkdir(parents=True)
+    code = tutorial_block("aligner_mean_hinge/__init__.py")
+    assert len(code.strip().splitlines()) <= 32, "the tutorial promises a loss plugin in about 30 lines"
+    (site / "aligner_mean_hinge" / "__init__.py").write_text(code)
+    info = site / f"aligner_mean_hinge-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    points = project["entry-points"]["aligner"]
+    (info / "entry_points.txt").write_text("[aligner]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("ALIGNER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+    sys.modules.pop("aligner_mean_hinge", None)
+
+
+def test_the_tutorial_plugin_registers_and_computes_its_loss(tutorial_plugin_installed):
+    entry = get_registry("loss").entry("mean_hinge")
+    assert entry.plugin == "mean_hinge"
+    hinge = entry.obj(entry.obj.Options(margin=0.5))
+    # pair 1: chosen -2 over 2 tokens (-1 each), rejected -6 over 3 (-2 each): gap 1 >= margin -> 0;
+    # pair 2: chosen -3 over 2 (-1.5), rejected -2.5 over 2 (-1.25): gap -0.25 -> 0.5 + 0.25 = 0.75.
+    logps = SequenceLogProbs(torch.tensor([-2.0, -3.0, -6.0, -2.5]), torch.tensor([2, 2, 3, 2]))
+    out = hinge.compute(LossInputs(PREFERENCE, logps, None, {}))
+    assert out.loss.item() == pytest.approx((0 + 0.75) / 2)
+    assert out.metrics["gap"].item() == pytest.approx((1 - 0.25) / 2)
+
+
+def test_the_tutorial_config_selects_the_plugin(tutorial_plugin_installed, tmp_path):
+    from aligner.config import load_config
+    from aligner.stages import prepare_stages
+
+    stage = yaml.safe_load(tutorial_block("config"))["stages"][0]
+    data = ROOT / "aligner" / "quickstart" / "data" / "preference_train.jsonl"
+    stage["data"]["train"] = str(data)
+    config = load_config({"output_dir": str(tmp_path / "run"), "model": {"tiny": {}}, "stages": [stage]})
+    (prepared,) = prepare_stages(config)
+    (loss, weight), = prepared.losses
+    assert loss.name == "mean_hinge" and loss.options.margin == 0.5 and weight == 1.0
+    assert prepared.reference_name == "none"  # reference-free: no reference model at all
+
+
+def test_the_tutorials_option_typo_message_is_what_aligner_prints(tutorial_plugin_installed, tmp_path):
+    from aligner.config import load_config
+    from aligner.errors import ConfigError
+    from aligner.stages import prepare_stages
+
+    stage = yaml.safe_load(tutorial_block("config"))["stages"][0]
+    stage["data"]["train"] = str(ROOT / "aligner" / "quickstart" / "data" / "preference_train.jsonl")
+    stage["losses"] = [{"name": "mean_hinge", "margn": 0.5}]
+    config = load_config({"output_dir": str(tmp_path / "run"), "model": {"tiny": {}}, "stages": [stage]})
+    with pytest.raises(ConfigError) as info:
+        prepare_stages(config)
+    message = str(info.value)
+    assert message.startswith("unknown option 'stages[0].losses[0].margn' for 'mean_hinge'")
+    assert message.endswith("(did you mean 'margin'?)")
+    assert "unknown option 'stages[0].losses[0].margn' for 'mean_hinge'" in DOCS.read_text()
