@@ -31,7 +31,7 @@ from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
 from aligner.logprobs import completion_logprobs
 from aligner.plugins import call_hook
-from aligner.protocols import ReferenceContext
+from aligner.protocols import PROMPT_ONLY, ReferenceContext
 from aligner.run import RunState
 from aligner.tracking import MetricsFile, Progress, report, to_float
 
@@ -100,6 +100,13 @@ def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sche
 
 def train_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one stage from ``model``; return the trained (unwrapped) model and final metrics."""
+    if run.stage.data_format == PROMPT_ONLY:
+        # Prompt-only data means online RL: the completions are generated during training, so the
+        # stage needs a rollout phase before each update. aligner.ppo.stage runs that loop, reusing
+        # this module's checkpointing and the same evaluation, hooks and final save.
+        from aligner.ppo.stage import train_ppo_stage
+
+        return train_ppo_stage(run, model)
     stage, train, accelerator = run.stage, run.stage.config.train, run.accelerator
     metrics_file = MetricsFile(run.output_dir / "metrics.jsonl", enabled=run.is_main_process)
 

@@ -36,6 +36,9 @@ BUILTIN_PLUGINS = (
     "aligner.references.frozen_copy",
     "aligner.references.no_reference",
     "aligner.judges.rule",
+    "aligner.judges.reward_model",
+    "aligner.judges.llm",
+    "aligner.ppo.loss",
     "aligner.peft_backends.full",
     "aligner.peft_backends.lora",
 )
