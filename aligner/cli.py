@@ -24,6 +24,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from aligner.label import label, load_label_config
+
+    config = load_label_config(args.config, args.overrides)
+    counts = label(config)
+    print(f"{config.output}: {counts['labelled']} labelled, {counts['ties']} ties, "
+          f"{counts['skipped']} already done")
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from aligner.plugins import plugin_infos
 
@@ -73,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.dpo.train.learning_rate=1e-5")
     train.add_argument("--output-dir", default=None, help="replace the config's output_dir")
     train.set_defaults(handler=_train)
+
+    label = sub.add_parser("label", help="sample k completions per prompt and have a judge label preferences")
+    label.add_argument("config", help="path to a label YAML config (see aligner.label)")
+    label.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. num_completions=8")
+    label.set_defaults(handler=_label)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")

@@ -105,38 +105,49 @@ class LLMJudge:
         self.model = AutoModelForCausalLM.from_pretrained(o.path, trust_remote_code=o.trust_remote_code)
         self.model.to(self.device).eval()
 
-    def choice_ids(self, spec: dict[str, Any]) -> tuple[int, int]:
-        """The first token of each of the template's two choices (they must differ)."""
+    def choice_ids(self, spec: dict[str, Any]) -> list[list[int]]:
+        """The token ids of the template's two choices (several tokens each, if the tokenizer splits them)."""
         if self.model is None:
             self._load()
-        first, second = (self.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in spec["choices"])
-        if first == second:
-            raise ValueError(f"the judge's choices {spec['choices']} start with the same token")
-        return first, second
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in spec["choices"]]
+        if ids[0] == ids[1] or not all(ids):
+            raise ValueError(f"the judge's choices {spec['choices']} must tokenize to different, non-empty ids")
+        return ids
 
     def render(self, spec: dict[str, Any], **fields: str) -> str:
         """One judge prompt, constitution included."""
         return spec["prompt"].format(constitution=render_constitution(spec, self.options.constitution), **fields)
 
     @torch.no_grad()
-    def first_choice_probability(self, spec: dict[str, Any], texts: list[str]) -> list[float]:
-        """For each rendered prompt, P(first choice) among the two choices, as the next token."""
-        positive, negative = self.choice_ids(spec)
-        tokenizer, limit = self.tokenizer, self.options.max_length
-        encoded = [tokenizer(t)["input_ids"][-limit:] for t in texts]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def _continuation_logps(self, prompts: list[list[int]], continuation: list[int]) -> list[float]:
+        """log P(continuation | prompt) for each prompt (left-padded batches)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        n = len(continuation)
         results: list[float] = []
-        for start in range(0, len(encoded), self.options.batch_size):
-            chunk = encoded[start:start + self.options.batch_size]
-            width = max(len(ids) for ids in chunk)
-            # Left padding puts every prompt's last token in the last column.
+        for start in range(0, len(prompts), self.options.batch_size):
+            chunk = [p + continuation for p in prompts[start:start + self.options.batch_size]]
+            width = max(len(x) for x in chunk)
             ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-            pair = torch.stack([logits[:, positive], logits[:, negative]], dim=-1)
-            results.extend(torch.softmax(pair, dim=-1)[:, 0].tolist())
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            # Left padding puts every continuation in the last n columns.
+            logps = logits[:, -n - 1:-1].float().log_softmax(-1)
+            targets = ids[:, -n:].unsqueeze(-1)
+            results.extend(logps.gather(-1, targets).squeeze(-1).sum(-1).tolist())
         return results
+
+    def first_choice_probability(self, spec: dict[str, Any], texts: list[str]) -> list[float]:
+        """For each rendered prompt, P(first choice) among the template's two choices.
+
+        With single-token choices this is the softmax of the two next-token logits; longer choices
+        compare the log-probabilities of their whole token sequences.
+        """
+        first, second = self.choice_ids(spec)
+        limit = self.options.max_length - max(len(first), len(second))
+        prompts = [self.tokenizer(t)["input_ids"][-limit:] for t in texts]
+        pairs = torch.tensor([self._continuation_logps(prompts, first), self._continuation_logps(prompts, second)])
+        return torch.softmax(pairs, dim=0)[0].tolist()
 
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
         """Pointwise: P(the answer is good) for each (prompt, completion)."""
