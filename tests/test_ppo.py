@@ -144,7 +144,24 @@ def _ppo_config(tmp_path, peft=None, judge=None, steps=2):
             "stages": [stage]}
 
 
+def _save_reward_model(directory) -> str:
+    """A randomly initialised tiny sequence classifier and its tokenizer, saved like a trained one."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from aligner.tiny_tokenizer import load_builtin_tokenizer
+
+    tokenizer = load_builtin_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 def test_lora_ppo_changes_only_adapter_and_value_head_weights(tmp_path):
+    """LoRA PPO scored by a reward_model judge loaded from disk: only adapters and the value head train."""
     from aligner import hookimpl
     from aligner.api import train
     from aligner.plugins import temporary_plugin
@@ -161,7 +178,8 @@ def test_lora_ppo_changes_only_adapter_and_value_head_weights(tmp_path):
             snapshots["end"] = {k: v.detach().clone() for k, v in run.model.named_parameters()}
 
     with temporary_plugin(Watch(), "watch"):
-        result = train(_ppo_config(tmp_path, peft={"name": "lora", "r": 4}))
+        judge = {"name": "reward_model", "path": _save_reward_model(tmp_path / "rm")}
+        result = train(_ppo_config(tmp_path, peft={"name": "lora", "r": 4}, judge=judge))
     start, end = snapshots["start"], snapshots["end"]
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     adapters = {k for k in start if "lora_" in k}
