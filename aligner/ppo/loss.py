@@ -91,6 +91,8 @@ class PPOLoss:
         clip_range: float = Field(0.2, gt=0)
         value_clip_range: float = Field(0.2, gt=0)
         value_coef: float = Field(0.1, ge=0)
+        max_approx_kl: float | None = Field(
+            None, gt=0, description="end a rollout's update passes early once a minibatch's approx KL exceeds this")
         whiten_advantages: bool = True
         # reporting
         sample_every: int = Field(10, gt=0, description="write/print a table of rollout samples every N steps")

@@ -145,7 +145,10 @@ def ppo_update(run: RunState, actor_critic: Any, optimizer: Any, scheduler: Any,
     rows = batch["input_ids"].shape[0]
     sums: dict[str, float] = {}
     count = 0
+    stop = False
     for _ in range(o.ppo_epochs):
+        if stop:
+            break
         for chosen in torch.randperm(rows, device=batch["input_ids"].device).split(o.mini_batch_size):
             sub = {k: v[chosen] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with accelerator.autocast():
@@ -168,7 +171,11 @@ def ppo_update(run: RunState, actor_critic: Any, optimizer: Any, scheduler: Any,
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + to_float(value)
             count += 1
-    return {k: v / count for k, v in sums.items()}
+            # Early stop (as SB3's target_kl): the policy has already moved far from the one that sampled.
+            if o.max_approx_kl is not None and to_float(output.metrics["approx_kl"]) > o.max_approx_kl:
+                stop = True
+                break
+    return {**{k: v / count for k, v in sums.items()}, "updates": float(count)}
 
 
 def write_samples(run: RunState, rollout: dict, num_samples: int) -> None:
