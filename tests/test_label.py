@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import QUICKSTART_DATA, write_jsonl
 
 from aligner.cli import main
 from aligner.label import label, load_label_config, preference_of
-
-from conftest import QUICKSTART_DATA, write_jsonl
 
 JUDGE = {"name": "rule", "callable": "aligner.quickstart.task:behaviour_score"}
 SMALL = {"tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}}

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model, write_jsonl
 
 from aligner.errors import ConfigError
 from aligner.ppo.gae import gae, masked_whiten
@@ -19,8 +20,6 @@ from aligner.ppo.rewards import (
     kl_per_token,
     shape_rewards,
 )
-
-from conftest import tiny_model, write_jsonl
 
 
 def test_gae_matches_hand_computed_values():
