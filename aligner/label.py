@@ -48,6 +48,7 @@ class LabelConfig(Strict):
     max_prompt_length: int = Field(256, gt=0)
     judge: dict[str, Any]
     pairwise: bool = Field(False, description="compare every pair with the judge's 'compare' (needs one)")
+    min_margin: float = Field(1e-6, ge=0, description="best and worst scores closer than this are a tie")
     num_completions: int = Field(4, ge=2)
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
@@ -111,11 +112,11 @@ def _drop_torn_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def preference_of(scores: list[float]) -> tuple[int, int] | None:
-    """(best, worst) indices by score, or ``None`` when every score is equal (no preference)."""
+def preference_of(scores: list[float], min_margin: float = 0.0) -> tuple[int, int] | None:
+    """(best, worst) indices by score, or ``None`` when they differ by ``min_margin`` or less (a tie)."""
     best = max(range(len(scores)), key=lambda i: scores[i])
     worst = min(range(len(scores)), key=lambda i: scores[i])
-    return None if scores[best] == scores[worst] else (best, worst)
+    return None if scores[best] - scores[worst] <= min_margin else (best, worst)
 
 
 def pairwise_wins(judge: Any, prompt: str, completions: list[str]) -> list[float]:
@@ -190,7 +191,7 @@ def label(config: LabelConfig) -> dict[str, int]:
                           else [float(s) for s in flat[n * k:(n + 1) * k]])
                 index = todo[example["row_id"]]
                 provenance = {**provenance_base, "prompt_index": index, "scores": scores, "completions": completions}
-                choice = preference_of(scores)
+                choice = preference_of(scores, config.min_margin)
                 if choice is None:
                     ties.write(json.dumps({"prompt": rows[index].data["prompt"], "provenance": provenance}) + "\n")
                     counts["ties"] += 1

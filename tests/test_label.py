@@ -39,6 +39,8 @@ def sft_model(tmp_path_factory) -> str:
 def test_preference_of_picks_best_and_worst_and_reports_ties():
     assert preference_of([0.2, 0.9, 0.1, 0.5]) == (1, 2)
     assert preference_of([1.0, 1.0]) is None
+    # float noise in a judge's probabilities is not a preference
+    assert preference_of([0.9999999403953552, 1.0000000596046448], min_margin=1e-6) is None
 
 
 @torch.no_grad()
@@ -116,3 +118,33 @@ def test_label_resumes_after_a_partial_output(sft_model, tmp_path):
     counts = label(config)
     assert counts["skipped"] == 1 and counts["labelled"] + counts["ties"] == 7
     assert output.read_text().splitlines()[0] == json.dumps(kept)
+
+
+def test_label_with_a_pairwise_llm_judge(sft_model, tmp_path):
+    """``pairwise: true`` ranks answers by the judge's position-debiased pairwise comparisons."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aligner.tiny_tokenizer import load_builtin_tokenizer
+
+    tokenizer = load_builtin_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    output = tmp_path / "labelled.jsonl"
+    config = load_label_config({"output": str(output), "model": {"path": sft_model}, "tokenizer": "builtin",
+                                "prompts": str(write_jsonl(tmp_path / "p.jsonl", _rows("prompts_train.jsonl", 4))),
+                                "judge": {"name": "llm", "path": str(tmp_path / "judge"),
+                                          "constitution": ["Prefer kind answers."]},
+                                "pairwise": True, "num_completions": 3, "max_new_tokens": 12})
+    counts = label(config)
+    assert counts["labelled"] + counts["ties"] == 4
+    ties = output.with_name(output.name + ".ties.jsonl")
+    written = [json.loads(line) for path in (output, ties) for line in path.read_text().splitlines()]
+    assert len(written) == 4
+    for row in written:
+        wins = row["provenance"]["scores"]
+        # three answers, three comparisons: the win probabilities add up to the number of pairs
+        assert sum(wins) == pytest.approx(3.0) and row["provenance"]["comparison"] == "pairwise"
+        if "chosen" in row:
+            assert row["chosen"] == row["provenance"]["completions"][wins.index(max(wins))]
