@@ -7,35 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import QUICKSTART_DATA, write_jsonl
+from conftest import write_jsonl
+from quickstart_sft import quickstart_rows as _rows
+from quickstart_sft import train_sft_model
 
 from aligner.cli import main
 from aligner.label import label, load_label_config, preference_of
 
 JUDGE = {"name": "rule", "callable": "aligner.quickstart.task:behaviour_score"}
-SMALL = {"tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}}
-
-
-def _rows(name: str, n: int) -> list[dict]:
-    return [json.loads(line) for line in (QUICKSTART_DATA / name).read_text().splitlines()[:n]]
-
-
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory) -> str:
-    """A small model taught the quickstart language (50/50 friendly/unfriendly) by a short SFT."""
-    from aligner.api import train
-
-    directory = tmp_path_factory.mktemp("sft")
-    config = {"output_dir": str(directory / "run"), "seed": 0, "model": SMALL, "tokenizer": "builtin",
-              "stages": [{"name": "sft", "losses": [{"name": "sft"}],
-                          "data": {"train": str(write_jsonl(directory / "sft.jsonl", _rows("sft_train.jsonl", 2000))),
-                                   "template": "plain", "max_length": 48},
-                          "eval": {"at_start": False},
-                          "train": {"max_steps": 120, "batch_size": 32, "learning_rate": 3e-3,
-                                    "lr_scheduler": "cosine", "warmup_ratio": 0.05}}]}
-    return str(train(config).final_model_dir)
-
-
 def test_preference_of_picks_best_and_worst_and_reports_ties():
     assert preference_of([0.2, 0.9, 0.1, 0.5]) == (1, 2)
     assert preference_of([1.0, 1.0]) is None
@@ -73,6 +52,12 @@ def restore_logging():
     handlers = list(logger.handlers)
     yield
     logger.handlers = handlers
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory) -> str:
+    """A small SFT'd quickstart model, trained once for this module."""
+    return train_sft_model(tmp_path_factory.mktemp("sft"))
 
 
 def test_label_then_dpo_improves_held_out_preference_accuracy(sft_model, tmp_path, restore_logging):

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_model, write_jsonl
+from quickstart_sft import quickstart_rows, train_sft_model
 
 from aligner.errors import ConfigError
 from aligner.ppo.gae import gae, masked_whiten
@@ -20,6 +21,12 @@ from aligner.ppo.rewards import (
     kl_per_token,
     shape_rewards,
 )
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory) -> str:
+    """A small SFT'd quickstart model, trained once for this module."""
+    return train_sft_model(tmp_path_factory.mktemp("sft"))
 
 
 def test_gae_matches_hand_computed_values():
@@ -210,3 +217,30 @@ def test_a_bad_judge_fails_before_any_model_loads(tmp_path):
     config = load_config(_ppo_config(tmp_path, judge={"name": "nope"}))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.losses\[0\]\.judge.*nope"):
         prepare_stages(config)
+
+
+def test_ppo_with_a_rule_judge_raises_the_held_out_behaviour_score(sft_model, tmp_path):
+    """A short PPO stage from a small SFT'd quickstart model: the held-out judge score rises, KL stays bounded."""
+    from aligner.api import train
+
+    judge = {"name": "rule", "callable": "aligner.quickstart.task:behaviour_score"}
+    stage = {
+        "name": "ppo",
+        "data": {"train": str(write_jsonl(tmp_path / "p.jsonl", quickstart_rows("prompts_train.jsonl", 512))),
+                 "eval": str(write_jsonl(tmp_path / "e.jsonl", quickstart_rows("prompts_eval.jsonl", 100))),
+                 "template": "plain", "max_length": 48},
+        "losses": [{"name": "ppo", "judge": judge, "max_new_tokens": 12, "kl_coef": 0.1, "kl_target": 1.0,
+                    "kl_horizon": 256, "ppo_epochs": 2, "mini_batch_size": 16, "max_approx_kl": 0.05,
+                    "sample_every": 100}],
+        "reference": {"name": "frozen_copy"},
+        "train": {"max_steps": 10, "batch_size": 64, "learning_rate": 1e-4, "lr_scheduler": "constant"},
+        "eval": {"generate": {"judge": judge, "num_prompts": 100, "max_new_tokens": 12}},
+    }
+    result = train({"output_dir": str(tmp_path / "run"), "seed": 0, "model": {"path": sft_model},
+                    "tokenizer": "builtin", "stages": [stage]})
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["eval/judge_score"] for r in records if "eval/judge_score" in r]
+    kls = [r["kl"] for r in records if "kl" in r]
+    print("held-out score", scores, "kl", [round(k, 2) for k in kls])
+    assert scores[-1] >= scores[0] + 0.2
+    assert max(kls) < 5.0
