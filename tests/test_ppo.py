@@ -244,3 +244,26 @@ def test_ppo_with_a_rule_judge_raises_the_held_out_behaviour_score(sft_model, tm
     print("held-out score", scores, "kl", [round(k, 2) for k in kls])
     assert scores[-1] >= scores[0] + 0.2
     assert max(kls) < 5.0
+
+
+def test_a_reference_without_per_token_logprobs_is_refused(tmp_path):
+    from aligner import hookimpl
+    from aligner.api import train
+    from aligner.plugins import temporary_plugin
+    from aligner.references.frozen_copy import FrozenCopyReference
+
+    class SequenceOnly(FrozenCopyReference):
+        name = "sequence_only"
+
+        def logprobs(self, batch):
+            return super().logprobs(batch)
+
+    class Plugin:
+        @hookimpl
+        def register_reference_policies(self, register):
+            register(SequenceOnly)
+
+    config = _ppo_config(tmp_path)
+    config["stages"][0]["reference"] = {"name": "sequence_only"}
+    with temporary_plugin(Plugin(), "sequence-only"), pytest.raises(ConfigError, match="per-token"):
+        train(config)

@@ -15,6 +15,7 @@ prompt-only stage has no held-out loss to compute.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from transformers import get_scheduler
 
 from aligner import checkpoint
 from aligner.data.batching import LengthGroupedBatches
+from aligner.errors import ConfigError
 from aligner.evaluation import evaluate_generations
 from aligner.forward import move_to
 from aligner.logprobs import completion_logprobs
@@ -50,12 +52,19 @@ log = logging.getLogger("aligner")
 
 
 def ppo_loss_of(stage: Any) -> PPOLoss:
-    """The stage's one PPO loss (PPO is not combined with other losses)."""
+    """The stage's one PPO loss, after checking that the stage's other choices can run PPO."""
     losses = [loss for loss, _ in stage.losses]
     if len(losses) != 1 or not isinstance(losses[0], PPOLoss):
         names = ", ".join(loss.name for loss in losses)
-        raise RuntimeError(f"stage '{stage.name}' trains on prompt-only data, which needs exactly one 'ppo' "
-                           f"loss; it has: {names}")
+        raise ConfigError(f"stage '{stage.name}' trains on prompt-only data, which needs exactly one 'ppo' "
+                          f"loss; it has: {names}")
+    if stage.config.train.gradient_accumulation_steps != 1:
+        raise ConfigError(f"stage '{stage.name}': PPO updates on minibatches of each rollout ('mini_batch_size'); "
+                          f"'stages[{stage.index}].train.gradient_accumulation_steps' must be 1")
+    # The per-token KL penalty needs per-token reference log-probs.
+    if "token_level" not in inspect.signature(stage.reference.logprobs).parameters:
+        raise ConfigError(f"stage '{stage.name}': reference policy '{stage.reference.name}' cannot give per-token "
+                          f"log-probs (its logprobs() has no 'token_level' argument), which PPO's KL penalty needs")
     return losses[0]
 
 
