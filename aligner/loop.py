@@ -32,14 +32,14 @@ from transformers import get_scheduler
 
 from aligner import checkpoint, resume
 from aligner.data.batching import LengthGroupedBatches, collate
-from aligner.errors import Interrupted
+from aligner.errors import ConfigError, Interrupted
 from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
 from aligner.guards import NonFiniteGuard
 from aligner.logprobs import completion_logprobs
 from aligner.model_card import write_model_card
 from aligner.plugins import call_hook
-from aligner.protocols import ReferenceContext
+from aligner.protocols import PROMPT_ONLY, ReferenceContext
 from aligner.run import RunState
 from aligner.tracking import MetricsFile, Progress, report, to_float
 
@@ -154,6 +154,16 @@ def _stop_on_signals(run: RunState):
 def train_stage(run: RunState, model: torch.nn.Module,
                 resume_from: Path | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one stage from ``model``; return the trained (unwrapped) model and final metrics."""
+    if run.stage.data_format == PROMPT_ONLY:
+        # Prompt-only data means online RL: the completions are generated during training, so the
+        # stage needs a rollout phase before each update. aligner.ppo.stage runs that loop, reusing
+        # this module's checkpointing and the same evaluation, hooks and final save.
+        from aligner.ppo.stage import train_ppo_stage
+
+        if resume_from is not None:
+            raise ConfigError(f"stage '{run.stage.name}': resuming a PPO stage is not supported yet (checkpoint "
+                              f"{resume_from}); earlier stages were restored, rerun with --overwrite to restart")
+        return train_ppo_stage(run, model)
     stage, train, accelerator = run.stage, run.stage.config.train, run.accelerator
     metrics_file = MetricsFile(run.output_dir / "metrics.jsonl", enabled=run.is_main_process)
 
