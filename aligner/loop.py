@@ -32,7 +32,7 @@ from transformers import get_scheduler
 
 from aligner import checkpoint, resume
 from aligner.data.batching import LengthGroupedBatches, collate
-from aligner.errors import ConfigError, Interrupted
+from aligner.errors import Interrupted
 from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
 from aligner.guards import NonFiniteGuard
@@ -117,7 +117,8 @@ def _mean_metrics(run: RunState, collected: list[dict[str, Any]]) -> dict[str, f
 
 
 def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                     position: resume.Position) -> Path | None:
+                     position: resume.Position, extra_state: dict[str, Any] | None = None) -> Path | None:
+    """Write ``step-N`` atomically with everything an exact resume needs (``extra_state`` too)."""
     weights = _gathered_weights(run, model)
     if not run.is_main_process:
         return None
@@ -125,7 +126,8 @@ def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sche
     target = directory / f"step-{run.step}"
     state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps}
     checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
-                                extra=lambda d: resume.save_training_state(d, optimizer, scheduler, position),
+                                extra=lambda d: {**resume.save_training_state(d, optimizer, scheduler, position),
+                                                 **(extra_state or {})},
                                 state_dict=weights)
     checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
@@ -133,7 +135,7 @@ def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sche
 
 
 @contextlib.contextmanager
-def _stop_on_signals(run: RunState):
+def stop_on_signals(run: RunState):
     """SIGINT/SIGTERM ask the loop to stop after the current step (and save) instead of dying mid-write."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -151,6 +153,16 @@ def _stop_on_signals(run: RunState):
             signal.signal(s, h)
 
 
+def save_and_raise_if_signalled(run: RunState, saved_at: Path | None, save: Any) -> None:
+    """After a SIGINT/SIGTERM: make sure the current step is checkpointed, then stop the run."""
+    if not (run.should_stop and (run.stop_reason or "").startswith("signal")):
+        return
+    if saved_at is None or not saved_at.name.endswith(f"-{run.step}"):
+        saved_at = save()
+    raise Interrupted(f"stage '{run.stage.name}' stopped by {run.stop_reason} at step {run.step}; checkpoint "
+                      f"saved to {saved_at}; continue with --resume")
+
+
 def train_stage(run: RunState, model: torch.nn.Module,
                 resume_from: Path | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one stage from ``model``; return the trained (unwrapped) model and final metrics."""
@@ -160,10 +172,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
         # this module's checkpointing and the same evaluation, hooks and final save.
         from aligner.ppo.stage import train_ppo_stage
 
-        if resume_from is not None:
-            raise ConfigError(f"stage '{run.stage.name}': resuming a PPO stage is not supported yet (checkpoint "
-                              f"{resume_from}); earlier stages were restored, rerun with --overwrite to restart")
-        return train_ppo_stage(run, model)
+        return train_ppo_stage(run, model, resume_from)
     stage, train, accelerator = run.stage, run.stage.config.train, run.accelerator
     metrics_file = MetricsFile(run.output_dir / "metrics.jsonl", enabled=run.is_main_process)
 
@@ -191,7 +200,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
     guard = NonFiniteGuard(run, train.max_nonfinite_steps)
     last: dict[str, float] = {}
     saved_at = None
-    with _stop_on_signals(run):
+    with stop_on_signals(run):
         while run.step < run.total_steps and not run.should_stop:
             started = time.perf_counter()
             collected, tokens = [], 0
@@ -238,11 +247,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
             if train.save_every and run.step % train.save_every == 0:
                 saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
     progress.close()
-    if run.should_stop and (run.stop_reason or "").startswith("signal"):
-        if saved_at is None or not saved_at.name.endswith(f"-{run.step}"):
-            saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
-        raise Interrupted(f"stage '{stage.name}' stopped by {run.stop_reason} at step {run.step}; checkpoint "
-                          f"saved to {saved_at}; continue with --resume")
+    save_and_raise_if_signalled(run, saved_at, lambda: _save_checkpoint(run, model, optimizer, scheduler, position))
     if run.should_stop:
         log.info("stage '%s' stopped at step %d: %s", stage.name, run.step, run.stop_reason or "requested by a plugin")
 

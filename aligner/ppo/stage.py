@@ -21,6 +21,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from aligner.ppo.rewards import (
 from aligner.ppo.rollout import rollout_batch, sample_completions
 from aligner.ppo.value_head import PolicyWithValueHead, hidden_size_of
 from aligner.protocols import LossInputs, ReferenceContext, SequenceLogProbs
+from aligner.resume import Position, load_training_state, load_weights
 from aligner.run import RunState
 from aligner.tracking import MetricsFile, Progress, report, to_float
 
@@ -74,16 +76,17 @@ def _controller(options: PPOLoss.Options) -> FixedKLController | AdaptiveKLContr
     return FixedKLController(options.kl_coef)
 
 
-def _prompt_batches(run: RunState):
-    """Endless batches of prompt indices, reshuffled every epoch."""
+def _prompt_batches(run: RunState, start: Position):
+    """Endless ``(epoch, batches consumed in the epoch, prompt indices)``, reshuffled every epoch."""
     stage = run.stage
     sampler = LengthGroupedBatches(stage.train_data.lengths(), stage.config.train.batch_size,
                                    seed=run.config.seed + stage.index, group_by_length=False)
-    epoch = 0
+    epoch, skip = start.epoch, start.batches_in_epoch
     while True:
-        sampler.set_epoch(epoch)
-        yield from sampler
-        epoch += 1
+        sampler.set_epoch(epoch, skip=skip)
+        for consumed, indices in enumerate(sampler, start=skip + 1):
+            yield epoch, consumed, indices
+        epoch, skip = epoch + 1, 0
 
 
 def _setup(run: RunState, model: torch.nn.Module, ppo: PPOLoss):
@@ -101,8 +104,26 @@ def _setup(run: RunState, model: torch.nn.Module, ppo: PPOLoss):
     updates = run.total_steps * options.ppo_epochs * math.ceil(train.batch_size / options.mini_batch_size)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=int(train.warmup_ratio * updates),
                               num_training_steps=updates)
-    actor_critic, optimizer, scheduler = run.accelerator.prepare(actor_critic, optimizer, scheduler)
+    # As in the main loop, the scheduler stays outside accelerate (its wrapper steps once per process).
+    actor_critic, optimizer = run.accelerator.prepare(actor_critic, optimizer)
     return actor_critic, optimizer, scheduler, trainable
+
+
+def _resume(run: RunState, actor_critic: Any, optimizer: Any, scheduler: Any, controller: Any,
+            directory: Path) -> Position:
+    """Load a PPO checkpoint: policy (or adapter), value head, optimizer, RNG, KL coefficient, position."""
+    from safetensors.torch import load_file
+
+    unwrapped = run.accelerator.unwrap_model(actor_critic)
+    load_weights(unwrapped.policy, directory)
+    heads = load_file(str(directory / "value_head.safetensors"))
+    unwrapped.value_head.load_state_dict(heads)
+    position = load_training_state(directory, optimizer, scheduler)
+    controller.value = json.loads((directory / "trainer_state.json").read_text())["kl_coef"]
+    run.step = position.step
+    log.info("stage '%s': resumed PPO from %s (step %d, kl_coef %.4g)", run.stage.name, directory, run.step,
+             controller.value)
+    return position
 
 
 @torch.no_grad()
@@ -215,7 +236,8 @@ def evaluate_ppo(run: RunState, actor_critic: Any) -> dict[str, float]:
     return evaluate_generations(run, run.accelerator.unwrap_model(actor_critic).policy)
 
 
-def train_ppo_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, float]]:
+def train_ppo_stage(run: RunState, model: torch.nn.Module,
+                    resume_from: Path | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one prompt-only stage with PPO; return the trained (unwrapped) policy and final metrics."""
     stage, train = run.stage, run.stage.config.train
     ppo = ppo_loss_of(stage)
@@ -224,48 +246,58 @@ def train_ppo_stage(run: RunState, model: torch.nn.Module) -> tuple[torch.nn.Mod
     # 1. setup
     actor_critic, optimizer, scheduler, trainable = _setup(run, model, ppo)
     controller = _controller(ppo.options)
+    position = Position()
+    if resume_from is not None:
+        position = _resume(run, actor_critic, optimizer, scheduler, controller, resume_from)
     run.model = actor_critic
     call_hook("on_run_start", run=run)
 
     # 2. evaluate before training
-    before = evaluate_ppo(run, actor_critic) if stage.config.eval.at_start else {}
+    before = evaluate_ppo(run, actor_critic) if stage.config.eval.at_start and resume_from is None else {}
     if before:
         metrics_file.write(stage.name, 0, before)
         call_hook("on_evaluate", run=run, step=0, metrics=before)
 
     # 3. train: rollout, then update
-    from aligner.loop import _save_checkpoint
-    from aligner.resume import Position
+    from aligner.loop import _save_checkpoint, save_and_raise_if_signalled, stop_on_signals
+
+    def save() -> Path | None:
+        return _save_checkpoint(run, actor_critic, optimizer, scheduler, position,
+                                extra_state={"kl_coef": controller.value})
 
     progress = Progress(stage.name, run.total_steps, enabled=run.is_main_process)
-    prompt_batches = _prompt_batches(run)
+    prompt_batches = _prompt_batches(run, position)
     last: dict[str, float] = {}
-    while run.step < run.total_steps and not run.should_stop:
-        started = time.perf_counter()
-        indices = next(prompt_batches)
-        rollout = collect_rollout(run, actor_critic, ppo, indices, controller.value)
-        last = ppo_update(run, actor_critic, optimizer, scheduler, trainable, ppo, rollout)
-        last.update({k: to_float(v) for k, v in rollout["metrics"].items()})
-        controller.update(last["kl"], len(indices))
-        run.step += 1
-        last["learning_rate"] = scheduler.get_last_lr()[0]
-        last["seconds_per_step"] = time.perf_counter() - started
-        call_hook("on_step_end", run=run, step=run.step, metrics=last)
-        if run.step % train.log_every == 0 or run.step == run.total_steps:
-            metrics_file.write(stage.name, run.step, last)
-        run.history.append(last)
-        progress.update(run.step, {"reward": last["reward/mean"], "kl": last["kl"], "kl_coef": last["kl_coef"]})
-        if run.step == 1 or run.step % ppo.options.sample_every == 0:
-            write_samples(run, rollout, ppo.options.num_samples)
+    saved_at = None
+    with stop_on_signals(run):
+        while run.step < run.total_steps and not run.should_stop:
+            started = time.perf_counter()
+            epoch, consumed, indices = next(prompt_batches)
+            rollout = collect_rollout(run, actor_critic, ppo, indices, controller.value)
+            last = ppo_update(run, actor_critic, optimizer, scheduler, trainable, ppo, rollout)
+            last.update({k: to_float(v) for k, v in rollout["metrics"].items()})
+            controller.update(last["kl"], len(indices))
+            run.step += 1
+            position = Position(run.step, epoch, consumed)
+            last["learning_rate"] = scheduler.get_last_lr()[0]
+            last["seconds_per_step"] = time.perf_counter() - started
+            call_hook("on_step_end", run=run, step=run.step, metrics=last)
+            if run.step % train.log_every == 0 or run.step == run.total_steps:
+                metrics_file.write(stage.name, run.step, last)
+            run.history.append(last)
+            progress.update(run.step, {"reward": last["reward/mean"], "kl": last["kl"], "kl_coef": last["kl_coef"]})
+            if run.step == 1 or run.step % ppo.options.sample_every == 0:
+                write_samples(run, rollout, ppo.options.num_samples)
 
-        if train.eval_every and run.step % train.eval_every == 0 and run.step < run.total_steps:
-            held_out = evaluate_ppo(run, actor_critic)
-            if held_out:
-                metrics_file.write(stage.name, run.step, held_out)
-                call_hook("on_evaluate", run=run, step=run.step, metrics=held_out)
-        if train.save_every and run.step % train.save_every == 0:
-            _save_checkpoint(run, actor_critic, optimizer, scheduler, Position(run.step))
+            if train.eval_every and run.step % train.eval_every == 0 and run.step < run.total_steps:
+                held_out = evaluate_ppo(run, actor_critic)
+                if held_out:
+                    metrics_file.write(stage.name, run.step, held_out)
+                    call_hook("on_evaluate", run=run, step=run.step, metrics=held_out)
+            if train.save_every and run.step % train.save_every == 0:
+                saved_at = save()
     progress.close()
+    save_and_raise_if_signalled(run, saved_at, save)
     if run.should_stop:
         log.info("stage '%s' stopped at step %d: %s", stage.name, run.step, run.stop_reason or "requested by a plugin")
 
