@@ -29,7 +29,8 @@ def load_judge_template(name: str) -> dict[str, Any]:
     """A judge template: a shipped name in ``datasets_templates/`` or a YAML path."""
     from datasets_templates import TEMPLATE_DIR
 
-    path = Path(name) if name.endswith((".yaml", ".yml")) else TEMPLATE_DIR / f"{name}.yaml"
+    # Judge templates live apart from the data templates, so data.template never lists them.
+    path = Path(name) if name.endswith((".yaml", ".yml")) else TEMPLATE_DIR / "judges" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"judge template '{name}' not found (looked for {path})")
     spec = yaml.safe_load(path.read_text())
