@@ -26,10 +26,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError
 
-from aligner.config import ModelConfig, Strict, _Source, apply_override, validation_error
+from aligner.config import ModelConfig, Strict, read_config_source, validation_error
 from aligner.errors import ConfigError
 
 log = logging.getLogger("aligner")
@@ -59,18 +58,7 @@ class LabelConfig(Strict):
 
 def load_label_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> LabelConfig:
     """Validate a label config (YAML path or dict); relative ``prompts``/``model.path`` follow the file."""
-    if isinstance(source, dict):
-        data, base, origin = dict(source), Path.cwd(), _Source(None, None)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
-        data, base, origin = yaml.safe_load(text), path.resolve().parent, _Source(path, text)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config must be a YAML mapping at the top level")
-    for override in overrides:
-        apply_override(data, override, origin)
+    data, base, origin = read_config_source(source, overrides)
     try:
         config = LabelConfig.model_validate(data)
     except ValidationError as exc:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from aligner.hookspecs import hookimpl
+from aligner.judges import saved_model_dir
 from aligner.judges.reward_model import pick_device
 from aligner.protocols import Options
 
@@ -69,10 +70,7 @@ class LLMJudge:
         @field_validator("path")
         @classmethod
         def _is_model_dir(cls, value: str) -> str:
-            path = Path(value).expanduser()
-            if not (path / "config.json").is_file():
-                raise ValueError(f"no saved model (config.json) in directory '{path}'")
-            return str(path.resolve())
+            return saved_model_dir(value)
 
         @field_validator("pointwise_template", "pairwise_template")
         @classmethod

@@ -7,13 +7,13 @@ loaded from a local directory on first use, so a config is validated without loa
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field, field_validator
 
 from aligner.hookspecs import hookimpl
+from aligner.judges import saved_model_dir
 from aligner.protocols import Options
 
 
@@ -43,10 +43,7 @@ class RewardModelJudge:
         @field_validator("path")
         @classmethod
         def _is_model_dir(cls, value: str) -> str:
-            path = Path(value).expanduser()
-            if not (path / "config.json").is_file():
-                raise ValueError(f"no saved model (config.json) in directory '{path}'")
-            return str(path.resolve())
+            return saved_model_dir(value)
 
     def __init__(self, options: Options):
         self.options = options
