@@ -198,6 +198,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
     micro_batches = _micro_batches(sampler, loader, position, accelerator.num_processes)
     accumulation = train.gradient_accumulation_steps
     guard = NonFiniteGuard(run, train.max_nonfinite_steps)
+    after_step = getattr(stage.peft, "after_optimizer_step", None)
     last: dict[str, float] = {}
     saved_at = None
     with stop_on_signals(run):
@@ -222,6 +223,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
             grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
             optimizer.step()
             scheduler.step()
+            if after_step is not None:  # e.g. AdaLoRA's rank allocation, which reads the gradients
+                after_step(accelerator.unwrap_model(model), run.step + 1)
             optimizer.zero_grad(set_to_none=True)
             run.step += 1
             position = resume.Position(run.step, epoch, consumed)
