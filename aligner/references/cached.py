@@ -32,7 +32,7 @@ from aligner.tracking import Progress
 log = logging.getLogger("aligner")
 
 # Bump when completion_logprobs changes what it computes, so old entries stop matching.
-LOGPROBS_VERSION = "completion_logprobs-1"
+LOGPROBS_VERSION = "completion_logprobs-2"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
