@@ -27,8 +27,9 @@ the same batches in the same order: the work any DPO trainer must do for its pol
 Peak memory: resident set size (RSS, from /proc/self/statm) sampled every millisecond by a thread,
 peak minus the RSS just before the model is loaded, in a fresh process per side. It therefore
 counts the policy, the reference (copy or cached table), gradients, optimizer state, activations
-and logits of the training run. On CPU PyTorch frees large tensors back to the OS, so RSS tracks
-live tensor memory closely; sampling can miss a spike shorter than a millisecond.
+and logits of the training run. Both children run with ``MALLOC_MMAP_THRESHOLD_=65536``, so every
+tensor over 64 KiB is its own mapping, returned to the OS when freed: RSS then follows live tensor
+memory instead of what glibc's heap retains. Sampling can miss a spike shorter than a millisecond.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -357,8 +359,11 @@ def memory_case(preset: str, tmp: Path) -> dict[str, Any]:
     write_rows(mem / "rows.jsonl", spec["steps"] * spec["batch"], spec["prompt"], spec["completion"], seed=1)
     out = {}
     for side in ("aligner", "trl"):
+        # A fixed mmap threshold: every allocation over 64 KiB gets its own mapping and goes back to the
+        # OS when freed, so RSS follows live memory instead of what glibc's heap happens to retain.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         result = subprocess.run([sys.executable, __file__, "--memory-child", side, "--preset", preset,
-                                 "--tmp", str(mem)], capture_output=True, text=True, check=False)
+                                 "--tmp", str(mem), "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=False, env=env)
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if result.returncode != 0 or not lines:
             raise RuntimeError(f"memory run '{side}' failed:\n{result.stderr[-3000:]}")
@@ -372,6 +377,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--rounds", type=int, help="rounds of every throughput case (median counts); "
+                                                    "default 3, 1 with --quick")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine, OpenMP threads that wait for a "
+                             "busy core make timings swing tenfold)")
     parser.add_argument("--skip-memory", action="store_true", help="leave out case (d)")
     parser.add_argument("--memory-child", choices=["aligner", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="full", help=argparse.SUPPRESS)
@@ -383,11 +393,13 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         print("RESULT " + json.dumps(memory_child(args.memory_child, args.preset, args.tmp)))
         return
 
     preset = "quick" if args.quick else "full"
+    args.rounds = args.rounds or (1 if args.quick else 3)
     spec = PRESETS[preset]
     info = machine()
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}), load average {info['loadavg']}, torch {info['torch']}, "
@@ -409,14 +421,26 @@ def main() -> None:
 
         shutil.rmtree(tmp / "cache")  # cold again
 
-        floor = run_floor(model_dir, examples, order)
-        cold = run_aligner(tmp, model_dir, data, spec, "cold")
-        assert cold.order == order
-        aligner_cold = cold.step_times[-1] - cold.t_setup
-        trl_default = run_trl(tmp, model_dir, examples, spec, precompute=False, order=None)
-        trl_pre = run_trl(tmp, model_dir, examples, spec, precompute=True, order=flat_order)
-        warm_run = run_aligner(tmp, model_dir, data, spec, "warm")
-        aligner_warm = warm_run.step_times[-1] - warm_run.t_setup
+        # Rounds of every case in turn; each case's median counts, so a burst of load from other
+        # processes on a shared machine skews one round, not the result.
+        times: dict[str, list[float]] = {k: [] for k in ("floor", "cold", "trl_default", "trl_pre", "warm")}
+        for round_index in range(args.rounds):
+            shutil.rmtree(tmp / "cache", ignore_errors=True)  # aligner's first run of a round is cold
+            times["floor"].append(run_floor(model_dir, examples, order))
+            cold = run_aligner(tmp, model_dir, data, spec, f"cold-{round_index}")
+            assert cold.order == order
+            times["cold"].append(cold.step_times[-1] - cold.t_setup)
+            trl_default = run_trl(tmp, model_dir, examples, spec, precompute=False, order=None)
+            times["trl_default"].append(trl_default["seconds"])
+            trl_pre = run_trl(tmp, model_dir, examples, spec, precompute=True, order=flat_order)
+            times["trl_pre"].append(trl_pre["seconds"])
+            warm_run = run_aligner(tmp, model_dir, data, spec, f"warm-{round_index}")
+            times["warm"].append(warm_run.step_times[-1] - warm_run.t_setup)
+            print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
+                  + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
+        median = {k: statistics.median(v) for k, v in times.items()}
+        floor, aligner_cold, aligner_warm = median["floor"], median["cold"], median["warm"]
+        trl_default["seconds"], trl_pre["seconds"] = median["trl_default"], median["trl_pre"]
         loss_diff = max(abs(a - b) for a, b in zip(cold.losses, trl_pre["losses"], strict=True))
 
         def tps(seconds: float) -> float:
@@ -430,9 +454,9 @@ def main() -> None:
             "a_ratio": trl_default["seconds"] / aligner_cold, "b_ratio": trl_pre["seconds"] / aligner_cold,
             "c_ratio": aligner_warm / floor, "max_step_loss_diff_b": loss_diff,
             "aligner_losses": cold.losses, "trl_precompute_losses": trl_pre["losses"],
-            "warm_reference_passes": warm_run.reference_passes,
+            "warm_reference_passes": warm_run.reference_passes, "rounds": times,
         })
-        print(f"\n{spec['steps']} steps x {spec['batch']} pairs, {tokens} non-padding tokens, "
+        print(f"\nmedians of {args.rounds} rounds; {spec['steps']} steps x {spec['batch']} pairs, {tokens} non-padding tokens, "
               f"aligner padding fraction {results['padding_fraction_aligner']:.3f}")
         print(f"{'run':44s} {'seconds':>8s} {'tokens/s':>9s}  ratio")
         rows = [("floor: policy forward+backward+step", floor, ""),
