@@ -84,6 +84,8 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     decoder = get_decoder() if get_decoder is not None else None
     if decoder is None or head is None or decoder is model:
         return None
+    if type(getattr(head, "weight", None)).__name__ == "DTensor":
+        return None  # FSDP2 shards in place: its root forward hook gathers the head, so call the model
     return decoder, head
 
 
