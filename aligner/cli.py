@@ -44,6 +44,16 @@ def _data_check(args: argparse.Namespace) -> int:
     return 2 if any(r.failed for r in reports) else 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from aligner.label import label, load_label_config
+
+    config = load_label_config(args.config, args.overrides)
+    counts = label(config)
+    print(f"{config.output}: {counts['labelled']} labelled, {counts['ties']} ties, "
+          f"{counts['skipped']} already done")
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from aligner.plugins import plugin_infos
 
@@ -126,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", help="key.path=value overrides")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(handler=_data_check)
+    label = sub.add_parser("label", help="sample k completions per prompt and have a judge label preferences")
+    label.add_argument("config", help="path to a label YAML config (see aligner.label)")
+    label.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. num_completions=8")
+    label.set_defaults(handler=_label)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")

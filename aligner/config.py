@@ -322,14 +322,10 @@ def _list_index(items: list, part: str, override: str, resolved: list) -> int:
     )
 
 
-def load_config(
-    source: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = ()
-) -> RunConfig:
-    """Load and validate a run config from a YAML path, a dict or a ``RunConfig``, applying overrides."""
-    if isinstance(source, RunConfig):
-        if not overrides:
-            return source
-        source = source.model_dump(exclude_none=True)
+def read_config_source(source: str | Path | dict,
+                       overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, Path, _Source]:
+    """Raw config data (YAML file or dict) with overrides applied, the directory relative paths
+    follow, and the source map used to point errors at a file and line."""
     if isinstance(source, dict):
         data, base_dir, origin = copy.deepcopy(source), Path.cwd(), _Source(None, None)
     else:
@@ -348,6 +344,18 @@ def load_config(
         base_dir, origin = path.resolve().parent, _Source(path, text)
     for override in overrides:
         apply_override(data, override, origin)
+    return data, base_dir, origin
+
+
+def load_config(
+    source: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Load and validate a run config from a YAML path, a dict or a ``RunConfig``, applying overrides."""
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source
+        source = source.model_dump(exclude_none=True)
+    data, base_dir, origin = read_config_source(source, overrides)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -39,7 +39,7 @@ from aligner.guards import NonFiniteGuard
 from aligner.logprobs import completion_logprobs
 from aligner.model_card import write_model_card
 from aligner.plugins import call_hook
-from aligner.protocols import ReferenceContext
+from aligner.protocols import PROMPT_ONLY, ReferenceContext
 from aligner.run import RunState
 from aligner.tracking import MetricsFile, Progress, report, to_float
 
@@ -117,7 +117,8 @@ def _mean_metrics(run: RunState, collected: list[dict[str, Any]]) -> dict[str, f
 
 
 def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                     position: resume.Position) -> Path | None:
+                     position: resume.Position, extra_state: dict[str, Any] | None = None) -> Path | None:
+    """Write ``step-N`` atomically with everything an exact resume needs (``extra_state`` too)."""
     weights = _gathered_weights(run, model)
     if not run.is_main_process:
         return None
@@ -125,7 +126,8 @@ def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sche
     target = directory / f"step-{run.step}"
     state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps}
     checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
-                                extra=lambda d: resume.save_training_state(d, optimizer, scheduler, position),
+                                extra=lambda d: {**resume.save_training_state(d, optimizer, scheduler, position),
+                                                 **(extra_state or {})},
                                 state_dict=weights)
     checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
@@ -133,7 +135,7 @@ def _save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sche
 
 
 @contextlib.contextmanager
-def _stop_on_signals(run: RunState):
+def stop_on_signals(run: RunState):
     """SIGINT/SIGTERM ask the loop to stop after the current step (and save) instead of dying mid-write."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -151,9 +153,26 @@ def _stop_on_signals(run: RunState):
             signal.signal(s, h)
 
 
+def save_and_raise_if_signalled(run: RunState, saved_at: Path | None, save: Any) -> None:
+    """After a SIGINT/SIGTERM: make sure the current step is checkpointed, then stop the run."""
+    if not (run.should_stop and (run.stop_reason or "").startswith("signal")):
+        return
+    if saved_at is None or not saved_at.name.endswith(f"-{run.step}"):
+        saved_at = save()
+    raise Interrupted(f"stage '{run.stage.name}' stopped by {run.stop_reason} at step {run.step}; checkpoint "
+                      f"saved to {saved_at}; continue with --resume")
+
+
 def train_stage(run: RunState, model: torch.nn.Module,
                 resume_from: Path | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one stage from ``model``; return the trained (unwrapped) model and final metrics."""
+    if run.stage.data_format == PROMPT_ONLY:
+        # Prompt-only data means online RL: the completions are generated during training, so the
+        # stage needs a rollout phase before each update. aligner.ppo.stage runs that loop, reusing
+        # this module's checkpointing and the same evaluation, hooks and final save.
+        from aligner.ppo.stage import train_ppo_stage
+
+        return train_ppo_stage(run, model, resume_from)
     stage, train, accelerator = run.stage, run.stage.config.train, run.accelerator
     metrics_file = MetricsFile(run.output_dir / "metrics.jsonl", enabled=run.is_main_process)
 
@@ -179,9 +198,10 @@ def train_stage(run: RunState, model: torch.nn.Module,
     micro_batches = _micro_batches(sampler, loader, position, accelerator.num_processes)
     accumulation = train.gradient_accumulation_steps
     guard = NonFiniteGuard(run, train.max_nonfinite_steps)
+    after_step = getattr(stage.peft, "after_optimizer_step", None)
     last: dict[str, float] = {}
     saved_at = None
-    with _stop_on_signals(run):
+    with stop_on_signals(run):
         while run.step < run.total_steps and not run.should_stop:
             started = time.perf_counter()
             collected, tokens, positions = [], 0, 0
@@ -204,6 +224,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
             grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
             optimizer.step()
             scheduler.step()
+            if after_step is not None:  # e.g. AdaLoRA's rank allocation, which reads the gradients
+                after_step(accelerator.unwrap_model(model), run.step + 1)
             optimizer.zero_grad(set_to_none=True)
             run.step += 1
             position = resume.Position(run.step, epoch, consumed)
@@ -231,11 +253,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
             if train.save_every and run.step % train.save_every == 0:
                 saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
     progress.close()
-    if run.should_stop and (run.stop_reason or "").startswith("signal"):
-        if saved_at is None or not saved_at.name.endswith(f"-{run.step}"):
-            saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
-        raise Interrupted(f"stage '{stage.name}' stopped by {run.stop_reason} at step {run.step}; checkpoint "
-                          f"saved to {saved_at}; continue with --resume")
+    save_and_raise_if_signalled(run, saved_at, lambda: _save_checkpoint(run, model, optimizer, scheduler, position))
     if run.should_stop:
         log.info("stage '%s' stopped at step %d: %s", stage.name, run.step, run.stop_reason or "requested by a plugin")
 

@@ -87,7 +87,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
         set_peft_model_state_dict(model, load_file(str(adapter)))
         return
     state = {}
-    for shard in sorted(directory.glob("*.safetensors")):
+    for shard in sorted(directory.glob("model*.safetensors")):  # not value_head.safetensors etc.
         state.update(load_file(str(shard)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings", False) else set()

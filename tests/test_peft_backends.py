@@ -186,3 +186,25 @@ def test_completion_logprobs_align_with_virtual_tokens(method, trim, monkeypatch
         sum(real[b, t - 1, ids[b, t]] for t in range(6) if batch["completion_mask"][b, t]) for b in range(2)])
     assert got.logps == pytest.approx(expected, abs=1e-5)
     assert got.num_tokens.tolist() == [4, 1]
+
+
+def test_adalora_reallocates_ranks_during_training(make_config):
+    """AdaLoRA is more than LoRA at a fixed rank: its budget schedule runs after every step."""
+    import aligner
+
+    ranks_seen = []
+
+    class Watch:
+        @aligner.hookimpl
+        def on_step_end(self, run, step, metrics):
+            model = run.accelerator.unwrap_model(run.model)
+            ranks_seen.append(model.peft_config["default"].rank_pattern is not None)
+
+    from aligner.plugins import temporary_plugin
+
+    peft = {"name": "peft", "method": "adalora", "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1,
+            "deltaT": 1, "total_step": 5, "target_modules": ["q_proj", "v_proj"]}
+    with temporary_plugin(Watch(), "watch"):
+        aligner.train(make_config("dpo", steps=5, peft=peft, reference={"name": "disabled_adapter"}))
+    # The final phase of the schedule (step > total_step - tfinal) fixes the learned rank pattern.
+    assert ranks_seen[-1] is True

@@ -106,8 +106,8 @@ def test_unknown_hook_name_is_an_error_with_a_suggestion():
 
 
 def test_unknown_loss_lists_the_known_ones():
-    with pytest.raises(PluginError, match="unknown loss 'dpp'.*did you mean 'dpo'.*known: .*dpo, .*ipo"):
-        get_registry("loss").get("dpp", where="'stages[0].losses[0]'")
+    with pytest.raises(PluginError, match="unknown loss 'dpoo'.*did you mean 'dpo'.*known: .*dpo, .*ipo"):
+        get_registry("loss").get("dpoo", where="'stages[0].losses[0]'")
 
 
 def test_plugins_command_lists_builtins_as_json(capsys):

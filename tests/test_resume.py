@@ -133,3 +133,20 @@ def test_final_model_has_a_model_card_and_loads_with_transformers(make_config):
     card = (result.final_model_dir / "README.md").read_text()
     assert "dpo (weight 1)" in card and "built-in tiny Llama" in card and "eval/rewards/accuracies" in card
     assert AutoModelForCausalLM.from_pretrained(result.final_model_dir).config.model_type == "llama"
+
+
+def test_ppo_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
+    from .test_ppo import _ppo_config
+
+    config = _ppo_config(tmp_path, steps=4)
+    config["stages"][0]["train"]["save_every"] = 2
+    config["output_dir"] = str(tmp_path / "straight")
+    straight = aligner.train(config)
+    config["output_dir"] = str(tmp_path / "resumed")
+    resumed = run_interrupted_then_resumed(config, kill_at=3)
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a = load_file(str(straight.final_model_dir / name))
+        b = load_file(str(resumed.final_model_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    state = json.loads((resumed.output_dir / "ppo" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["kl_coef"] == pytest.approx(straight.final_metrics["train/kl_coef"], rel=0.1)

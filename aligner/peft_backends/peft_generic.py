@@ -89,6 +89,12 @@ class PeftMethodBackend:
         guard_4bit_training(wrapped)
         return wrapped
 
+    def after_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        """AdaLoRA re-allocates ranks from the current gradients: after each step, before they are cleared."""
+        update = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+        if update is not None:
+            update(step)
+
     def release(self, model: torch.nn.Module) -> torch.nn.Module:
         """After the stage: merge mergeable adapters into the model for the next stage.
 

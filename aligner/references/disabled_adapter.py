@@ -51,14 +51,17 @@ class DisabledAdapterReference:
         self.logprobs_fn = context.logprobs_fn
 
     @torch.no_grad()
-    def logprobs(self, batch: dict[str, Any]) -> SequenceLogProbs:
-        """Reference log-probs of the batch's completions, adapters disabled for this call only."""
+    def logprobs(self, batch: dict[str, Any], token_level: bool = False) -> SequenceLogProbs:
+        """Reference log-probs of the batch's completions, adapters disabled for this call only.
+
+        ``token_level`` adds per-token values (PPO's per-token KL penalty needs them).
+        """
         assert self.model is not None, "setup() was not called"
         peft_model = peft_model_of(self.model)
         self.forward_passes += 1
         with peft_model.disable_adapter():
-            result = self.logprobs_fn(self.model, batch)
-        return SequenceLogProbs(result.logps.detach(), result.num_tokens)
+            result = self.logprobs_fn(self.model, batch, token_level=token_level)
+        return result.detach()
 
 
 @hookimpl

@@ -39,12 +39,17 @@ class FrozenCopyReference:
         self.logprobs_fn = context.logprobs_fn
 
     @torch.no_grad()
-    def logprobs(self, batch: dict[str, Any]) -> SequenceLogProbs:
-        """Reference log-probs of the batch's completions."""
+    def logprobs(self, batch: dict[str, Any], token_level: bool = False) -> SequenceLogProbs:
+        """Reference log-probs of the batch's completions (per token too when ``token_level``, for PPO)."""
         assert self.model is not None, "setup() was not called"
         moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        result = self.logprobs_fn(self.model, moved)
-        return SequenceLogProbs(result.logps.to(batch["input_ids"].device), result.num_tokens.to(batch["input_ids"].device))
+        result = self.logprobs_fn(self.model, moved, token_level=token_level)
+        device = batch["input_ids"].device
+        return SequenceLogProbs(
+            result.logps.to(device), result.num_tokens.to(device),
+            token_logps=None if result.token_logps is None else result.token_logps.to(device),
+            mask=None if result.mask is None else result.mask.to(device),
+        )
 
 
 @hookimpl

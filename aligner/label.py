@@ -1,0 +1,196 @@
+"""Offline RLAIF: ``aligner label CONFIG`` turns prompts into a preference dataset with a judge.
+
+For every prompt, ``num_completions`` answers are sampled from a model; the judge scores each one
+(pointwise ``score``) or compares every pair (``compare``, when ``pairwise: true``); the best answer
+becomes ``chosen`` and the worst ``rejected``. Each row records its provenance (prompt index, judge,
+scores, sampling settings) so a dataset can be audited. Ties (no preference) are written to
+``<output>.ties.jsonl`` instead.
+
+Rows are appended and flushed as they are labelled, and a rerun skips prompts already present in the
+output (or the ties file): an interrupted or failed run resumes where it stopped, losing nothing.
+
+A label config is YAML::
+
+    # aligner label configs/label_quickstart.yaml
+    output: runs/label/preferences.jsonl
+    model: {path: runs/ppo_rule/sft/final}
+    prompts: ../aligner/quickstart/data/prompts_train.jsonl
+    judge: {name: rule, callable: "aligner.quickstart.task:behaviour_score"}
+    num_completions: 4
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from aligner.config import ModelConfig, Strict, read_config_source, validation_error
+from aligner.errors import ConfigError
+
+log = logging.getLogger("aligner")
+
+
+class LabelConfig(Strict):
+    """What ``aligner label`` samples from, how, and which judge decides."""
+
+    output: str = Field(description="the preference JSONL to write (appended to; resumable)")
+    model: ModelConfig
+    tokenizer: str | None = Field(None, description="'builtin', a directory; default: the model's")
+    prompts: str = Field(description="prompt-only rows (JSONL, or anything aligner reads)")
+    split: str = "train"
+    max_prompts: int | None = Field(None, gt=0)
+    template: str = "plain"
+    max_prompt_length: int = Field(256, gt=0)
+    judge: dict[str, Any]
+    pairwise: bool = Field(False, description="compare every pair with the judge's 'compare' (needs one)")
+    min_margin: float = Field(1e-6, ge=0, description="best and worst scores closer than this are a tie")
+    num_completions: int = Field(4, ge=2)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, gt=0, description="prompts per chunk (each sampled num_completions times)")
+    seed: int = 0
+
+
+def load_label_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> LabelConfig:
+    """Validate a label config (YAML path or dict); relative ``prompts``/``model.path`` follow the file."""
+    data, base, origin = read_config_source(source, overrides)
+    try:
+        config = LabelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, origin) from None
+    config.prompts = _resolve(config.prompts, base, "prompts")
+    if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
+        config.model.path = _resolve(config.model.path, base, "model.path")
+    return config
+
+
+def _resolve(value: str, base: Path, key: str) -> str:
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise ConfigError(f"file not found for '{key}': {path}")
+    return str(path)
+
+
+def _done_indices(*paths: Path) -> set[int]:
+    """Prompt indices already written (a torn last line from a crash is ignored)."""
+    done: set[int] = set()
+    for path in paths:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                done.add(int(json.loads(line)["provenance"]["prompt_index"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line left half-written by a crash, so appended rows start on a line of their own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def preference_of(scores: list[float], min_margin: float = 0.0) -> tuple[int, int] | None:
+    """(best, worst) indices by score, or ``None`` when they differ by ``min_margin`` or less (a tie)."""
+    best = max(range(len(scores)), key=lambda i: scores[i])
+    worst = min(range(len(scores)), key=lambda i: scores[i])
+    return None if scores[best] - scores[worst] <= min_margin else (best, worst)
+
+
+def pairwise_wins(judge: Any, prompt: str, completions: list[str]) -> list[float]:
+    """Each completion's summed probability of beating every other one (judge ``compare``)."""
+    pairs = [(i, j) for i in range(len(completions)) for j in range(i + 1, len(completions))]
+    probabilities = judge.compare([prompt] * len(pairs), [completions[i] for i, _ in pairs],
+                                  [completions[j] for _, j in pairs])
+    wins = [0.0] * len(completions)
+    for (i, j), p in zip(pairs, probabilities, strict=True):
+        wins[i] += p
+        wins[j] += 1.0 - p
+    return wins
+
+
+def label(config: LabelConfig) -> dict[str, int]:
+    """Label every not-yet-labelled prompt; return counts (``labelled``, ``ties``, ``skipped``)."""
+    from accelerate.utils import set_seed
+
+    from aligner.data.loading import load_validated
+    from aligner.data.templates import load_template
+    from aligner.data.tokenize import tokenize_rows
+    from aligner.models import load_model, load_tokenizer
+    from aligner.ppo.loss import build_judge
+    from aligner.ppo.rollout import sample_completions
+
+    try:
+        judge = build_judge(config.judge)
+    except ValueError as exc:
+        raise ConfigError(f"invalid 'judge': {exc}") from None
+    if config.pairwise and not callable(getattr(judge, "compare", None)):
+        raise ConfigError(f"judge '{judge.name}' has no pairwise 'compare'; set 'pairwise: false'")
+    _, rows = load_validated(config.prompts, "prompt", config.split, config.max_prompts)
+    output = Path(config.output)
+    ties_path = output.with_name(output.name + ".ties.jsonl")
+    for path in (output, ties_path):
+        _drop_torn_line(path)
+    done = _done_indices(output, ties_path)
+    todo = [i for i in range(len(rows)) if i not in done]
+    counts = {"labelled": 0, "ties": 0, "skipped": len(rows) - len(todo)}
+    if counts["skipped"]:
+        log.info("resuming: %d of %d prompts already labelled in %s", counts["skipped"], len(rows), output)
+    if not todo:
+        return counts
+
+    tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
+    template = load_template(config.template, tokenizer, chat_data=isinstance(rows[0].data["prompt"], list))
+    tokenized = tokenize_rows([rows[i] for i in todo], "prompt", tokenizer, template,
+                              max_length=config.max_prompt_length + 1, max_prompt_length=config.max_prompt_length)
+    set_seed(config.seed)
+    model = load_model(config.model, tokenizer)
+    import torch
+
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    k = config.num_completions
+    provenance_base = {"judge": judge.name, "model": config.model.path or "tiny", "num_completions": k,
+                       "temperature": config.temperature, "top_p": config.top_p,
+                       "comparison": "pairwise" if config.pairwise else "pointwise"}
+    with output.open("a") as out, ties_path.open("a") as ties:
+        for begin in range(0, len(tokenized.examples), config.batch_size):
+            chunk = tokenized.examples[begin:begin + config.batch_size]
+            prompt_ids = [e["prompt_ids"] for e in chunk for _ in range(k)]
+            sampled = sample_completions(model, tokenizer, prompt_ids, max_new_tokens=config.max_new_tokens,
+                                         temperature=config.temperature, top_p=config.top_p,
+                                         batch_size=config.batch_size * k)
+            texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
+            if not config.pairwise:
+                flat = judge.score([e["prompt"] for e in chunk for _ in range(k)], texts)
+            for n, example in enumerate(chunk):
+                completions = texts[n * k:(n + 1) * k]
+                scores = (pairwise_wins(judge, example["prompt"], completions) if config.pairwise
+                          else [float(s) for s in flat[n * k:(n + 1) * k]])
+                index = todo[example["row_id"]]
+                provenance = {**provenance_base, "prompt_index": index, "scores": scores, "completions": completions}
+                choice = preference_of(scores, config.min_margin)
+                if choice is None:
+                    ties.write(json.dumps({"prompt": rows[index].data["prompt"], "provenance": provenance}) + "\n")
+                    counts["ties"] += 1
+                    continue
+                best, worst = choice
+                record = {"prompt": rows[index].data["prompt"], "chosen": completions[best],
+                          "rejected": completions[worst], "provenance": provenance}
+                out.write(json.dumps(record) + "\n")
+                counts["labelled"] += 1
+            # Flushed per chunk, so a crash loses at most the chunk being labelled.
+            out.flush()
+            ties.flush()
+            log.info("labelled %d / %d prompts", begin + len(chunk), len(tokenized.examples))
+    return counts
