@@ -33,7 +33,7 @@ from aligner.protocols import SequenceLogProbs
 # nothing (soft-capping, scaling, router losses) happens to the logits after the projection.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
 
-# Logit elements (tokens x vocabulary) per chunk: 2**22 float32 values are 16 MiB, i.e. ~28 tokens
+# Logit elements (tokens x vocabulary) per chunk: 2**22 float32 values are 16 MiB, i.e. 27 tokens
 # of a 151,936-token vocabulary or 2,048 tokens of a 2,048-token one.
 DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("ALIGNER_LOGPROB_CHUNK_ELEMENTS", 2**22))
 
