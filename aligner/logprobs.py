@@ -1,21 +1,41 @@
 """Completion log-probabilities from one causal-LM forward pass.
 
-Only positions that predict a completion token are needed. The forward asks the model for logits
-from the first completion position of the batch onward (``logits_to_keep``), so the prompt part
-of most sequences never gets a full-vocabulary projection; ``selective_log_softmax`` (from trl)
-then gathers the target tokens' log-probs without materialising a second vocabulary-sized tensor.
+Only positions that predict a completion token are needed. Two ways to get them:
+
+- the chunked path (``chunked_completion_logprobs``), used whenever the model's structure is known
+  (a plain decoder + LM head, also under a LoRA-style PEFT wrapper): the decoder runs once, its
+  hidden states at completion positions only are gathered, and the LM head, log-softmax and gather
+  run over them a chunk of tokens at a time under activation checkpointing. No full-vocabulary
+  logits exist for the prompt or padding, and at most one chunk's logits exist at any moment, in
+  the forward and in the backward pass: memory grows with the chunk size, not with the number of
+  positions times the vocabulary;
+- the plain path, for every other model (prompt/prefix tuning, which prepend virtual tokens inside
+  the PEFT wrapper; DDP/FSDP/DeepSpeed wrappers, whose forward must be called for gradient sync;
+  heads that transform logits after the projection, such as soft-capping): the model's own forward
+  with ``logits_to_keep`` from the first completion position of the batch on, then
+  ``selective_log_softmax``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import selective_log_softmax
 
 from aligner.protocols import SequenceLogProbs
+
+# Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
+# nothing (soft-capping, scaling, router losses) happens to the logits after the projection.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
+
+# Logit elements (tokens x vocabulary) per chunk: 2**22 float32 values are 16 MiB, i.e. 27 tokens
+# of a 151,936-token vocabulary or 2,048 tokens of a 2,048-token one.
+DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("ALIGNER_LOGPROB_CHUNK_ELEMENTS", 2**22))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -34,8 +54,81 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_level: bool = False) -> SequenceLogProbs:
-    """Sum of log-probs of each sequence's completion tokens (and per-token values if asked)."""
+def _peft_allows_direct_call(model: torch.nn.Module) -> bool:
+    """Whether calling the PEFT model's base directly computes what its own forward would.
+
+    True for weight-injecting methods (LoRA and relatives change layers in place); false for prompt
+    learning (virtual tokens are added by the wrapper's forward) and methods that need forward hooks.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return False
+    if getattr(config, "is_prompt_learning", False) or getattr(config, "alora_invocation_tokens", None):
+        return False
+    return str(getattr(config, "peft_type", "")).split(".")[-1] not in ("POLY",)
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The decoder and LM head to call separately, or ``None`` where the plain path must be used."""
+    if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        return None  # DDP/FSDP/DeepSpeed: the wrapper's forward syncs gradients
+    if hasattr(model, "get_base_model"):
+        if not _peft_allows_direct_call(model):
+            return None
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = get_decoder() if get_decoder is not None else None
+    if decoder is None or head is None or decoder is model:
+        return None
+    if type(getattr(head, "weight", None)).__name__ == "DTensor":
+        return None  # FSDP2 shards in place: its root forward hook gathers the head, so call the model
+    return decoder, head
+
+
+def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each target token: LM head, then log-softmax at the target only (float32)."""
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module, batch: dict[str, Any],
+                                token_level: bool = False,
+                                chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> SequenceLogProbs:
+    """Completion log-probs with the LM head applied to completion positions only, chunk by chunk."""
+    input_ids = batch["input_ids"]
+    completion_mask = batch["completion_mask"]
+    hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    # Position t predicts token t+1: hidden state t is needed exactly where token t+1 is scored.
+    scored = completion_mask[:, 1:].bool()
+    rows = scored.nonzero(as_tuple=True)
+    selected = hidden[:, :-1][rows]  # [M, H]: the completion positions of every sequence, flattened
+    targets = input_ids[:, 1:][rows]
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+    chunk = max(1, chunk_elements // max(vocab, 1))
+    grad = torch.is_grad_enabled() and selected.requires_grad
+    pieces = []
+    for begin in range(0, selected.shape[0], chunk):
+        h, t = selected[begin:begin + chunk], targets[begin:begin + chunk]
+        # Checkpointing keeps only the chunk's inputs for backward; its logits are recomputed then.
+        pieces.append(checkpoint(_chunk_token_logps, head, h, t, use_reentrant=False) if grad
+                      else _chunk_token_logps(head, h, t))
+    flat = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+    logps = flat.new_zeros(input_ids.shape[0]).index_add(0, rows[0], flat)
+    token_logps = mask = None
+    if token_level:
+        # The same [N, T] layout as the plain path: from the batch's first scored position on.
+        start = max(int(batch["prompt_lengths"].min()) - 1, 0)
+        full = flat.new_zeros(scored.shape).index_put((rows[0], rows[1]), flat)
+        token_logps, mask = full[:, start:], scored[:, start:]
+    return SequenceLogProbs(logps=logps, num_tokens=completion_mask.sum(-1), token_logps=token_logps, mask=mask)
+
+
+def plain_completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_level: bool = False) -> SequenceLogProbs:
+    """Completion log-probs through the model's own forward (works for any causal LM)."""
     input_ids = batch["input_ids"]
     completion_mask = batch["completion_mask"]
     length = input_ids.shape[1]
@@ -60,3 +153,14 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_lev
         token_logps=token_logps if token_level else None,
         mask=mask.bool() if token_level else None,
     )
+
+
+def completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_level: bool = False) -> SequenceLogProbs:
+    """Sum of log-probs of each sequence's completion tokens (and per-token values if asked).
+
+    Uses the chunked path when the model's structure allows it, else the model's own forward.
+    """
+    parts = decoder_and_head(model)
+    if parts is None:
+        return plain_completion_logprobs(model, batch, token_level)
+    return chunked_completion_logprobs(*parts, batch, token_level=token_level)

@@ -204,11 +204,12 @@ def train_stage(run: RunState, model: torch.nn.Module,
     with stop_on_signals(run):
         while run.step < run.total_steps and not run.should_stop:
             started = time.perf_counter()
-            collected, tokens = [], 0
+            collected, tokens, positions = [], 0, 0
             for micro in range(accumulation):
                 epoch, consumed, batch = next(micro_batches)
                 batch = move_to(batch, accelerator.device)
                 tokens += int(batch["attention_mask"].sum())
+                positions += batch["attention_mask"].numel()
                 # Gradients sync across processes only on the last micro-batch of a step.
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
@@ -236,6 +237,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
             last["epoch"] = epoch + consumed / max(len(sampler), 1)
             last["nonfinite_steps_skipped"] = guard.skipped
             last["tokens_per_second"] = tokens * accelerator.num_processes / (time.perf_counter() - started)
+            # Share of the step's padded positions that are padding (length grouping keeps it low).
+            last["padding_fraction"] = 1.0 - tokens / max(positions, 1)
             call_hook("on_step_end", run=run, step=run.step, metrics=last)
             if run.step % train.log_every == 0 or run.step == run.total_steps:
                 metrics_file.write(stage.name, run.step, last)

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaModel
 
 from aligner import hookimpl
 from aligner.api import train
@@ -46,7 +46,8 @@ def _run(config):
     recorder = Recorder()
 
     def count(module, args, output):
-        if isinstance(module, LlamaForCausalLM):
+        # The decoder runs once per forward pass on either log-prob path (whole model or decoder + head).
+        if isinstance(module, LlamaModel):
             recorder.forwards += 1
 
     handle = torch.nn.modules.module.register_module_forward_hook(count)

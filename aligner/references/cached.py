@@ -32,7 +32,7 @@ from aligner.tracking import Progress
 log = logging.getLogger("aligner")
 
 # Bump when completion_logprobs changes what it computes, so old entries stop matching.
-LOGPROBS_VERSION = "completion_logprobs-1"
+LOGPROBS_VERSION = "completion_logprobs-2"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -63,6 +63,30 @@ def sequence_fingerprints(batch: dict[str, Any]) -> list[int]:
         h.update(int(start).to_bytes(4, "little"))
         out.append(int.from_bytes(h.digest(), "little", signed=True))
     return out
+
+
+def _single_sequences(data: Any, context: ReferenceContext):
+    """For preference data: a builder of batches of single sequences sorted by their own length.
+
+    Values are cached per sequence, so the reference pass need not keep a pair's chosen and rejected
+    sequences in one batch (which pads the shorter one to the longer): sorting every sequence by its
+    own length leaves almost no padding. ``None`` where this does not apply.
+    """
+    from aligner.data.batching import LengthGroupedBatches, collate
+    from aligner.protocols import PREFERENCE
+
+    pad = getattr(context.collate_fn, "keywords", {}).get("pad_token_id")
+    if data.data_format != PREFERENCE or pad is None:
+        return None
+    sequences = [{"prompt_ids": e["prompt_ids"], "completion_ids": e[field], "row_id": e["row_id"]}
+                 for field in ("chosen_ids", "rejected_ids") for e in data.examples]
+
+    def batches(size: int) -> list[dict[str, Any]]:
+        lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in sequences]
+        order = LengthGroupedBatches(lengths, size, seed=0, shuffle=False, window_batches=len(sequences))
+        return [collate([sequences[i] for i in indices], data_format="sft", pad_token_id=pad) for indices in order]
+
+    return batches
 
 
 class CachedReference:
@@ -116,6 +140,9 @@ class CachedReference:
     def _batches(self, data: Any, batch_size: int, context: ReferenceContext) -> list[dict[str, Any]]:
         from aligner.data.batching import LengthGroupedBatches
 
+        single = _single_sequences(data, context)
+        if single is not None:
+            return single(2 * batch_size)
         order = LengthGroupedBatches(data.lengths(), batch_size, seed=0, shuffle=False)
         return [context.collate_fn([data.examples[i] for i in indices]) for indices in order]
 

@@ -1,0 +1,23 @@
+"""The benchmark script runs end to end at tiny sizes and its cross-check holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_benchmark_quick_run(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "dpo_vs_trl.py"), "--quick", "--skip-memory",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(a) aligner" in result.stdout and "(c)" in result.stdout
+    numbers = json.loads(out.read_text())
+    # the same maths as TRL: per-step losses agree on the same batches
+    assert numbers["max_step_loss_diff_b"] < 1e-4
+    assert len(numbers["aligner_losses"]) == numbers["steps"] == len(numbers["trl_precompute_losses"])
+    assert numbers["warm_reference_passes"] == 0  # the warm run reads every reference value from the cache
+    assert all(numbers[k] > 0 for k in ("floor_s", "aligner_cold_s", "aligner_warm_s", "trl_default_s"))
