@@ -163,6 +163,39 @@ def save_and_raise_if_signalled(run: RunState, saved_at: Path | None, save: Any)
                       f"saved to {saved_at}; continue with --resume")
 
 
+def evaluate_and_log(run: RunState, model: torch.nn.Module, metrics_file: MetricsFile,
+                     evaluate_fn: Any = evaluate) -> dict[str, float]:
+    """Evaluate, let ``on_evaluate`` hooks add metrics, then write them; return the metrics."""
+    metrics = evaluate_fn(run, model)
+    if metrics:
+        call_hook("on_evaluate", run=run, step=run.step, metrics=metrics)  # before writing: hooks may add metrics
+        metrics_file.write(run.stage.name, run.step, metrics)
+    return metrics
+
+
+def finish_stage(run: RunState, model: torch.nn.Module, metrics_file: MetricsFile, before: dict[str, float],
+                 last: dict[str, float], evaluate_fn: Any = evaluate,
+                 policy_of: Any = lambda unwrapped: unwrapped) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Final evaluation, the final model (atomically, with its model card), the report and ``on_run_end``.
+
+    Returns the model the next stage starts from: ``policy_of`` the unwrapped model (PPO drops its
+    value head), released by the PEFT backend (e.g. adapters merged).
+    """
+    after = evaluate_and_log(run, model, metrics_file, evaluate_fn)
+    unwrapped = run.accelerator.unwrap_model(model)
+    final = {**{f"train/{k}": v for k, v in last.items()}, **after}
+    weights = _gathered_weights(run, model)
+    if run.is_main_process:
+        checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
+                                    {"stage": run.stage.name, "step": run.step, "metrics": final},
+                                    extra=lambda d: write_model_card(d, run.config, run.stage, final), state_dict=weights)
+        report(run.stage.name, before, after)
+    call_hook("on_run_end", run=run, metrics=final)
+    policy = policy_of(unwrapped)
+    release = getattr(run.stage.peft, "release", None)
+    return (release(policy) if release else policy), final
+
+
 def train_stage(run: RunState, model: torch.nn.Module,
                 resume_from: Path | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train one stage from ``model``; return the trained (unwrapped) model and final metrics."""
@@ -188,10 +221,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
     call_hook("on_run_start", run=run)
 
     # 2. evaluate before training (a resumed stage already did)
-    before = evaluate(run, model) if stage.config.eval.at_start and resume_from is None else {}
-    if before:
-        call_hook("on_evaluate", run=run, step=0, metrics=before)  # before writing: hooks may add metrics
-        metrics_file.write(stage.name, 0, before)
+    before = evaluate_and_log(run, model, metrics_file) if stage.config.eval.at_start and resume_from is None else {}
 
     # 3. train
     progress = Progress(f"{stage.name}", run.total_steps, enabled=run.is_main_process)
@@ -246,10 +276,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
             progress.update(run.step, {"loss": last["loss"], "tok/s": last["tokens_per_second"]})
 
             if train.eval_every and run.step % train.eval_every == 0 and run.step < run.total_steps:
-                held_out = evaluate(run, model)
-                if held_out:
-                    call_hook("on_evaluate", run=run, step=run.step, metrics=held_out)
-                    metrics_file.write(stage.name, run.step, held_out)
+                evaluate_and_log(run, model, metrics_file)
             if train.save_every and run.step % train.save_every == 0:
                 saved_at = _save_checkpoint(run, model, optimizer, scheduler, position)
     progress.close()
@@ -258,19 +285,5 @@ def train_stage(run: RunState, model: torch.nn.Module,
         log.info("stage '%s' stopped at step %d: %s", stage.name, run.step, run.stop_reason or "requested by a plugin")
 
     # 4. save and report
-    after = evaluate(run, model)
-    if after:
-        call_hook("on_evaluate", run=run, step=run.step, metrics=after)
-        metrics_file.write(stage.name, run.step, after)
-    unwrapped = accelerator.unwrap_model(model)
-    final = {**{f"train/{k}": v for k, v in last.items()}, **after}
-    weights = _gathered_weights(run, model)
-    final["train/nonfinite_steps_skipped"] = guard.skipped
-    if run.is_main_process:
-        checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
-                                    {"stage": stage.name, "step": run.step, "metrics": final},
-                                    extra=lambda d: write_model_card(d, run.config, stage, final), state_dict=weights)
-        report(stage.name, before, after)
-    call_hook("on_run_end", run=run, metrics=final)
-    release = getattr(stage.peft, "release", None)
-    return (release(unwrapped) if release else unwrapped), final
+    last.setdefault("nonfinite_steps_skipped", guard.skipped)  # also when no step succeeded
+    return finish_stage(run, model, metrics_file, before, last)

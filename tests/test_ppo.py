@@ -272,3 +272,23 @@ def test_a_reference_without_per_token_logprobs_is_refused(tmp_path):
     config["stages"][0]["reference"] = {"name": "sequence_only"}
     with temporary_plugin(Plugin(), "sequence-only"), pytest.raises(ConfigError, match="per-token"):
         train(config)
+
+
+def test_ppo_stage_ends_like_every_stage_metrics_from_hooks_and_a_model_card(tmp_path):
+    """PPO shares the loop's evaluation logging and final save: hook-added metrics are written."""
+    from aligner import hookimpl
+    from aligner.api import train
+    from aligner.plugins import temporary_plugin
+
+    class AddMetric:
+        @hookimpl
+        def on_evaluate(self, run, step, metrics):
+            metrics["eval/extra"] = float(step)
+
+    with temporary_plugin(AddMetric(), "add-metric"):
+        result = train(_ppo_config(tmp_path, steps=1))
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/extra" in r] == [0, 1]
+    card = (result.final_model_dir / "README.md").read_text()
+    assert "ppo (weight 1)" in card
+    assert (result.final_model_dir / "value_head.safetensors").is_file()

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from aligner import checkpoint
 from aligner.data.batching import LengthGroupedBatches
 from aligner.errors import ConfigError
 from aligner.evaluation import evaluate_generations
@@ -48,7 +47,7 @@ from aligner.ppo.value_head import PolicyWithValueHead, hidden_size_of
 from aligner.protocols import LossInputs, ReferenceContext, SequenceLogProbs
 from aligner.resume import Position, load_training_state, load_weights
 from aligner.run import RunState
-from aligner.tracking import MetricsFile, Progress, report, to_float
+from aligner.tracking import MetricsFile, Progress, to_float
 
 log = logging.getLogger("aligner")
 
@@ -253,14 +252,18 @@ def train_ppo_stage(run: RunState, model: torch.nn.Module,
     call_hook("on_run_start", run=run)
 
     # 2. evaluate before training
-    before = evaluate_ppo(run, actor_critic) if stage.config.eval.at_start and resume_from is None else {}
-    if before:
-        metrics_file.write(stage.name, 0, before)
-        call_hook("on_evaluate", run=run, step=0, metrics=before)
+    from aligner.loop import (
+        _save_checkpoint,
+        evaluate_and_log,
+        finish_stage,
+        save_and_raise_if_signalled,
+        stop_on_signals,
+    )
+
+    at_start = stage.config.eval.at_start and resume_from is None
+    before = evaluate_and_log(run, actor_critic, metrics_file, evaluate_ppo) if at_start else {}
 
     # 3. train: rollout, then update
-    from aligner.loop import _save_checkpoint, save_and_raise_if_signalled, stop_on_signals
-
     def save() -> Path | None:
         return _save_checkpoint(run, actor_critic, optimizer, scheduler, position,
                                 extra_state={"kl_coef": controller.value})
@@ -290,10 +293,7 @@ def train_ppo_stage(run: RunState, model: torch.nn.Module,
                 write_samples(run, rollout, ppo.options.num_samples)
 
             if train.eval_every and run.step % train.eval_every == 0 and run.step < run.total_steps:
-                held_out = evaluate_ppo(run, actor_critic)
-                if held_out:
-                    metrics_file.write(stage.name, run.step, held_out)
-                    call_hook("on_evaluate", run=run, step=run.step, metrics=held_out)
+                evaluate_and_log(run, actor_critic, metrics_file, evaluate_ppo)
             if train.save_every and run.step % train.save_every == 0:
                 saved_at = save()
     progress.close()
@@ -301,18 +301,6 @@ def train_ppo_stage(run: RunState, model: torch.nn.Module,
     if run.should_stop:
         log.info("stage '%s' stopped at step %d: %s", stage.name, run.step, run.stop_reason or "requested by a plugin")
 
-    # 4. save and report
-    after = evaluate_ppo(run, actor_critic)
-    if after:
-        metrics_file.write(stage.name, run.step, after)
-        call_hook("on_evaluate", run=run, step=run.step, metrics=after)
-    unwrapped = run.accelerator.unwrap_model(actor_critic)
-    final = {**{f"train/{k}": v for k, v in last.items()}, **after}
-    if run.is_main_process:
-        # The policy is saved as the main loop saves a model; the value head beside it.
-        checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
-                                    {"stage": stage.name, "step": run.step, "metrics": final})
-        report(stage.name, before, after)
-    call_hook("on_run_end", run=run, metrics=final)
-    release = getattr(stage.peft, "release", None)
-    return (release(unwrapped.policy) if release else unwrapped.policy), final
+    # 4. save and report: the policy and its value head are saved together, the next stage gets the policy
+    return finish_stage(run, actor_critic, metrics_file, before, last, evaluate_ppo,
+                        policy_of=lambda unwrapped: unwrapped.policy)
