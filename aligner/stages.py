@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aligner.config import PluginChoice, RunConfig, StageConfig, validate_plugin_options
@@ -37,7 +37,6 @@ class PreparedStage:
     eval_rows: list[Row]
     train_data: TokenizedData | None = None
     eval_data: TokenizedData | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
