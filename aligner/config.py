@@ -100,6 +100,8 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     group_by_length: bool = True
+    # Preference pairs: run each pair's prompt once for its chosen and rejected completions.
+    share_prompt: bool = True
     eval_every: int | None = Field(None, gt=0)
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from aligner.data.batching import LengthGroupedBatches, collate
+from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
 from aligner.forward import compute_losses, move_to
 from aligner.run import RunState
 from aligner.tracking import to_float
@@ -20,9 +19,9 @@ def evaluate_losses(run: RunState, model: torch.nn.Module) -> dict[str, float]:
     """Mean of every loss metric over the eval rows (weighted by rows per batch)."""
     stage = run.stage
     examples = stage.eval_data.examples
-    batches = LengthGroupedBatches(stage.eval_data.lengths(), run.stage.config.eval.batch_size, seed=0, shuffle=False)
-    loader = DataLoader(examples, batch_sampler=batches,
-                        collate_fn=partial(collate, data_format=stage.data_format, pad_token_id=run.tokenizer.pad_token_id))
+    batches = LengthGroupedBatches(stage_lengths(stage, stage.eval_data), run.stage.config.eval.batch_size, seed=0,
+                                   shuffle=False)
+    loader = DataLoader(examples, batch_sampler=batches, collate_fn=stage_collate(stage, run.tokenizer.pad_token_id))
     sums: dict[str, float] = {}
     count = 0
     for batch in loader:

@@ -8,7 +8,8 @@ Only positions that predict a completion token are needed. Two ways to get them:
   run over them a chunk of tokens at a time under activation checkpointing. No full-vocabulary
   logits exist for the prompt or padding, and at most one chunk's logits exist at any moment, in
   the forward and in the backward pass: memory grows with the chunk size, not with the number of
-  positions times the vocabulary;
+  positions times the vocabulary. Preference pairs collated with ``share_prompt`` run as one row
+  per pair that holds the prompt once (``aligner.shared_prompt``);
 - the plain path, for every other model (prompt/prefix tuning, which prepend virtual tokens inside
   the PEFT wrapper; DDP/FSDP/DeepSpeed wrappers, whose forward must be called for gradient sync;
   heads that transform logits after the projection, such as soft-capping): the model's own forward
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import selective_log_softmax
 
 from aligner.protocols import SequenceLogProbs
+from aligner.shared_prompt import attention_kind, pack_pairs
 
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
 # nothing (soft-capping, scaling, router losses) happens to the logits after the projection.
@@ -68,16 +70,26 @@ def _peft_allows_direct_call(model: torch.nn.Module) -> bool:
     return str(getattr(config, "peft_type", "")).split(".")[-1] not in ("POLY",)
 
 
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """The decoder and LM head to call separately, or ``None`` where the plain path must be used."""
+def plain_head_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformers model under ``model`` whose decoder and head may be called separately.
+
+    ``None`` for wrappers whose own forward must run (DDP/FSDP/DeepSpeed sync gradients in it),
+    PEFT methods that work inside the wrapper's forward, and model types not on the list.
+    """
     if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        return None  # DDP/FSDP/DeepSpeed: the wrapper's forward syncs gradients
+        return None
     if hasattr(model, "get_base_model"):
         if not _peft_allows_direct_call(model):
             return None
         model = model.get_base_model()
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+    return model if getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES else None
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The decoder and LM head to call separately, or ``None`` where the plain path must be used."""
+    model = plain_head_model(model)
+    if model is None:
         return None
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -98,15 +110,25 @@ def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
 def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module, batch: dict[str, Any],
                                 token_level: bool = False,
                                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> SequenceLogProbs:
-    """Completion log-probs with the LM head applied to completion positions only, chunk by chunk."""
+    """Completion log-probs with the LM head applied to completion positions only, chunk by chunk.
+
+    A preference batch collated with ``share_prompt`` runs each pair as one row holding its prompt
+    once (``aligner.shared_prompt``), where the attention implementation allows it.
+    """
     input_ids = batch["input_ids"]
     completion_mask = batch["completion_mask"]
-    hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     # Position t predicts token t+1: hidden state t is needed exactly where token t+1 is scored.
     scored = completion_mask[:, 1:].bool()
     rows = scored.nonzero(as_tuple=True)
-    selected = hidden[:, :-1][rows]  # [M, H]: the completion positions of every sequence, flattened
     targets = input_ids[:, 1:][rows]
+    packed = pack_pairs(batch, decoder) if batch.get("share_prompt") else None
+    if packed is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        selected = hidden[:, :-1][rows]  # [M, H]: the completion positions of every sequence, flattened
+    else:
+        hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                         position_ids=packed.position_ids, use_cache=False).last_hidden_state
+        selected = hidden.flatten(0, 1)[packed.flat_index(*rows)]
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     chunk = max(1, chunk_elements // max(vocab, 1))
     grad = torch.is_grad_enabled() and selected.requires_grad
@@ -164,3 +186,21 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_lev
     if parts is None:
         return plain_completion_logprobs(model, batch, token_level)
     return chunked_completion_logprobs(*parts, batch, token_level=token_level)
+
+
+def forward_layout(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, int]:
+    """``(real tokens, positions)`` of the rows the policy's forward pass runs for ``batch``.
+
+    With shared prompts these are the packed rows (each prompt counted once), else the batch's own.
+    """
+    parts = decoder_and_head(model) if batch.get("share_prompt") else None
+    packed = pack_pairs(batch, parts[0]) if parts is not None else None
+    if packed is None:
+        return int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())
+    return packed.real_tokens, int(packed.input_ids.numel())
+
+
+def can_share_prompts(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward can run preference pairs with their prompt once."""
+    parts = decoder_and_head(model)
+    return parts is not None and attention_kind(parts[0]) is not None

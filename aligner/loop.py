@@ -22,7 +22,6 @@ import math
 import signal
 import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,12 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from aligner import checkpoint, resume
-from aligner.data.batching import LengthGroupedBatches, collate
+from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
 from aligner.errors import Interrupted
 from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
 from aligner.guards import NonFiniteGuard
-from aligner.logprobs import completion_logprobs
+from aligner.logprobs import completion_logprobs, forward_layout
 from aligner.model_card import write_model_card
 from aligner.plugins import call_hook
 from aligner.protocols import PROMPT_ONLY, ReferenceContext
@@ -48,11 +47,10 @@ log = logging.getLogger("aligner")
 
 def _batches(run: RunState) -> tuple[LengthGroupedBatches, DataLoader]:
     stage, train = run.stage, run.stage.config.train
-    sampler = LengthGroupedBatches(stage.train_data.lengths(), train.batch_size, seed=run.config.seed + stage.index,
-                                   group_by_length=train.group_by_length)
+    sampler = LengthGroupedBatches(stage_lengths(stage, stage.train_data), train.batch_size,
+                                   seed=run.config.seed + stage.index, group_by_length=train.group_by_length)
     loader = DataLoader(stage.train_data.examples, batch_sampler=sampler,
-                        collate_fn=partial(collate, data_format=stage.data_format,
-                                           pad_token_id=run.tokenizer.pad_token_id))
+                        collate_fn=stage_collate(stage, run.tokenizer.pad_token_id))
     if run.accelerator.num_processes > 1:
         # Each process takes every num_processes-th batch of the same global order.
         loader = run.accelerator.prepare_data_loader(loader)
@@ -80,7 +78,7 @@ def _setup(run: RunState, model: torch.nn.Module):
     stage.reference.setup(ReferenceContext(
         policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft, device=run.accelerator.device,
         run_dir=str(run.output_dir), stage=stage, autocast=run.accelerator.autocast,
-        collate_fn=partial(collate, data_format=stage.data_format, pad_token_id=run.tokenizer.pad_token_id)))
+        collate_fn=stage_collate(stage, run.tokenizer.pad_token_id)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError(f"stage '{stage.name}': the PEFT backend '{stage.peft.name}' left no trainable weights")
@@ -234,12 +232,14 @@ def train_stage(run: RunState, model: torch.nn.Module,
     with stop_on_signals(run):
         while run.step < run.total_steps and not run.should_stop:
             started = time.perf_counter()
-            collected, tokens, positions = [], 0, 0
+            collected, tokens, positions, padding = [], 0, 0, 0
             for micro in range(accumulation):
                 epoch, consumed, batch = next(micro_batches)
                 batch = move_to(batch, accelerator.device)
                 tokens += int(batch["attention_mask"].sum())
-                positions += batch["attention_mask"].numel()
+                real, run_positions = forward_layout(model, batch)
+                positions += run_positions
+                padding += run_positions - real
                 # Gradients sync across processes only on the last micro-batch of a step.
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
@@ -267,8 +267,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
             last["epoch"] = epoch + consumed / max(len(sampler), 1)
             last["nonfinite_steps_skipped"] = guard.skipped
             last["tokens_per_second"] = tokens * accelerator.num_processes / (time.perf_counter() - started)
-            # Share of the step's padded positions that are padding (length grouping keeps it low).
-            last["padding_fraction"] = 1.0 - tokens / max(positions, 1)
+            # Share of the positions the forward pass ran that are padding (length grouping keeps it low).
+            last["padding_fraction"] = padding / max(positions, 1)
             call_hook("on_step_end", run=run, step=run.step, metrics=last)
             if run.step % train.log_every == 0 or run.step == run.total_steps:
                 metrics_file.write(stage.name, run.step, last)

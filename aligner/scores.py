@@ -2,7 +2,9 @@
 
 The model scores each sequence at its last non-padding token (transformers finds it from
 ``config.pad_token_id``), so the batch must be right-padded with the tokenizer's pad token, as
-``collate`` does.
+``collate`` does. A preference batch collated with ``share_prompt`` runs each pair as one row that
+holds its prompt once (``aligner.shared_prompt``) when the model is a plain decoder + score head;
+the score is read at the same token as the model's own forward would read it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,51 @@ from typing import Any
 
 import torch
 
+from aligner.logprobs import plain_head_model
+from aligner.shared_prompt import pack_pairs
+
+
+def decoder_and_score(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, int] | None:
+    """The decoder, the score head and the pad token id to call separately, or ``None``.
+
+    ``None`` for wrappers whose forward must run (DDP and friends), prompt-learning PEFT methods,
+    model types not known to be ``score(decoder(...))``, and models without a pad token.
+    """
+    model = plain_head_model(model)
+    if model is None:
+        return None
+    config = model.config
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    score = getattr(model, "score", None)
+    pad = config.get_text_config().pad_token_id if hasattr(config, "get_text_config") else config.pad_token_id
+    if not isinstance(decoder, torch.nn.Module) or not isinstance(score, torch.nn.Module) or pad is None:
+        return None
+    return decoder, score, int(pad)
+
+
+def _shared_prompt_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
+    parts = decoder_and_score(model)
+    if parts is None:
+        return None
+    decoder, score, pad = parts
+    packed = pack_pairs(batch, decoder)
+    if packed is None:
+        return None
+    hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                     position_ids=packed.position_ids, use_cache=False).last_hidden_state
+    # The model's own rule: the rightmost token that is not the pad token, found in the two-row layout.
+    ids = batch["input_ids"]
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    last = (columns * (ids != pad)).argmax(-1)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    return score(hidden.flatten(0, 1)[packed.flat_index(rows, last)])
+
 
 def sequence_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """One score per sequence of the batch, shape ``[N]``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = _shared_prompt_scores(model, batch) if batch.get("share_prompt") else None
+    if logits is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     if logits.shape[-1] != 1:
         raise ValueError(f"a reward model must have one output label, this one has {logits.shape[-1]}")
     return logits.squeeze(-1)

@@ -22,7 +22,8 @@ TRL: building the reference model and the trainer, which runs its precompute) to
 optimizer step. Tokenization, model loading of the policy, final saving and evaluation are outside
 the window on both sides. The floor is the policy's own forward (the model's standard
 ``model(...).logits``), a sum of completion log-probs, backward, clipping and an AdamW step, over
-the same batches in the same order: the work any DPO trainer must do for its policy.
+the same pairs in batches of the same size, chosen and rejected as two rows each (grouped by length
+for that layout): the policy's work in the standard layout every DPO trainer uses.
 
 Peak memory: resident set size (RSS, from /proc/self/statm) sampled every millisecond by a thread,
 peak minus the RSS just before the model is loaded, in a fresh process per side. It therefore
@@ -193,11 +194,11 @@ class Recorder:
 
     @hookimpl
     def on_run_start(self, run):
-        from aligner.data.batching import LengthGroupedBatches
+        from aligner.data.batching import LengthGroupedBatches, stage_lengths
 
         data = run.stage.train_data
         self.examples = data.examples
-        sampler = LengthGroupedBatches(data.lengths(), run.stage.config.train.batch_size,
+        sampler = LengthGroupedBatches(stage_lengths(run.stage, data), run.stage.config.train.batch_size,
                                        seed=run.config.seed + run.stage.index,
                                        group_by_length=run.stage.config.train.group_by_length)
         sampler.set_epoch(0)
@@ -304,7 +305,7 @@ def run_trl(tmp: Path, model_dir: Path, examples: list[dict[str, Any]], spec: di
 # ----------------------------------------------------------------------------------------------
 # the floor
 def run_floor(model_dir: Path, examples: list[dict[str, Any]], order: list[list[int]]) -> float:
-    """Seconds for the policy's own forward + backward + AdamW step over the same batches."""
+    """Seconds for the policy's own forward + backward + AdamW step over ``order``'s batches."""
     from trl.trainer.utils import selective_log_softmax
 
     from aligner.data.batching import collate
@@ -324,6 +325,20 @@ def run_floor(model_dir: Path, examples: list[dict[str, Any]], order: list[list[
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - started
+
+
+def two_row_order(examples: list[dict[str, Any]], batch_size: int) -> list[list[int]]:
+    """Batches grouped for the two-rows-per-pair layout (prompt + longest completion), seed 0.
+
+    aligner groups pairs by prompt + chosen + rejected, the length of its one-row layout; the floor
+    runs the standard layout, so it gets the grouping that pads that layout least.
+    """
+    from aligner.data.batching import LengthGroupedBatches
+
+    lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+    sampler = LengthGroupedBatches(lengths, batch_size, seed=0)
+    sampler.set_epoch(0)
+    return sampler.batches()
 
 
 def count_tokens(examples: list[dict[str, Any]], order: list[list[int]]) -> int:
@@ -415,6 +430,7 @@ def main() -> None:
         warm = run_aligner(tmp, model_dir, data, {**spec, "steps": 1}, "warmup")
         examples, order = warm.examples, warm.order
         flat_order = [i for b in order for i in b]
+        floor_order = two_row_order(examples, spec["batch"])
         tokens = count_tokens(examples, order)
         assert len(flat_order) == len(examples) == spec["steps"] * spec["batch"]
         import shutil
@@ -426,7 +442,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in ("floor", "cold", "trl_default", "trl_pre", "warm")}
         for round_index in range(args.rounds):
             shutil.rmtree(tmp / "cache", ignore_errors=True)  # aligner's first run of a round is cold
-            times["floor"].append(run_floor(model_dir, examples, order))
+            times["floor"].append(run_floor(model_dir, examples, floor_order))
             cold = run_aligner(tmp, model_dir, data, spec, f"cold-{round_index}")
             assert cold.order == order
             times["cold"].append(cold.step_times[-1] - cold.t_setup)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -68,11 +69,14 @@ def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
-def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int) -> dict[str, Any]:
+def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int,
+            share_prompt: bool = False) -> dict[str, Any]:
     """Pad a list of tokenized examples into a batch (right padding).
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on tokens the loss scores),
-    ``prompt_lengths``, ``row_ids``, and ``labels`` for unpaired data.
+    ``prompt_lengths``, ``row_ids``, and ``labels`` for unpaired data. ``share_prompt`` (preference
+    data only) marks the batch as one the log-prob code may run with each pair's prompt once
+    (``aligner.shared_prompt``); the tensors are the same either way.
     """
     if data_format == PREFERENCE:
         fields = ["chosen_ids", "rejected_ids"]
@@ -96,9 +100,22 @@ def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int)
         "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
         "row_ids": torch.tensor([e["row_id"] for e in examples], dtype=torch.long),
     }
+    if share_prompt and data_format == PREFERENCE:
+        batch["share_prompt"] = True
     if data_format == UNPAIRED:
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
     if any("margin" in e for e in examples):
         # Rows without a margin (in a file where others have one) count as margin 0.
         batch["margin"] = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
     return batch
+
+
+def stage_collate(stage: Any, pad_token_id: int) -> partial:
+    """The collate function of ``stage``'s batches (training, evaluation and reference passes alike)."""
+    return partial(collate, data_format=stage.data_format, pad_token_id=pad_token_id,
+                   share_prompt=stage.config.train.share_prompt)
+
+
+def stage_lengths(stage: Any, data: Any) -> list[int]:
+    """Length-grouping keys of ``data`` as ``stage`` batches it (with shared prompts or not)."""
+    return data.lengths(shared_prompt=stage.config.train.share_prompt)

@@ -38,9 +38,15 @@ class TokenizedData:
         self.dropped[reason] += 1
         self.dropped_rows.append((row.location, reason))
 
-    def lengths(self) -> list[int]:
-        """Tokens per example as batched (prompt + longest completion), for length grouping."""
+    def lengths(self, shared_prompt: bool = False) -> list[int]:
+        """Tokens per example as batched, for length grouping: prompt + longest completion.
+
+        With ``shared_prompt`` a preference pair is one row of prompt + chosen + rejected
+        (``aligner.shared_prompt``), so that total is what grouping must even out.
+        """
         fields = COMPLETION_FIELDS[self.data_format]
+        if shared_prompt and self.data_format == PREFERENCE:
+            return [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in self.examples]
         return [len(e["prompt_ids"]) + max((len(e[f + "_ids"]) for f in fields), default=0) for e in self.examples]
 
 

@@ -32,6 +32,7 @@ from aligner.tracking import Progress
 log = logging.getLogger("aligner")
 
 # Bump when completion_logprobs changes what it computes, so old entries stop matching.
+# (Not bumped for the shared-prompt layout: it computes the same values as two rows per pair.)
 LOGPROBS_VERSION = "completion_logprobs-2"
 
 
@@ -139,11 +140,19 @@ class CachedReference:
 
     def _batches(self, data: Any, batch_size: int, context: ReferenceContext) -> list[dict[str, Any]]:
         from aligner.data.batching import LengthGroupedBatches
+        from aligner.logprobs import can_share_prompts
+        from aligner.protocols import PREFERENCE
 
-        single = _single_sequences(data, context)
+        # Pairs whose prompt runs once are the cheapest layout; where the model cannot run them,
+        # single sequences sorted by their own length pad least.
+        shared = (data.data_format == PREFERENCE and getattr(context.collate_fn, "keywords", {}).get("share_prompt")
+                  and can_share_prompts(context.policy))
+        single = None if shared else _single_sequences(data, context)
         if single is not None:
             return single(2 * batch_size)
-        order = LengthGroupedBatches(data.lengths(), batch_size, seed=0, shuffle=False)
+        # Sorted by length over the whole split (no shuffling here), so batches pad as little as possible.
+        order = LengthGroupedBatches(data.lengths(shared_prompt=bool(shared)), batch_size, seed=0, shuffle=False,
+                                     window_batches=len(data.examples))
         return [context.collate_fn([data.examples[i] for i in indices]) for indices in order]
 
     @staticmethod
