@@ -9,9 +9,10 @@ Only positions that predict a completion token are needed. Two ways to get them:
   logits exist for the prompt or padding, and at most one chunk's logits exist at any moment, in
   the forward and in the backward pass: memory grows with the chunk size, not with the number of
   positions times the vocabulary. Preference pairs collated with ``share_prompt`` run as one row
-  per pair that holds the prompt once (``aligner.shared_prompt``);
+  per pair that holds the prompt once (``aligner.shared_prompt``). Under DDP this path runs as the
+  wrapper's forward (``aligner.wrapped_forward``), so gradients still sync;
 - the plain path, for every other model (prompt/prefix tuning, which prepend virtual tokens inside
-  the PEFT wrapper; DDP/FSDP/DeepSpeed wrappers, whose forward must be called for gradient sync;
+  the PEFT wrapper; FSDP/DeepSpeed, whose sharded weights are gathered by their own forward;
   heads that transform logits after the projection, such as soft-capping): the model's own forward
   with ``logits_to_keep`` from the first completion position of the batch on, then
   ``selective_log_softmax``.
@@ -30,6 +31,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from aligner.protocols import SequenceLogProbs
 from aligner.shared_prompt import attention_kind, pack_pairs
+from aligner.wrapped_forward import ddp_inner, run_as_forward, unwrap_ddp
 
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
 # nothing (soft-capping, scaling, router losses) happens to the logits after the projection.
@@ -180,12 +182,15 @@ def plain_completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], tok
 def completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_level: bool = False) -> SequenceLogProbs:
     """Sum of log-probs of each sequence's completion tokens (and per-token values if asked).
 
-    Uses the chunked path when the model's structure allows it, else the model's own forward.
+    Uses the chunked path when the model's structure allows it, else the model's own forward. A
+    DDP-wrapped model runs the chunked path as the wrapper's forward, so gradients still sync.
     """
-    parts = decoder_and_head(model)
+    inner = ddp_inner(model)
+    parts = decoder_and_head(inner if inner is not None else model)
     if parts is None:
         return plain_completion_logprobs(model, batch, token_level)
-    return chunked_completion_logprobs(*parts, batch, token_level=token_level)
+    compute = functools.partial(chunked_completion_logprobs, *parts, batch, token_level=token_level)
+    return compute() if inner is None else run_as_forward(model, compute)
 
 
 def forward_layout(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, int]:
@@ -193,14 +198,22 @@ def forward_layout(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, 
 
     With shared prompts these are the packed rows (each prompt counted once), else the batch's own.
     """
-    parts = decoder_and_head(model) if batch.get("share_prompt") else None
+    parts = decoder_and_head(unwrap_ddp(model)) if batch.get("share_prompt") else None
     packed = pack_pairs(batch, parts[0]) if parts is not None else None
     if packed is None:
         return int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())
     return packed.real_tokens, int(packed.input_ids.numel())
 
 
-def can_share_prompts(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s forward can run preference pairs with their prompt once."""
-    parts = decoder_and_head(model)
+def can_share_prompts(model: torch.nn.Module, forward_kind: str = "logprobs") -> bool:
+    """Whether ``model``'s forward can run preference pairs with their prompt once.
+
+    ``forward_kind`` ``"reward"`` asks about a sequence-classification model's score forward.
+    """
+    if forward_kind == "reward":
+        from aligner.scores import decoder_and_score
+
+        parts = decoder_and_score(unwrap_ddp(model))
+    else:
+        parts = decoder_and_head(unwrap_ddp(model))
     return parts is not None and attention_kind(parts[0]) is not None

@@ -35,10 +35,10 @@ from aligner.errors import Interrupted
 from aligner.evaluation import evaluate
 from aligner.forward import compute_losses, move_to
 from aligner.guards import NonFiniteGuard
-from aligner.logprobs import completion_logprobs, forward_layout
+from aligner.logprobs import can_share_prompts, completion_logprobs, forward_layout
 from aligner.model_card import write_model_card
 from aligner.plugins import call_hook
-from aligner.protocols import PROMPT_ONLY, ReferenceContext
+from aligner.protocols import PREFERENCE, PROMPT_ONLY, ReferenceContext
 from aligner.run import RunState
 from aligner.tracking import MetricsFile, Progress, report, to_float
 
@@ -91,9 +91,24 @@ def _setup(run: RunState, model: torch.nn.Module):
     # The scheduler is not handed to accelerate: its wrapper steps once per process per step,
     # while total_steps here already counts global (all-process) steps.
     model, optimizer = run.accelerator.prepare(model, optimizer)
+    _log_pair_layout(run, model)
     # FSDP replaces parameters when it wraps the model: clip the prepared model's ones.
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, optimizer, scheduler, sampler, loader, trainable
+
+
+def _log_pair_layout(run: RunState, model: torch.nn.Module) -> None:
+    """Say how preference pairs run: one row with the prompt once, or two rows (and why)."""
+    stage = run.stage
+    if stage.data_format != PREFERENCE or not run.is_main_process:
+        return
+    if not stage.config.train.share_prompt:
+        log.info("stage '%s': chosen and rejected run as two rows (train.share_prompt is off)", stage.name)
+    elif can_share_prompts(model, getattr(stage, "forward_kind", "logprobs")):
+        log.info("stage '%s': each preference pair runs as one row holding its prompt once", stage.name)
+    else:
+        log.info("stage '%s': chosen and rejected run as two rows: this model's wrapper, type or attention "
+                 "implementation takes no custom attention mask", stage.name)
 
 
 def _gathered_weights(run: RunState, model: torch.nn.Module) -> dict | None:

@@ -15,6 +15,7 @@ import torch
 
 from aligner.logprobs import plain_head_model
 from aligner.shared_prompt import pack_pairs
+from aligner.wrapped_forward import ddp_inner, run_as_forward
 
 
 def decoder_and_score(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, int] | None:
@@ -55,7 +56,13 @@ def _shared_prompt_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torc
 
 def sequence_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """One score per sequence of the batch, shape ``[N]``."""
-    logits = _shared_prompt_scores(model, batch) if batch.get("share_prompt") else None
+    logits = None
+    if batch.get("share_prompt"):
+        inner = ddp_inner(model)
+        if inner is None:
+            logits = _shared_prompt_scores(model, batch)
+        elif decoder_and_score(inner) is not None:  # run as DDP's forward, so gradients still sync
+            logits = run_as_forward(model, lambda: _shared_prompt_scores(inner, batch))
     if logits is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     if logits.shape[-1] != 1:

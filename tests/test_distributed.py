@@ -57,4 +57,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(make_config,
     assert two.stderr.count("cached reference log-probs of") == 2, two.stderr[-2000:]
     assert "from the cache" in two.stderr  # the second process read the entries the first one wrote
     assert one.stderr.count("cached reference log-probs of") == 2
+    # Under DDP the pairs still run with their prompt once (as the wrapper's forward, so gradients
+    # sync: the weights above match).
+    assert "each preference pair runs as one row holding its prompt once" in two.stderr
     assert sorted(p.name for p in (tmp_path / "two" / "dpo" / "checkpoints").iterdir()) == ["step-3"]
