@@ -20,6 +20,7 @@ from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
 from aligner.errors import AlignerError, ConfigError
+from aligner.plugins import call_hook
 from aligner.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.run import RunResult, RunState
 from aligner.stages import PreparedStage, prepare_stages
@@ -100,6 +101,14 @@ def _restore_finished_stage(stage: PreparedStage, model: Any, out: Path) -> tupl
     return (release(model) if release else model), metrics
 
 
+def _report_failure(run: RunState, error: BaseException) -> None:
+    """``on_run_failed`` for a stage that raised; the stage's own error stays the one reported."""
+    try:
+        call_hook("on_run_failed", run=run, error=error)
+    except Exception as hook_error:
+        log.warning("an on_run_failed hook raised %s: %s", type(hook_error).__name__, hook_error)
+
+
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
           output_dir: str | Path | None = None, resume: bool | str | None = None,
           overwrite: bool = False) -> RunResult:
@@ -155,7 +164,11 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
         run = RunState(config=resolved, output_dir=out, stage=stage, tokenizer=tokenizer, accelerator=accelerator)
         set_seed(resolved.seed + stage.index)
         start = latest_checkpoint(out / stage.name) if resuming else None
-        model, results[stage.name] = train_stage(run, model, resume_from=start)
+        try:
+            model, results[stage.name] = train_stage(run, model, resume_from=start)
+        except BaseException as error:
+            _report_failure(run, error)
+            raise
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
         summary = {"final_model": str(final_dir), "stages": results, "data": data_summary(stages)}

@@ -99,3 +99,11 @@ def on_checkpoint_saved(run: RunState, step: int, path: str) -> None:
 def on_run_end(run: RunState, metrics: dict[str, float]) -> None:
     """Called once per stage after training and the final save, with the stage's final metrics
     (``train/...`` from the last step and ``eval/...`` from the final evaluation)."""
+
+
+@hookspec
+def on_run_failed(run: RunState, error: BaseException) -> None:
+    """Called once when a stage stops without finishing, instead of ``on_run_end``: ``error`` is what
+    stopped it (``aligner.errors.Interrupted`` after SIGINT/SIGTERM, once its checkpoint is saved;
+    ``NonFiniteError`` after too many non-finite steps; any other exception). The error is raised
+    again afterwards; an exception from the hook itself is logged, not raised."""

@@ -130,6 +130,34 @@ def test_on_run_end_is_called_last_with_the_final_metrics(lifecycle):
     assert {"train/loss", "eval/loss"} <= set(seen["metrics"])
 
 
+def test_on_run_failed_is_called_instead_of_on_run_end_and_the_error_still_raised(tmp_path):
+    class Failing:
+        def __init__(self) -> None:
+            self.failed: list[tuple[str, int, BaseException]] = []
+            self.ended = 0
+
+        @hookimpl
+        def on_step_end(self, run, step, metrics):
+            if step == 2:
+                raise RuntimeError("plugin gave up at step 2")
+
+        @hookimpl
+        def on_run_end(self, run, metrics):
+            self.ended += 1
+
+        @hookimpl
+        def on_run_failed(self, run, error):
+            self.failed.append((run.stage.name, run.step, error))
+            raise ValueError("a broken on_run_failed must not hide the run's own error")
+
+    plugin = Failing()
+    with temporary_plugin(plugin, name="failing"), pytest.raises(RuntimeError, match="plugin gave up at step 2"):
+        aligner.train(_config(tmp_path))
+    assert plugin.ended == 0
+    assert [(stage, step, str(error)) for stage, step, error in plugin.failed] == [
+        ("stage", 2, "plugin gave up at step 2")]
+
+
 # --- registration hooks -------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ HOOK_TESTS = {
     "on_evaluate": "tests.test_hooks::test_on_evaluate_is_called_at_start_every_n_steps_and_at_end",
     "on_checkpoint_saved": "tests.test_hooks::test_on_checkpoint_saved_is_called_with_a_complete_checkpoint",
     "on_run_end": "tests.test_hooks::test_on_run_end_is_called_last_with_the_final_metrics",
+    "on_run_failed": "tests.test_hooks::test_on_run_failed_is_called_instead_of_on_run_end_and_the_error_still_raised",
 }
 
 
@@ -65,7 +66,7 @@ def documented_signatures() -> dict[str, str]:
 
 def test_hookspecs_are_what_pluggy_sees():
     pluggy_names = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "aligner_spec")}
-    assert set(hookspec_signatures()) == pluggy_names and len(pluggy_names) == 9
+    assert set(hookspec_signatures()) == pluggy_names and len(pluggy_names) == 10
 
 
 def test_every_hook_is_documented_with_its_exact_signature():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import aligner
 from aligner.trackers.wandb_tracker import resolve_mode
 
 from .conftest import preference_rows
-from .wandb_offline import history, summary_and_config, wait_until_complete
+from .wandb_offline import history, records, summary_and_config, wait_until_complete
 
 
 def test_offline_run_logs_metrics_config_and_summary_without_leaking_the_key(make_config, monkeypatch):
@@ -70,3 +72,30 @@ def test_plot_draws_curves_of_a_run(make_config, capsys):
     with Image.open(png) as image:
         assert image.size[0] > 4 * image.size[1]  # loss, reward, margin and accuracy panels side by side
     assert main(["plot", str(result.output_dir / "nowhere")]) == 2
+
+
+def test_a_failed_run_is_closed_as_failed(make_config, monkeypatch):
+    """A stage that raises leaves an offline W&B run with exit code 1 and the error in its summary."""
+    from aligner.hookspecs import hookimpl
+    from aligner.plugins import temporary_plugin
+
+    class GiveUp:
+        @hookimpl
+        def on_step_end(self, run, step, metrics):
+            if step == 2:
+                raise RuntimeError("gave up at step 2")
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = make_config("sft", steps=3)
+    config["wandb"] = {"project": "tests", "mode": "offline"}
+    with temporary_plugin(GiveUp(), name="give-up"), pytest.raises(RuntimeError, match="gave up"):
+        aligner.train(config)
+    files = list((Path(config["output_dir"]) / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    path = wait_until_complete(files[0])
+    exits = [r.exit.exit_code for r in records(path) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
+    summary, _ = summary_and_config(path)
+    assert summary["failed_stage"] == "sft" and "gave up at step 2" in summary["error"]
+    assert [r["global_step"] for r in history(path) if "sft/loss" in r][:1] == [1]  # what was logged is kept

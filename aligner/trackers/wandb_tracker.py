@@ -94,6 +94,19 @@ class WandbTracker:
             self.offset = 0
 
 
+    def fail(self, run: Any, error: BaseException) -> None:
+        """Close the run marked as failed: exit code 130 after SIGINT/SIGTERM, else 1."""
+        if self.run is None:
+            return
+        from aligner.errors import Interrupted
+
+        self.run.summary.update({"failed_stage": run.stage.name, "error": f"{type(error).__name__}: {error}"[:1000]})
+        interrupted = isinstance(error, Interrupted | KeyboardInterrupt)
+        self.run.finish(exit_code=130 if interrupted else 1)
+        self.run = None
+        self.offset = self.stage_steps = 0
+
+
 _tracker = WandbTracker()
 
 
@@ -119,3 +132,9 @@ def on_evaluate(run, step, metrics):
 def on_run_end(run, metrics):
     """Write the stage's final metrics to the summary."""
     _tracker.end_stage(run, metrics)
+
+
+@hookimpl
+def on_run_failed(run, error):
+    """Close the W&B run as failed, so the dashboard does not show a crashed run as finished."""
+    _tracker.fail(run, error)
