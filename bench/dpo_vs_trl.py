@@ -212,7 +212,8 @@ class Recorder:
         self.padding.append(float(metrics.get("padding_fraction", float("nan"))))
 
 
-def aligner_config(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], name: str) -> dict[str, Any]:
+def aligner_config(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], name: str,
+                   share_prompt: bool = True) -> dict[str, Any]:
     return {
         "output_dir": str(tmp / f"aligner-{name}"), "seed": 0,
         "model": {"path": str(model_dir)}, "tokenizer": "builtin",
@@ -221,13 +222,14 @@ def aligner_config(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any],
             "data": {"train": str(data), "template": "plain", "max_length": 1024, "max_prompt_length": 512},
             "losses": [{"name": "dpo", "beta": BETA}],
             "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "learning_rate": LR,
-                      "lr_scheduler": "constant", "max_grad_norm": 1.0},
+                      "lr_scheduler": "constant", "max_grad_norm": 1.0, "share_prompt": share_prompt},
             "eval": {"at_start": False},
         }],
     }
 
 
-def run_aligner(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], name: str) -> Recorder:
+def run_aligner(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], name: str,
+                share_prompt: bool = True) -> Recorder:
     """aligner.train with its defaults; the window opens when the loop's setup starts."""
     import aligner.loop as loop
     from aligner import train
@@ -243,7 +245,7 @@ def run_aligner(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], na
     loop._setup = timed_setup
     try:
         with temporary_plugin(recorder, name=f"bench-{name}"):
-            train(aligner_config(tmp, model_dir, data, spec, name))
+            train(aligner_config(tmp, model_dir, data, spec, name, share_prompt))
     finally:
         loop._setup = original
     return recorder
@@ -439,7 +441,8 @@ def main() -> None:
 
         # Rounds of every case in turn; each case's median counts, so a burst of load from other
         # processes on a shared machine skews one round, not the result.
-        times: dict[str, list[float]] = {k: [] for k in ("floor", "cold", "trl_default", "trl_pre", "warm")}
+        cases = ("floor", "cold", "trl_default", "trl_pre", "warm", "warm_two_rows")
+        times: dict[str, list[float]] = {k: [] for k in cases}
         for round_index in range(args.rounds):
             shutil.rmtree(tmp / "cache", ignore_errors=True)  # aligner's first run of a round is cold
             times["floor"].append(run_floor(model_dir, examples, floor_order))
@@ -452,6 +455,10 @@ def main() -> None:
             times["trl_pre"].append(trl_pre["seconds"])
             warm_run = run_aligner(tmp, model_dir, data, spec, f"warm-{round_index}")
             times["warm"].append(warm_run.step_times[-1] - warm_run.t_setup)
+            # What the shared-prompt layout is worth: the warm run with two rows per pair
+            # (grouped for that layout, so its padding is the best that layout gets).
+            two_rows = run_aligner(tmp, model_dir, data, spec, f"two-rows-{round_index}", share_prompt=False)
+            times["warm_two_rows"].append(two_rows.step_times[-1] - two_rows.t_setup)
             print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
                   + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
         median = {k: statistics.median(v) for k, v in times.items()}
@@ -465,21 +472,25 @@ def main() -> None:
         results.update({
             "tokens": tokens, "steps": spec["steps"], "batch_size": spec["batch"],
             "padding_fraction_aligner": sum(cold.padding) / len(cold.padding),
+            "padding_fraction_two_rows": sum(two_rows.padding) / len(two_rows.padding),
             "floor_s": floor, "aligner_cold_s": aligner_cold, "aligner_warm_s": aligner_warm,
             "trl_default_s": trl_default["seconds"], "trl_precompute_s": trl_pre["seconds"],
             "a_ratio": trl_default["seconds"] / aligner_cold, "b_ratio": trl_pre["seconds"] / aligner_cold,
-            "c_ratio": aligner_warm / floor, "max_step_loss_diff_b": loss_diff,
+            "c_ratio": aligner_warm / floor, "aligner_warm_two_rows_s": median["warm_two_rows"], "max_step_loss_diff_b": loss_diff,
             "aligner_losses": cold.losses, "trl_precompute_losses": trl_pre["losses"],
             "warm_reference_passes": warm_run.reference_passes, "rounds": times,
         })
         print(f"\nmedians of {args.rounds} rounds; {spec['steps']} steps x {spec['batch']} pairs, {tokens} non-padding tokens, "
-              f"aligner padding fraction {results['padding_fraction_aligner']:.3f}")
+              f"aligner padding fraction {results['padding_fraction_aligner']:.3f} "
+              f"({results['padding_fraction_two_rows']:.3f} with share_prompt off)")
         print(f"{'run':44s} {'seconds':>8s} {'tokens/s':>9s}  ratio")
         rows = [("floor: policy forward+backward+step", floor, ""),
                 ("aligner default (cold cache, incl. ref pass)", aligner_cold, ""),
                 ("TRL default (reference copy)", trl_default["seconds"], f"(a) aligner {results['a_ratio']:.2f}x"),
                 ("TRL precompute_ref_log_probs", trl_pre["seconds"], f"(b) aligner {results['b_ratio']:.2f}x"),
-                ("aligner, warm cache", aligner_warm, f"(c) {results['c_ratio']:.2f}x the floor")]
+                ("aligner, warm cache", aligner_warm, f"(c) {results['c_ratio']:.2f}x the floor"),
+                ("aligner, warm cache, share_prompt off", median["warm_two_rows"],
+                 f"{median['warm_two_rows'] / floor:.2f}x the floor")]
         for label, seconds, ratio in rows:
             print(f"{label:44s} {seconds:8.2f} {tps(seconds):9.0f}  {ratio}")
         print(f"per-step losses, aligner vs TRL precompute: max |diff| {loss_diff:.2e} "
