@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import selective_log_softmax
 
 from aligner.protocols import SequenceLogProbs
-from aligner.shared_prompt import attention_kind, pack_pairs
+from aligner.shared_prompt import attention_kind, pack_pairs, pair_lengths
 from aligner.wrapped_forward import ddp_inner, run_as_forward, unwrap_ddp
 
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
@@ -199,10 +199,11 @@ def forward_layout(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, 
     With shared prompts these are the packed rows (each prompt counted once), else the batch's own.
     """
     parts = decoder_and_head(unwrap_ddp(model)) if batch.get("share_prompt") else None
-    packed = pack_pairs(batch, parts[0]) if parts is not None else None
-    if packed is None:
+    counts = pair_lengths(batch, parts[0]) if parts is not None else None
+    if counts is None:
         return int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())
-    return packed.real_tokens, int(packed.input_ids.numel())
+    total = sum(counts)
+    return int(total.sum()), int(total.max()) * int(total.shape[0])
 
 
 def can_share_prompts(model: torch.nn.Module, forward_kind: str = "logprobs") -> bool:

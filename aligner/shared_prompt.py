@@ -65,16 +65,15 @@ def attention_kind(decoder: torch.nn.Module) -> str | None:
     return MASK_KINDS.get(getattr(config, "_attn_implementation", None) or "eager")
 
 
-def pack_pairs(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedPairs | None:
-    """The packed layout of a right-padded preference batch, or ``None`` where it does not apply.
+def pair_lengths(batch: dict[str, Any], decoder: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """``(prompt, chosen, rejected)`` token counts per pair if ``batch`` can be packed, else ``None``.
 
     ``None`` for a batch whose rows are not (chosen..., rejected...) pairs with equal prompts, for an
     attention implementation without custom masks, and where a sliding attention window shorter
     than a packed row would make the custom mask wrong.
     """
-    kind = attention_kind(decoder)
     ids, attention, prompt_lengths = batch["input_ids"], batch["attention_mask"].bool(), batch["prompt_lengths"]
-    if kind is None or ids.shape[0] % 2:
+    if attention_kind(decoder) is None or ids.shape[0] % 2:
         return None
     pairs, columns = ids.shape[0] // 2, ids.shape[1]
     lengths = attention.sum(-1)
@@ -88,19 +87,32 @@ def pack_pairs(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedPairs |
     if not bool(((ids[:pairs] == ids[pairs:]) | ~in_prompt).all()):
         return None
     chosen, rejected = lengths[:pairs] - prompt, lengths[pairs:] - prompt
+    window = getattr(getattr(decoder, "config", None), "sliding_window", None)
+    if window is not None and int((prompt + chosen + rejected).max()) > int(window):
+        return None
+    return prompt, chosen, rejected
+
+
+def pack_pairs(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedPairs | None:
+    """The packed layout of a right-padded preference batch, or ``None`` where it does not apply
+    (see ``pair_lengths``)."""
+    counts = pair_lengths(batch, decoder)
+    if counts is None:
+        return None
+    prompt, chosen, rejected = counts
+    ids = batch["input_ids"]
+    pairs, columns = ids.shape[0] // 2, ids.shape[1]
     total = prompt + chosen + rejected
     width = int(total.max())
-    window = getattr(getattr(decoder, "config", None), "sliding_window", None)
-    if window is not None and width > int(window):
-        return None
-
     t = torch.arange(width, device=ids.device)[None, :]
     first_part = t < (prompt + chosen)[:, None]  # prompt and chosen completion
     real = t < total[:, None]
     pair_index = torch.arange(pairs, device=ids.device)[:, None]
     source_row = torch.where(first_part, pair_index, pair_index + pairs)
-    position_ids = torch.where(first_part, t, t - chosen[:, None])
-    input_ids = ids[source_row, position_ids.clamp(max=columns - 1)]
+    source_column = torch.where(first_part, t, t - chosen[:, None])
+    input_ids = ids[source_row, source_column.clamp(max=columns - 1)]
+    # Padding positions get position 0: never past the model's range, and their outputs are unused.
+    position_ids = torch.where(real, source_column, 0)
 
     chosen_key = first_part & ~(t < prompt[:, None])
     rejected_query = real & ~first_part
@@ -109,7 +121,7 @@ def pack_pairs(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedPairs |
     # is empty (an all-masked softmax is NaN); their outputs are never read.
     allowed = causal[None] & real[:, None, :] & ~(rejected_query[:, :, None] & chosen_key[:, None, :])
     allowed = allowed[:, None]
-    if kind == "additive":
+    if attention_kind(decoder) == "additive":
         dtype = decoder.get_input_embeddings().weight.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
