@@ -18,7 +18,7 @@ from typing import Any
 from aligner.config import RunConfig, dump_config, load_config
 from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
-from aligner.data.tokenize import tokenize_rows
+from aligner.data.tokenize import prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, ConfigError
 from aligner.plugins import call_hook
 from aligner.resume import latest_checkpoint, load_weights, stage_finished
@@ -36,6 +36,9 @@ def _is_chat(stage: PreparedStage) -> bool:
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
     data = stage.config.data
+    generation = max((getattr(getattr(loss, "options", None), "max_new_tokens", 0) or 0 for loss, _ in stage.losses),
+                     default=0)
+    max_prompt_length = prompt_token_limit(data, stage.data_format, generation, stage.name, stage.index)
     try:
         template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
     except AlignerError as exc:
@@ -44,7 +47,7 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     for split, rows in (("train", stage.train_rows), ("eval", stage.eval_rows)):
         if not rows:
             continue
-        tokenized = tokenize_rows(rows, stage.data_format, tokenizer, template, data.max_length, data.max_prompt_length)
+        tokenized = tokenize_rows(rows, stage.data_format, tokenizer, template, data.max_length, max_prompt_length)
         # Too many drops means the data or the length limits are wrong: stop before the model loads.
         enforce_drop_limit(stage.name, split, data, stage.data_format, rows, tokenized)
         if tokenized.dropped:
@@ -53,7 +56,7 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
                         sum(tokenized.dropped.values()), len(rows), reasons)
         if tokenized.truncated_rows:
             log.info("stage '%s' %s: truncated %d rows to max_length %d / max_prompt_length %d", stage.name, split,
-                     tokenized.truncated_rows, data.max_length, data.max_prompt_length)
+                     tokenized.truncated_rows, data.max_length, max_prompt_length)
         if not tokenized.examples:
             from aligner.errors import DataError
 

@@ -292,3 +292,23 @@ def test_ppo_stage_ends_like_every_stage_metrics_from_hooks_and_a_model_card(tmp
     card = (result.final_model_dir / "README.md").read_text()
     assert "ppo (weight 1)" in card
     assert (result.final_model_dir / "value_head.safetensors").is_file()
+
+
+def test_prompts_leave_room_for_generation_within_max_length(tmp_path):
+    """Prompt + max_new_tokens never exceed data.max_length; no room at all is a config error."""
+    from aligner.api import tokenize_stage, train
+    from aligner.config import load_config
+    from aligner.stages import prepare_stages
+    from aligner.tiny_tokenizer import load_builtin_tokenizer
+
+    config = _ppo_config(tmp_path)
+    config["stages"][0]["data"]["max_length"] = 14  # 8 generated tokens leave 6 for the prompt
+    (stage,) = prepare_stages(load_config(config))
+    tokenize_stage(stage, load_builtin_tokenizer())
+    lengths = [len(e["prompt_ids"]) for e in stage.train_data.examples]
+    assert max(lengths) == 6 and stage.train_data.truncated_rows > 0
+    config["stages"][0]["data"]["max_length"] = 8
+    with pytest.raises(ConfigError, match=r"max_new_tokens 8 leaves no room for a prompt within "
+                                          r"'stages\[0\]\.data\.max_length' \(8\)"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # stopped before anything was written

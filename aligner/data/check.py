@@ -23,7 +23,7 @@ from typing import Any
 from aligner.config import DataConfig, RunConfig, load_config
 from aligner.data.loading import RejectedRow, Row, load_validated
 from aligner.data.templates import load_template
-from aligner.data.tokenize import TokenizedData, tokenize_rows
+from aligner.data.tokenize import TokenizedData, prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, DataError
 from aligner.protocols import PREFERENCE
 
@@ -214,6 +214,20 @@ def _format_problem(config: RunConfig, index: int, data_format: str) -> list[str
     return problems
 
 
+def _generation_tokens(config: RunConfig, index: int) -> int:
+    """The most tokens a stage's losses generate per prompt (``max_new_tokens``; 0 for offline losses)."""
+    from aligner.plugins import get_registry
+
+    most = 0
+    for choice in config.stages[index].losses:
+        try:
+            options = get_registry("loss").get(choice.name).Options(**choice.options())
+        except Exception:  # an unknown loss or bad options are reported by the config checks
+            continue
+        most = max(most, getattr(options, "max_new_tokens", 0) or 0)
+    return most
+
+
 def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitReport]:
     """Reports for the train and eval splits of one stage."""
     from aligner.stages import _split_eval
@@ -245,10 +259,15 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitRepo
         template = load_template(data.template, tokenizer, chat_data=_is_chat(train_rows))
     except AlignerError as exc:
         problems.append(str(exc))
+    max_prompt_length = data.max_prompt_length
+    try:
+        max_prompt_length = prompt_token_limit(data, data_format, _generation_tokens(config, index), stage.name, index)
+    except AlignerError as exc:
+        problems.append(str(exc))
     train_keys = {_row_key(r) for r in train_rows}
     reports = []
     for split, source, rows, bad in splits:
-        tokenized = (tokenize_rows(rows, data_format, tokenizer, template, data.max_length, data.max_prompt_length)
+        tokenized = (tokenize_rows(rows, data_format, tokenizer, template, data.max_length, max_prompt_length)
                      if template is not None else None)
         report = split_report(stage.name, split, source, data, data_format, rows, bad, tokenized,
                               train_keys if split == "eval" else None)

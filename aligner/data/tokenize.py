@@ -5,17 +5,22 @@ to the answer, matters most; a leading BOS token is kept), then each completion 
 right to fit ``max_length``. A row left with no completion token (empty, or pushed out by a long
 prompt) is dropped and counted by reason, never trained on; so is a preference pair whose chosen and
 rejected completions are identical (its DPO-style gradient is exactly zero: it only dilutes the batch),
-whether they were identical in the data or became so by truncation.
+whether they were identical in the data or became so by truncation. Prompt-only data (online
+methods) keeps prompts short enough that prompt + ``max_new_tokens`` generated tokens fit
+``max_length``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from aligner.data.loading import Row
 from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, UNPAIRED
+
+log = logging.getLogger("aligner")
 
 COMPLETION_FIELDS = {SFT: ("completion",), PREFERENCE: ("chosen", "rejected"), UNPAIRED: ("completion",), PROMPT_ONLY: ()}
 
@@ -61,6 +66,25 @@ def prompt_for_judge(prompt: str | list[dict[str, str]]) -> str:
 def _adds_bos(tokenizer: Any) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def prompt_token_limit(data: Any, data_format: str, generation: int, stage: str, index: int) -> int:
+    """The most prompt tokens a stage's rows keep: ``data.max_prompt_length``, and for prompt-only
+    data (online methods) no more than leaves room for ``generation`` new tokens within
+    ``data.max_length``, so prompt + completion never exceed it. A ConfigError if no room is left."""
+    if data_format != PROMPT_ONLY or generation <= 0:
+        return data.max_prompt_length
+    room = data.max_length - generation
+    if room < 1:
+        from aligner.errors import ConfigError
+
+        raise ConfigError(f"stage '{stage}': max_new_tokens {generation} leaves no room for a prompt within "
+                          f"'stages[{index}].data.max_length' ({data.max_length}): raise max_length above "
+                          f"{generation} or generate fewer tokens")
+    if room < data.max_prompt_length:
+        log.info("stage '%s': prompts cut to %d tokens so that prompt + %d generated tokens fit max_length %d",
+                 stage, room, generation, data.max_length)
+    return min(data.max_prompt_length, room)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
