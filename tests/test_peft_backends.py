@@ -56,6 +56,8 @@ PEFT_CHOICES = {
     "ia3": {"name": "peft", "method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
             "feedforward_modules": ["down_proj"]},
     "prefix_tuning": {"name": "peft", "method": "prefix_tuning", "num_virtual_tokens": 4},
+    # orthogonal fine-tuning: block-diagonal rotations of q/v (block size 8 divides the tiny model's 32)
+    "oft": {"name": "peft", "method": "oft", "target_modules": ["q_proj", "v_proj"], "oft_block_size": 8, "r": 0},
 }
 
 
