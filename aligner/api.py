@@ -9,6 +9,7 @@ Setup order, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -20,10 +21,10 @@ from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, ConfigError
-from aligner.plugins import call_hook
+from aligner.plugins import call_hook, temporary_plugin
 from aligner.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.run import RunResult, RunState
-from aligner.stages import PreparedStage, prepare_stages
+from aligner.stages import PreparedStage, instantiate, prepare_stages
 
 log = logging.getLogger("aligner")
 
@@ -112,6 +113,28 @@ def _report_failure(run: RunState, error: BaseException) -> None:
         log.warning("an on_run_failed hook raised %s: %s", type(hook_error).__name__, hook_error)
 
 
+def _train_stages(stages: list[PreparedStage], model: Any, config: RunConfig, tokenizer: Any, accelerator: Any,
+                  out: Path, results: dict[str, dict[str, float]]) -> None:
+    """Train (or, when resuming, load) every stage in turn; final metrics go into ``results``."""
+    from accelerate.utils import set_seed
+
+    from aligner.loop import train_stage
+
+    resuming = config.resume
+    for stage in stages:
+        if resuming and stage_finished(out / stage.name):
+            model, results[stage.name] = _restore_finished_stage(stage, model, out)
+            continue
+        run = RunState(config=config, output_dir=out, stage=stage, tokenizer=tokenizer, accelerator=accelerator)
+        set_seed(config.seed + stage.index)
+        start = latest_checkpoint(out / stage.name) if resuming else None
+        try:
+            model, results[stage.name] = train_stage(run, model, resume_from=start)
+        except BaseException as error:
+            _report_failure(run, error)
+            raise
+
+
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
           output_dir: str | Path | None = None, resume: bool | str | None = None,
           overwrite: bool = False) -> RunResult:
@@ -133,6 +156,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     if resume is not None:
         resolved.resume = resume
     stages = prepare_stages(resolved)
+    # Callbacks are built (their options validated) before anything loads, like the stages' plugins.
+    callbacks = [instantiate("callback", choice, ("callbacks", i), resolved) for i, choice in enumerate(resolved.callbacks)]
     # One model runs through every stage, so its head (LM or reward score) must suit them all.
     kinds = {stage.forward_kind for stage in stages}
     if len(kinds) > 1:
@@ -157,21 +182,12 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     set_seed(resolved.seed)
     model = load_model(resolved.model, tokenizer, kinds.pop())
 
-    from aligner.loop import train_stage
 
     results: dict[str, dict[str, float]] = {}
-    for stage in stages:
-        if resuming and stage_finished(out / stage.name):
-            model, results[stage.name] = _restore_finished_stage(stage, model, out)
-            continue
-        run = RunState(config=resolved, output_dir=out, stage=stage, tokenizer=tokenizer, accelerator=accelerator)
-        set_seed(resolved.seed + stage.index)
-        start = latest_checkpoint(out / stage.name) if resuming else None
-        try:
-            model, results[stage.name] = train_stage(run, model, resume_from=start)
-        except BaseException as error:
-            _report_failure(run, error)
-            raise
+    with contextlib.ExitStack() as registered:
+        for i, callback in enumerate(callbacks):
+            registered.enter_context(temporary_plugin(callback, name=f"callbacks[{i}]:{callback.name}"))
+        _train_stages(stages, model, resolved, tokenizer, accelerator, out, results)
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
         summary = {"final_model": str(final_dir), "stages": results, "data": data_summary(stages)}

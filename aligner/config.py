@@ -164,6 +164,8 @@ class RunConfig(Strict):
     model: ModelConfig
     tokenizer: str | None = Field(None, description="'builtin', a directory or hub id; default: the model's")
     wandb: WandbConfig | None = None
+    callbacks: list[PluginChoice] = Field(
+        default_factory=list, description="lifecycle plugins to switch on for the run: [{name: ..., <options>}]")
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

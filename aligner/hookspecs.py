@@ -65,6 +65,18 @@ def register_peft_backends(register: Register) -> None:
     """
 
 
+@hookspec
+def register_callbacks(register: Register) -> None:
+    """Register callback classes with ``register(CallbackClass)``: lifecycle plugins with settings
+    that a run's config switches on by name (``callbacks: [{name: ..., <options>}]``).
+
+    A callback satisfies ``aligner.protocols.Callback``: a unique ``name``, an ``Options`` pydantic
+    model for its config keys, and at least one lifecycle hook (``on_run_start`` ... ``on_run_failed``)
+    as a ``@hookimpl`` method. aligner builds one instance per entry of ``callbacks`` as
+    ``CallbackClass(options)`` and registers it as a plugin for the duration of ``aligner.train``.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifecycle hooks: observe and extend a run. ``run`` is the live ``aligner.run.RunState``; a
 # hook may read it, add metrics to the dict it is given, or set ``run.should_stop = True``.

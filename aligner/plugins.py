@@ -50,6 +50,8 @@ BUILTIN_PLUGINS = (
     "aligner.peft_backends.qlora",
     "aligner.peft_backends.peft_generic",
     "aligner.trackers.wandb_tracker",
+    "aligner.callbacks.early_stopping",
+    "aligner.callbacks.extra_metrics",
 )
 
 # registry kind -> registration hook name
@@ -58,6 +60,7 @@ REGISTRATION_HOOKS = {
     "reference policy": "register_reference_policies",
     "judge": "register_judges",
     "peft backend": "register_peft_backends",
+    "callback": "register_callbacks",
 }
 
 
@@ -206,7 +209,8 @@ def temporary_plugin(plugin: Any, name: str | None = None) -> Iterator[str]:
 
 
 def get_registries() -> dict[str, Registry]:
-    """Build (once) and return the registries, keyed by kind: loss, reference policy, judge, peft backend."""
+    """Build (once) and return the registries, keyed by kind: loss, reference policy, judge, peft backend,
+    callback."""
     if _state.registries is not None:
         return _state.registries
     pm = load_plugins()
@@ -237,7 +241,7 @@ def get_registries() -> dict[str, Registry]:
 
 
 def get_registry(kind: str) -> Registry:
-    """One registry: ``"loss"``, ``"reference policy"``, ``"judge"`` or ``"peft backend"``."""
+    """One registry: ``"loss"``, ``"reference policy"``, ``"judge"``, ``"peft backend"`` or ``"callback"``."""
     return get_registries()[kind]
 
 

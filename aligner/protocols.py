@@ -179,10 +179,29 @@ class PeftBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class Callback(Protocol):
+    """A lifecycle plugin with settings, switched on from a run's config (``callbacks:``).
+
+    Instantiated as ``CallbackClass(options)`` for each entry naming it, and registered as a plugin
+    while ``aligner.train`` runs; it implements one or more lifecycle hooks (``on_run_start``,
+    ``on_step_end``, ``on_evaluate``, ``on_checkpoint_saved``, ``on_run_end``, ``on_run_failed``)
+    as ``@hookimpl`` methods.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]]
+
+
+# Lifecycle hooks a callback may implement (``aligner.hookspecs``); it must implement one.
+LIFECYCLE_HOOKS = ("on_run_start", "on_step_end", "on_evaluate", "on_checkpoint_saved", "on_run_end",
+                   "on_run_failed")
+
 # The members each registry checks at registration time, per kind.
 REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
     "loss": ("name", "data_formats", "needs_reference", "Options", "compute"),
     "reference policy": ("name", "Options", "setup", "logprobs"),
     "judge": ("name", "Options", "score"),
     "peft backend": ("name", "Options", "apply"),
+    "callback": ("name", "Options"),
 }

@@ -9,13 +9,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from aligner.errors import PluginError, suggest
-from aligner.protocols import DATA_FORMATS, REQUIRED_MEMBERS
+from aligner.protocols import DATA_FORMATS, LIFECYCLE_HOOKS, REQUIRED_MEMBERS
 
 # Required members that are values rather than methods.
 DATA_MEMBERS = frozenset({"name", "data_formats", "needs_reference", "Options"})
 # The protocol class in aligner.protocols that documents each kind.
 PROTOCOL_NAMES = {"loss": "Loss", "reference policy": "ReferencePolicy", "judge": "Judge",
-                  "peft backend": "PeftBackend"}
+                  "peft backend": "PeftBackend", "callback": "Callback"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class Registry:
                     f"{who} registered loss '{name}' with invalid data_formats {obj.data_formats!r}; "
                     f"valid formats: {', '.join(DATA_FORMATS)}"
                 )
+        if self.kind == "callback" and not any(callable(getattr(obj, h, None)) for h in LIFECYCLE_HOOKS):
+            raise PluginError(f"{who} registered callback '{name}' which implements none of the lifecycle hooks "
+                              f"({', '.join(LIFECYCLE_HOOKS)}) as @hookimpl methods")
         if name in self._entries:
             other = self._describe(self._entries[name].plugin)
             raise PluginError(f"{self.kind} '{name}' is registered twice: by {other} and by {who}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import aligner
 from aligner.hookspecs import hookimpl
-from aligner.plugins import get_registry, reset_plugins, temporary_plugin
+from aligner.plugins import get_registry, plugin_infos, reset_plugins, temporary_plugin
 from aligner.protocols import PREFERENCE, LossOutput, Options, SequenceLogProbs
 from tests.conftest import preference_rows, tiny_model, write_jsonl
 
@@ -242,10 +242,34 @@ class NormOnly:
         return model
 
 
+class StepCounter:
+    """A callback: adds ``<label>/steps_seen`` to every step's metrics; instances are kept for the test."""
+
+    name = "test_step_counter"
+    instances: list = []
+
+    class Options(Options):
+        label: str = "counter"
+
+    def __init__(self, options):
+        self.options = options
+        self.steps = 0
+        StepCounter.instances.append(self)
+
+    @hookimpl
+    def on_step_end(self, run, step, metrics):
+        self.steps += 1
+        metrics[f"{self.options.label}/steps_seen"] = float(self.steps)
+
+
 class Registrations:
     @hookimpl
     def register_losses(self, register):
         register(MarginLoss)
+
+    @hookimpl
+    def register_callbacks(self, register):
+        register(StepCounter)
 
     @hookimpl
     def register_reference_policies(self, register):
@@ -272,11 +296,15 @@ def registered(tmp_path_factory):
                                                  "num_prompts": 4, "max_new_tokens": 4}},
         "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2},
     }
+    config = _config(directory, **stage)
+    config["callbacks"] = [{"name": "test_step_counter", "label": "mine"}]
     with temporary_plugin(Registrations(), name="registrations"):
         registries = {kind: get_registry(kind).entry(name).plugin for kind, name in (
             ("loss", "test_margin"), ("reference policy", "zero_reference"), ("judge", "test_constant"),
-            ("peft backend", "test_norm_only"))}
-        result = aligner.train(_config(directory, **stage))
+            ("peft backend", "test_norm_only"), ("callback", "test_step_counter"))}
+        result = aligner.train(config)
+        # registered for the run only
+        assert not [info.name for info in plugin_infos() if info.name.startswith("callbacks[")]
     return registries, result
 
 
@@ -307,3 +335,11 @@ def test_register_peft_backends_adds_a_backend_that_decides_what_trains(register
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"model.norm.weight"}
+
+
+def test_register_callbacks_adds_a_callback_the_config_switches_on(registered):
+    registries, result = registered
+    assert registries["callback"] == "registrations"
+    (counter,) = StepCounter.instances  # one instance per `callbacks` entry, built with its options
+    assert counter.options.label == "mine" and counter.steps == 2
+    assert result.final_metrics["train/mine/steps_seen"] == 2.0

@@ -1,17 +1,18 @@
-"""The example lifecycle plugins in aligner/examples/ in real tiny runs, and their logic by hand."""
+"""The built-in callbacks (aligner/callbacks/) in real tiny runs, from Python and from a config, and their logic by hand."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 import aligner
-from aligner.examples.early_stopping import EarlyStopping
-from aligner.examples.extra_metrics import ExtraMetrics
+from aligner.callbacks.early_stopping import EarlyStopping
+from aligner.callbacks.extra_metrics import ExtraMetrics
 from aligner.plugins import reset_plugins, temporary_plugin
 from tests.conftest import preference_rows
 
@@ -84,3 +85,57 @@ def test_early_stopping_stops_on_a_non_finite_value():
     stopper, run = EarlyStopping(metric="loss"), _run()
     stopper.on_step_end(run, 3, {"loss": math.nan})
     assert run.should_stop and run.stop_reason == "loss is nan at step 3"
+
+
+def test_callbacks_switched_on_from_the_config(make_config):
+    reset_plugins()
+    config = make_config("dpo", eval_rows=preference_rows(8), steps=20)
+    config["stages"][0]["train"]["eval_every"] = 1
+    config["callbacks"] = [{"name": "early_stopping", "metric": "eval/loss", "patience": 2, "min_delta": 1e6},
+                           {"name": "extra_metrics", "smoothing": 0.5}]
+    result = aligner.train(config)
+    train = [r for r in _records(result) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]  # stopped by early_stopping
+    assert train[1]["loss_ema"] == pytest.approx(0.5 * train[0]["loss"] + 0.5 * train[1]["loss"])
+    # the resolved config written to the run keeps them
+    written = (result.output_dir / "config.yaml").read_text()
+    assert "early_stopping" in written and "extra_metrics" in written
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"name": "early_stoping"}, r"unknown callback 'early_stoping' at 'callbacks\[0\]'.*did you mean 'early_stopping'"),
+    ({"name": "early_stopping", "patiense": 2}, r"callbacks\[0\]\.patiense.*patience"),
+    ({"name": "extra_metrics", "smoothing": 1.5}, r"callbacks\[0\]\.smoothing"),
+])
+def test_a_bad_callback_entry_is_a_config_error_before_anything_is_written(make_config, entry, message):
+    from aligner.errors import AlignerError
+
+    config = make_config("dpo", steps=1)
+    config["callbacks"] = [entry]
+    with pytest.raises(AlignerError, match=message):
+        aligner.train(config)
+    assert not (Path(config["output_dir"]) / "config.yaml").exists()
+
+
+def test_a_callback_class_with_no_lifecycle_hook_is_refused_at_registration():
+    from aligner.errors import PluginError
+    from aligner.hookspecs import hookimpl
+    from aligner.plugins import get_registry
+    from aligner.protocols import Options as BaseOptions
+
+    class Silent:
+        name = "silent"
+
+        class Options(BaseOptions):
+            pass
+
+    class Registers:
+        @hookimpl
+        def register_callbacks(self, register):
+            register(Silent)
+
+    reset_plugins()
+    with temporary_plugin(Registers(), name="silent-plugin"), \
+            pytest.raises(PluginError, match="callback 'silent' which implements none of the lifecycle hooks"):
+        get_registry("callback")
+    reset_plugins()

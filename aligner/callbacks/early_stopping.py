@@ -1,15 +1,20 @@
-"""``EarlyStopping``: ends a stage when a metric stops improving or reaches a target.
+"""``early_stopping``: ends a stage when a metric stops improving or reaches a target.
 
-Shows the stop mechanism of lifecycle hooks: a hook sets ``run.should_stop`` (and, for the log,
-``run.stop_reason``); the loop finishes the current step, then runs the final evaluation and save.
+Switched on from a config (``callbacks: [{name: early_stopping, metric: eval/loss, patience: 2}]``)
+or registered from Python (``register_plugin(EarlyStopping(patience=2))``). It also shows the stop
+mechanism of lifecycle hooks: a hook sets ``run.should_stop`` (and, for the log, ``run.stop_reason``);
+the loop finishes the current step, then runs the final evaluation and save.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import Field
 
 from aligner.hookspecs import hookimpl
+from aligner.protocols import Options
 from aligner.run import RunState
 
 
@@ -21,11 +26,22 @@ class EarlyStopping:
     A non-finite value stops at once. State is reset at the start of every stage.
     """
 
-    def __init__(self, metric: str = "eval/loss", mode: Literal["min", "max"] = "min", patience: int = 3,
-                 min_delta: float = 0.0, target: float | None = None):
-        if mode not in ("min", "max"):
-            raise ValueError("mode must be 'min' or 'max'")
-        self.metric, self.mode, self.patience, self.min_delta, self.target = metric, mode, patience, min_delta, target
+    name = "early_stopping"
+
+    class Options(Options):
+        """Which metric to watch and when to stop."""
+
+        metric: str = Field("eval/loss", description="a logged metric: 'loss', 'eval/loss', 'eval/rewards/accuracies'")
+        mode: Literal["min", "max"] = Field("min", description="whether lower or higher is better")
+        patience: int = Field(3, gt=0, description="observations without improvement before stopping")
+        min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+        target: float | None = Field(None, description="stop as soon as the metric reaches this value")
+
+    def __init__(self, options: Options | None = None, **settings: Any):
+        """From ``options`` (how a config builds it) or keyword settings (``EarlyStopping(patience=2)``)."""
+        o = options if options is not None else self.Options(**settings)
+        self.metric, self.mode, self.patience, self.min_delta, self.target = (
+            o.metric, o.mode, o.patience, o.min_delta, o.target)
         self.best: float | None = None
         self.bad_observations = 0
 
@@ -68,3 +84,9 @@ class EarlyStopping:
         if self.bad_observations >= self.patience:
             self._stop(run, f"{self.metric} has not improved on {self.best:.4g} for {self.patience} "
                             f"observations (step {step})")
+
+
+@hookimpl
+def register_callbacks(register):
+    """Register ``early_stopping``."""
+    register(EarlyStopping)

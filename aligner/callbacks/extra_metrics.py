@@ -1,14 +1,19 @@
-"""``ExtraMetrics``: adds metrics to every step and evaluation by mutating the metrics dict.
+"""``extra_metrics``: adds metrics to every step and evaluation by mutating the metrics dict.
 
 ``on_step_end`` and ``on_evaluate`` receive the very dict that is logged next (to ``metrics.jsonl``,
 the console and trackers), so keys added here are logged like built-in ones. Values must be floats.
+Switched on from a config (``callbacks: [{name: extra_metrics, smoothing: 0.9}]``) or from Python.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
+
+from pydantic import Field
 
 from aligner.hookspecs import hookimpl
+from aligner.protocols import Options
 from aligner.run import RunState
 
 
@@ -20,10 +25,17 @@ class ExtraMetrics:
     ``eval/loss`` since the stage's previous evaluation.
     """
 
-    def __init__(self, smoothing: float = 0.9):
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError("smoothing must be in [0, 1)")
-        self.smoothing = smoothing
+    name = "extra_metrics"
+
+    class Options(Options):
+        """How much to smooth the loss."""
+
+        smoothing: float = Field(0.9, ge=0.0, lt=1.0, description="weight of the previous average")
+
+    def __init__(self, options: Options | None = None, **settings: Any):
+        """From ``options`` (how a config builds it) or keyword settings (``ExtraMetrics(smoothing=0.5)``)."""
+        o = options if options is not None else self.Options(**settings)
+        self.smoothing = o.smoothing
         self.ema: float | None = None
         self.previous_eval_loss: float | None = None
         self.started = time.perf_counter()
@@ -50,3 +62,9 @@ class ExtraMetrics:
         if self.previous_eval_loss is not None:
             metrics["eval/loss_change"] = current - self.previous_eval_loss
         self.previous_eval_loss = current
+
+
+@hookimpl
+def register_callbacks(register):
+    """Register ``extra_metrics``."""
+    register(ExtraMetrics)
