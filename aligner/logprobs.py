@@ -193,23 +193,10 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], token_lev
     return compute() if inner is None else run_as_forward(model, compute)
 
 
-def forward_layout(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, int]:
-    """``(real tokens, positions)`` of the rows the policy's forward pass runs for ``batch``.
+def _sharing_decoder(model: torch.nn.Module, forward_kind: str) -> torch.nn.Module | None:
+    """The decoder a shared-prompt forward of ``model`` would call, or ``None`` if it cannot run one.
 
-    With shared prompts these are the packed rows (each prompt counted once), else the batch's own.
-    """
-    parts = decoder_and_head(unwrap_ddp(model)) if batch.get("share_prompt") else None
-    counts = pair_lengths(batch, parts[0]) if parts is not None else None
-    if counts is None:
-        return int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())
-    total = sum(counts)
-    return int(total.sum()), int(total.max()) * int(total.shape[0])
-
-
-def can_share_prompts(model: torch.nn.Module, forward_kind: str = "logprobs") -> bool:
-    """Whether ``model``'s forward can run preference pairs with their prompt once.
-
-    ``forward_kind`` ``"reward"`` asks about a sequence-classification model's score forward.
+    ``forward_kind`` ``"reward"`` means a sequence-classification model's score forward.
     """
     if forward_kind == "reward":
         from aligner.scores import decoder_and_score
@@ -217,4 +204,23 @@ def can_share_prompts(model: torch.nn.Module, forward_kind: str = "logprobs") ->
         parts = decoder_and_score(unwrap_ddp(model))
     else:
         parts = decoder_and_head(unwrap_ddp(model))
-    return parts is not None and attention_kind(parts[0]) is not None
+    return parts[0] if parts is not None and attention_kind(parts[0]) is not None else None
+
+
+def forward_layout(model: torch.nn.Module, batch: dict[str, Any], forward_kind: str = "logprobs") -> tuple[int, int]:
+    """``(real tokens, positions)`` of the rows the policy's forward pass runs for ``batch``.
+
+    With shared prompts these are the packed rows (each prompt counted once), else the batch's own.
+    """
+    decoder = _sharing_decoder(model, forward_kind) if batch.get("share_prompt") else None
+    counts = pair_lengths(batch, decoder) if decoder is not None else None
+    if counts is None:
+        return int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())
+    total = sum(counts)
+    return int(total.sum()), int(total.max()) * int(total.shape[0])
+
+
+def can_share_prompts(model: torch.nn.Module, forward_kind: str = "logprobs") -> bool:
+    """Whether ``model``'s forward (``"logprobs"`` or ``"reward"``) can run preference pairs with
+    their prompt once."""
+    return _sharing_decoder(model, forward_kind) is not None

@@ -252,7 +252,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
                 epoch, consumed, batch = next(micro_batches)
                 batch = move_to(batch, accelerator.device)
                 tokens += int(batch["attention_mask"].sum())
-                real, run_positions = forward_layout(model, batch)
+                real, run_positions = forward_layout(model, batch, getattr(stage, "forward_kind", "logprobs"))
                 positions += run_positions
                 padding += run_positions - real
                 # Gradients sync across processes only on the last micro-batch of a step.

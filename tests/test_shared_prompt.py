@@ -177,6 +177,9 @@ def test_reward_model_scores_and_gradients_match_its_own_forward(lora):
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
                                                  target_modules=["q_proj", "v_proj"]))
     assert decoder_and_score(model) is not None
+    shared = collate(_examples(), "preference", PAD, share_prompt=True)
+    assert forward_layout(model, shared, "reward")[1] < shared["input_ids"].numel()  # packed rows counted
+    assert forward_layout(model, shared)[1] == shared["input_ids"].numel()  # not an LM: no packed LM forward
     weights = torch.linspace(-1.0, 2.0, 8)
     results = []
     for share in (False, True):
@@ -189,3 +192,13 @@ def test_reward_model_scores_and_gradients_match_its_own_forward(lora):
     assert set(got_grads) == set(expected_grads) and got_grads
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_reward_model_training_runs_pairs_packed_and_reports_that_layout(make_config, caplog):
+    import logging
+
+    config = make_config("reward_model", steps=2)
+    with caplog.at_level(logging.INFO, logger="aligner"):
+        result = train(config)
+    assert "each preference pair runs as one row holding its prompt once" in caplog.text
+    assert 0.0 <= result.metrics["reward_model"]["train/padding_fraction"] < 0.5
