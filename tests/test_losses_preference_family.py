@@ -250,3 +250,50 @@ def test_reward_model_with_equal_scores_is_log_two():
     out = RewardModelLoss().compute(scored([0.3, 0.3]))
     assert out.loss.item() == pytest.approx(math.log(2))
     assert out.metrics["accuracy"].item() == 0.0
+
+
+def _kto_reference_point_in_process(rank: int, store: str, results) -> None:
+    """One of two gloo processes: a KTO loss on this process's own mismatched pairs."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        # mismatched log-ratios: process 0 [1, 2] (alone: z0 = 1.5), process 1 [-3]; pooled (1 + 2 - 3) / 3 = 0
+        kl = ([-1.0, -2.0], [-2.0, -4.0]) if rank == 0 else ([-1.0], [2.0])
+        inputs = unpaired([-1.0] * len(kl[0]), [-1.0] * len(kl[0]), [True] * len(kl[0]),
+                          kl_policy=kl[0], kl_reference=kl[1])
+        out = KTOLoss(KTOLoss.Options(beta=1.0)).compute(inputs)
+        results[rank] = out.metrics["kl"].item()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kto_reference_point_pools_the_mismatched_pairs_of_every_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_kto_reference_point_in_process, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        assert dict(results) == {0: 0.0, 1: 0.0}  # one shared z0: (1 + 2 - 3) / 3, not 1.5 on process 0
+
+
+def test_kto_reference_point_weighs_every_pair_of_every_process_equally(tmp_path):
+    """Alone, process 0 would use 1.5; pooled with a process whose 2 pairs average 0.5: 1.0."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_kto_positive_in_process, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        assert dict(results) == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+
+
+def _kto_positive_in_process(rank: int, store: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        kl = ([-1.0, -2.0], [-2.0, -4.0]) if rank == 0 else ([-1.0, -1.0], [-1.5, -1.5])  # means 1.5 and 0.5
+        inputs = unpaired([-1.0, -1.0], [-1.0, -1.0], [True, False], kl_policy=kl[0], kl_reference=kl[1])
+        results[rank] = KTOLoss(KTOLoss.Options(beta=1.0)).compute(inputs).metrics["kl"].item()
+    finally:
+        dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from aligner.protocols import LossInputs
 
@@ -29,3 +30,17 @@ def preference_metrics(inputs: LossInputs, chosen_rewards: torch.Tensor,
         "logps/chosen": policy_chosen.logps.detach().mean(),
         "logps/rejected": policy_rejected.logps.detach().mean(),
     }
+
+
+def mean_over_processes(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    """``sum(total) / sum(count)`` over every process of a distributed run (here alone: ``total / count``).
+
+    Each process passes its local sum and how many values it holds (0 with none); the division is
+    over the pooled count, so a process with fewer values weighs less. With several processes, every
+    process must call it the same number of times (a collective). ``0`` if no process holds a value.
+    """
+    pooled = torch.stack([total.detach().reshape(()),
+                          torch.as_tensor(count, dtype=total.dtype, device=total.device).reshape(())])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(pooled, op=dist.ReduceOp.SUM)
+    return pooled[0] / pooled[1] if pooled[1] > 0 else pooled.new_zeros(())

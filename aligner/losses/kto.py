@@ -18,7 +18,8 @@ is a desirable example and every rejected one an undesirable example. The pairs 
 pairwise ``rewards/accuracies`` (implicit reward of chosen > rejected), comparable with DPO's.
 
 A micro-batch with a single row has no mismatched pair: the reference point is then 0 for that
-batch (logged once as a warning; ``kl`` is logged as 0).
+batch (logged once as a warning; ``kl`` is logged as 0). With several processes, ``z0`` is the mean
+over every process's mismatched pairs of the step (one all-reduce per micro-batch), as in TRL.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from pydantic import Field
 
 from aligner.hookspecs import hookimpl
-from aligner.losses.common import preference_metrics
+from aligner.losses.common import mean_over_processes, preference_metrics
 from aligner.protocols import PREFERENCE, UNPAIRED, LossInputs, LossOutput, Options
 
 log = logging.getLogger("aligner")
@@ -110,8 +111,13 @@ class KTOLoss:
                 log.warning("KTO: a micro-batch with a single row has no mismatched pair for the KL estimate; "
                             "using z0 = 0 for such batches")
                 self._warned_single_row = True
-            return torch.zeros((), device=inputs.policy.logps.device)
-        return (kl_policy.logps - kl_reference.logps).mean().detach().clamp(min=0)
+            local, count = torch.zeros((), device=inputs.policy.logps.device), 0
+        else:
+            differences = (kl_policy.logps - kl_reference.logps).detach()
+            local, count = differences.sum(), differences.numel()
+        # Under several processes the estimate pools every process's mismatched pairs (TRL gathers
+        # it too): one shared reference point, from more samples. Clamped after pooling.
+        return mean_over_processes(local, count).clamp(min=0)
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         """Mean weighted KTO loss over the completions of the micro-batch."""
