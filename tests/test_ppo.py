@@ -312,3 +312,36 @@ def test_prompts_leave_room_for_generation_within_max_length(tmp_path):
                                           r"'stages\[0\]\.data\.max_length' \(8\)"):
         train(config)
     assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_qlora_ppo_trains_adapters_and_value_head_only(tmp_path):
+    """PPO on a 4-bit base (QLoRA): rollouts, the disabled-adapter reference and updates all run in
+    eval/train mode switches that trigger bitsandbytes' CPU repacking; the guard keeps gradients."""
+    pytest.importorskip("bitsandbytes")
+    from aligner import hookimpl
+    from aligner.api import train
+    from aligner.plugins import temporary_plugin
+
+    snapshots = {}
+
+    class Watch:
+        @hookimpl
+        def on_run_start(self, run):
+            snapshots["start"] = {k: v.detach().clone() for k, v in run.model.named_parameters()}
+
+        @hookimpl
+        def on_run_end(self, run, metrics):
+            snapshots["end"] = {k: v.detach().clone() for k, v in run.model.named_parameters()}
+
+    with temporary_plugin(Watch(), "watch"):
+        result = train(_ppo_config(tmp_path, peft={"name": "qlora", "r": 4}, reference="auto", steps=3))
+    start, end = snapshots["start"], snapshots["end"]
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    adapters = {k for k in start if "lora_" in k}
+    heads = {k for k in start if k.startswith("value_head.")}
+    assert changed <= adapters | heads, f"frozen weights changed: {sorted(changed - adapters - heads)[:3]}"
+    # every LoRA B matrix (zero at the start) has moved: gradients reached every adapter through the 4-bit layers
+    assert {k for k in adapters if "lora_B" in k} <= changed
+    assert heads <= changed
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["policy_loss"]) for r in records if "policy_loss" in r)
