@@ -66,12 +66,22 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
 
 
 def _multi_process_cpu() -> bool:
-    """Several processes (torchrun) and no GPU: accelerate needs ``cpu=True`` to join them with gloo."""
+    """Several processes (torchrun) and no GPU: accelerate needs ``cpu=True`` to join them with gloo.
+
+    FSDP and DeepSpeed need accelerators; launched on CPUs with their accelerate config, the
+    processes run as plain data parallel (every process holds the whole model), which is said.
+    """
     import os
 
     import torch
 
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    sharded = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(flag, "").lower() in ("1", "true")]
+    if multi_cpu and sharded and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("%s needs GPUs: on CPUs the %s processes run as data parallel over gloo, each holding the "
+                    "whole model", sharded[0], os.environ["WORLD_SIZE"])
+    return multi_cpu
 
 
 def _precision(requested: str) -> str:

@@ -21,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(args.config, args.overrides, output_dir=args.output_dir, resume=True if args.resume else None,
                    overwrite=args.overwrite)
-    print(f"final model: {result.final_model_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
+        print(f"final model: {result.final_model_dir}")
     return 0
 
 
