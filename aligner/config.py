@@ -10,6 +10,7 @@ from any working directory; ``output_dir`` is relative to the working directory.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -360,6 +361,7 @@ def load_config(
             return source
         source = source.model_dump(exclude_none=True)
     data, base_dir, origin = read_config_source(source, overrides)
+    _refuse_secrets(data, origin)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -367,6 +369,26 @@ def load_config(
     _resolve_paths(config, base_dir, origin)
     config._source = origin  # type: ignore[attr-defined]  # kept for plugin-option errors
     return config
+
+
+# Option names that hold credentials. The config is copied to <output_dir>/config.yaml and to W&B,
+# so a credential must come from the environment (plugins take the variable's name, ``api_key_env``).
+# Tokenizer settings such as ``pad_token`` are not credentials, hence the explicit list.
+SECRET_KEYS = re.compile(r"(^|_)(api_?key|apikey|secret|password|passwd|access_token|auth_token|bearer_token|"
+                         r"api_token|hf_token)$|^token$")
+
+
+def _refuse_secrets(data: Any, origin: _Source, loc: tuple = ()) -> None:
+    """A ConfigError for a credential written into the config (a non-empty string under a secret-like key)."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        here = (*loc, key)
+        if isinstance(key, str) and SECRET_KEYS.search(key.lower()) and isinstance(value, str) and value:
+            raise ConfigError(
+                f"'{format_loc(here)}'{origin.where(here)} looks like a credential: the config is copied to the run "
+                "directory (config.yaml) and to W&B, so secrets never go in it; set an environment variable and "
+                "give the option its name instead (for example `api_key_env: OPENAI_API_KEY`)")
+        _refuse_secrets(value, origin, here)
 
 
 def _resolve_paths(config: RunConfig, base_dir: Path, origin: _Source) -> None:

@@ -137,3 +137,31 @@ def test_resolved_config_round_trips(tmp_path):
     dump_config(config, tmp_path / "resolved.yaml")
     again = load_config(yaml.safe_load((tmp_path / "resolved.yaml").read_text()))
     assert again.model_dump() == config.model_dump()
+
+
+def test_a_credential_written_into_the_config_is_refused_with_its_line(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: {tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}}\n"
+        "tokenizer: builtin\n"
+        "stages:\n"
+        "  - name: dpo\n"
+        f"    data: {{train: {data}}}\n"
+        "    losses: [{name: dpo}]\n"
+        "    eval:\n"
+        "      generate:\n"
+        "        judge: {name: http, url: 'http://localhost:1', api_key: sk-not-a-real-key}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "'stages[0].eval.generate.judge.api_key'" in message and f"({path}, line 9)" in message
+    assert "looks like a credential" in message and "sk-not-a-real-key" not in message
+    # the variable's name is fine, and so are tokenizer settings that merely end in "token"
+    from aligner.config import SECRET_KEYS
+
+    for harmless in ("api_key_env", "pad_token", "eos_token", "max_new_tokens", "num_tokens"):
+        assert not SECRET_KEYS.search(harmless), harmless
+    for secret in ("api_key", "OPENAI_API_KEY", "apikey", "token", "hf_token", "password", "client_secret"):
+        assert SECRET_KEYS.search(secret.lower()), secret
