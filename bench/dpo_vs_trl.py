@@ -2,6 +2,7 @@
 
 Run:  python bench/dpo_vs_trl.py            (the full benchmark, a few minutes on 2 CPU cores)
       python bench/dpo_vs_trl.py --quick    (a tiny smoke run, seconds)
+      python bench/dpo_vs_trl.py --long-prompts --skip-memory   (long prompts; informational)
 
 Both sides train the same tiny Llama-style model (built from a config and saved to a temporary
 directory, which both load), on the same synthetic preference rows tokenized to the same token ids,
@@ -75,6 +76,9 @@ PRESETS = {
     "quick": dict(hidden=32, layers=1, heads=2, intermediate=64, vocab=2048, steps=3, batch=2,
                   prompt=(2, 8), completion=(2, 8)),
 }
+# --long-prompts: the same model and steps on rows whose prompts are long next to their answers, as in
+# multi-turn conversation data (HH-RLHF-like); informational, the targets are read on the default data.
+LONG_PROMPTS = dict(prompt=(64, 192), completion=(8, 96))
 BIG_VOCAB = 151_936
 MEMORY_PRESETS = {
     "full": dict(hidden=128, layers=2, heads=2, intermediate=344, vocab=BIG_VOCAB, steps=4, batch=4,
@@ -400,6 +404,8 @@ def main() -> None:
                         help="torch CPU threads (default 1: on a shared machine, OpenMP threads that wait for a "
                              "busy core make timings swing tenfold)")
     parser.add_argument("--skip-memory", action="store_true", help="leave out case (d)")
+    parser.add_argument("--long-prompts", action="store_true",
+                        help="prompts of 64-192 words instead of 8-48 (multi-turn-like data); informational")
     parser.add_argument("--memory-child", choices=["aligner", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
@@ -417,7 +423,7 @@ def main() -> None:
 
     preset = "quick" if args.quick else "full"
     args.rounds = args.rounds or (1 if args.quick else 3)
-    spec = PRESETS[preset]
+    spec = {**PRESETS[preset], **(LONG_PROMPTS if args.long_prompts and not args.quick else {})}
     info = machine()
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}), load average {info['loadavg']}, torch {info['torch']}, "
           f"transformers {info['transformers']}, trl {info['trl']}")
