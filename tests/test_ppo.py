@@ -167,17 +167,9 @@ def _save_reward_model(directory) -> str:
     return str(directory)
 
 
-@pytest.mark.parametrize("reference", ["frozen_copy", "auto"])
-def test_lora_ppo_changes_only_adapter_and_value_head_weights(tmp_path, reference):
-    """LoRA PPO scored by a reward_model judge loaded from disk: only adapters and the value head train.
-
-    ``auto`` resolves to ``disabled_adapter`` for online LoRA training: no second copy of the base.
-    """
+def _weight_watcher(snapshots: dict) -> type:
+    """A plugin class that stores every weight at the stage's start and end into ``snapshots``."""
     from aligner import hookimpl
-    from aligner.api import train
-    from aligner.plugins import temporary_plugin
-
-    snapshots = {}
 
     class Watch:
         @hookimpl
@@ -187,6 +179,21 @@ def test_lora_ppo_changes_only_adapter_and_value_head_weights(tmp_path, referenc
         @hookimpl
         def on_run_end(self, run, metrics):
             snapshots["end"] = {k: v.detach().clone() for k, v in run.model.named_parameters()}
+
+    return Watch
+
+
+@pytest.mark.parametrize("reference", ["frozen_copy", "auto"])
+def test_lora_ppo_changes_only_adapter_and_value_head_weights(tmp_path, reference):
+    """LoRA PPO scored by a reward_model judge loaded from disk: only adapters and the value head train.
+
+    ``auto`` resolves to ``disabled_adapter`` for online LoRA training: no second copy of the base.
+    """
+    from aligner.api import train
+    from aligner.plugins import temporary_plugin
+
+    snapshots: dict = {}
+    Watch = _weight_watcher(snapshots)
 
     with temporary_plugin(Watch(), "watch"):
         judge = {"name": "reward_model", "path": _save_reward_model(tmp_path / "rm")}
@@ -318,20 +325,11 @@ def test_qlora_ppo_trains_adapters_and_value_head_only(tmp_path):
     """PPO on a 4-bit base (QLoRA): rollouts, the disabled-adapter reference and updates all run in
     eval/train mode switches that trigger bitsandbytes' CPU repacking; the guard keeps gradients."""
     pytest.importorskip("bitsandbytes")
-    from aligner import hookimpl
     from aligner.api import train
     from aligner.plugins import temporary_plugin
 
-    snapshots = {}
-
-    class Watch:
-        @hookimpl
-        def on_run_start(self, run):
-            snapshots["start"] = {k: v.detach().clone() for k, v in run.model.named_parameters()}
-
-        @hookimpl
-        def on_run_end(self, run, metrics):
-            snapshots["end"] = {k: v.detach().clone() for k, v in run.model.named_parameters()}
+    snapshots: dict = {}
+    Watch = _weight_watcher(snapshots)
 
     with temporary_plugin(Watch(), "watch"):
         result = train(_ppo_config(tmp_path, peft={"name": "qlora", "r": 4}, reference="auto", steps=3))
