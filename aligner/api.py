@@ -19,7 +19,7 @@ from typing import Any
 from aligner.config import RunConfig, dump_config, load_config
 from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
-from aligner.data.tokenize import prompt_token_limit, tokenize_rows
+from aligner.data.tokenize import generation_tokens, prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, ConfigError
 from aligner.plugins import call_hook, temporary_plugin
 from aligner.resume import latest_checkpoint, load_weights, stage_finished
@@ -37,8 +37,7 @@ def _is_chat(stage: PreparedStage) -> bool:
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
     data = stage.config.data
-    generation = max((getattr(getattr(loss, "options", None), "max_new_tokens", 0) or 0 for loss, _ in stage.losses),
-                     default=0)
+    generation = generation_tokens(getattr(loss, "options", None) for loss, _ in stage.losses)
     max_prompt_length = prompt_token_limit(data, stage.data_format, generation, stage.name, stage.index)
     try:
         template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
@@ -124,13 +123,14 @@ def _report_failure(run: RunState, error: BaseException) -> None:
 
 
 def _train_stages(stages: list[PreparedStage], model: Any, config: RunConfig, tokenizer: Any, accelerator: Any,
-                  out: Path, results: dict[str, dict[str, float]]) -> None:
-    """Train (or, when resuming, load) every stage in turn; final metrics go into ``results``."""
+                  out: Path) -> dict[str, dict[str, float]]:
+    """Train (or, when resuming, load) every stage in turn; return each stage's final metrics."""
     from accelerate.utils import set_seed
 
     from aligner.loop import train_stage
 
     resuming = config.resume
+    results: dict[str, dict[str, float]] = {}
     for stage in stages:
         if resuming and stage_finished(out / stage.name):
             model, results[stage.name] = _restore_finished_stage(stage, model, out)
@@ -143,6 +143,7 @@ def _train_stages(stages: list[PreparedStage], model: Any, config: RunConfig, to
         except BaseException as error:
             _report_failure(run, error)
             raise
+    return results
 
 
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
@@ -192,12 +193,10 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     set_seed(resolved.seed)
     model = load_model(resolved.model, tokenizer, kinds.pop())
 
-
-    results: dict[str, dict[str, float]] = {}
     with contextlib.ExitStack() as registered:
         for i, callback in enumerate(callbacks):
             registered.enter_context(temporary_plugin(callback, name=f"callbacks[{i}]:{callback.name}"))
-        _train_stages(stages, model, resolved, tokenizer, accelerator, out, results)
+        results = _train_stages(stages, model, resolved, tokenizer, accelerator, out)
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
         summary = {"final_model": str(final_dir), "stages": results, "data": data_summary(stages)}

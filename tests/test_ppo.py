@@ -343,3 +343,14 @@ def test_qlora_ppo_trains_adapters_and_value_head_only(tmp_path):
     assert heads <= changed
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["policy_loss"]) for r in records if "policy_loss" in r)
+
+
+def test_data_check_applies_the_same_prompt_room_as_training(tmp_path):
+    from aligner.data.check import check_data
+
+    config = _ppo_config(tmp_path)
+    config["stages"][0]["data"]["max_length"] = 14  # 8 generated tokens leave 6 for the prompt
+    train_report = check_data(config)[0]
+    assert train_report.truncated > 0 and train_report.max_prompt_length == 6
+    config["stages"][0]["data"]["max_length"] = 8
+    assert any("leaves no room for a prompt" in p for p in check_data(config)[0].problems)

@@ -23,7 +23,7 @@ from typing import Any
 from aligner.config import DataConfig, RunConfig, load_config
 from aligner.data.loading import RejectedRow, Row, load_validated
 from aligner.data.templates import load_template
-from aligner.data.tokenize import TokenizedData, prompt_token_limit, tokenize_rows
+from aligner.data.tokenize import TokenizedData, generation_tokens, prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, DataError
 from aligner.protocols import PREFERENCE
 
@@ -218,14 +218,13 @@ def _generation_tokens(config: RunConfig, index: int) -> int:
     """The most tokens a stage's losses generate per prompt (``max_new_tokens``; 0 for offline losses)."""
     from aligner.plugins import get_registry
 
-    most = 0
+    options = []
     for choice in config.stages[index].losses:
         try:
-            options = get_registry("loss").get(choice.name).Options(**choice.options())
+            options.append(get_registry("loss").get(choice.name).Options(**choice.options()))
         except Exception:  # an unknown loss or bad options are reported by the config checks
             continue
-        most = max(most, getattr(options, "max_new_tokens", 0) or 0)
-    return most
+    return generation_tokens(options)
 
 
 def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitReport]:
@@ -271,6 +270,7 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitRepo
                      if template is not None else None)
         report = split_report(stage.name, split, source, data, data_format, rows, bad, tokenized,
                               train_keys if split == "eval" else None)
+        report.max_prompt_length = max_prompt_length  # the limit in force (prompt-only data leaves room)
         reports.append(report)
     reports[0].problems = problems
     return reports
