@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
 from aligner.forward import compute_losses, move_to
@@ -16,22 +15,37 @@ from aligner.tracking import to_float
 
 @torch.no_grad()
 def evaluate_losses(run: RunState, model: torch.nn.Module) -> dict[str, float]:
-    """Mean of every loss metric over the eval rows (weighted by rows per batch)."""
-    stage = run.stage
+    """Mean of every loss metric over the eval rows (weighted by rows per batch).
+
+    With several processes each scores every N-th batch and the sums are added up, so the eval
+    set is run once in all, not once per process.
+    """
+    stage, accelerator = run.stage, run.accelerator
     examples = stage.eval_data.examples
-    batches = LengthGroupedBatches(stage_lengths(stage, stage.eval_data), run.stage.config.eval.batch_size, seed=0,
-                                   shuffle=False)
-    loader = DataLoader(examples, batch_sampler=batches, collate_fn=stage_collate(stage, run.tokenizer.pad_token_id))
+    order = list(LengthGroupedBatches(stage_lengths(stage, stage.eval_data), stage.config.eval.batch_size, seed=0,
+                                      shuffle=False))
+    collate = stage_collate(stage, run.tokenizer.pad_token_id)
+    processes = accelerator.num_processes
+    mine = order[accelerator.process_index::processes]
+    # Every process runs the same number of forwards (DDP's buffer sync and KTO's pooled KL are
+    # collectives): a short shard repeats a batch that counts for nothing.
+    padding = -(-len(order) // processes) - len(mine)
+    weights = [1.0] * len(mine) + [0.0] * padding
     sums: dict[str, float] = {}
-    count = 0
-    for batch in loader:
-        batch = move_to(batch, run.accelerator.device)
+    count = 0.0
+    for indices, weight in zip(mine + order[:1] * padding, weights, strict=True):
+        batch = move_to(collate([examples[i] for i in indices]), accelerator.device)
         _, metrics = compute_losses(model, stage, batch)
-        rows = len(batch["row_ids"])
+        rows = len(batch["row_ids"]) * weight
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + to_float(value) * rows
         count += rows
-    return {f"eval/{k}": v / count for k, v in sums.items()}
+    keys = sorted(sums)
+    if processes > 1:
+        pooled = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=accelerator.device)
+        *values, count = accelerator.reduce(pooled, reduction="sum").tolist()
+        sums = dict(zip(keys, values, strict=True))
+    return {f"eval/{k}": sums[k] / count for k in keys}
 
 
 @torch.no_grad()

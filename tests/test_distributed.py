@@ -32,12 +32,18 @@ def step_losses(out):
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
+def eval_metrics(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], {k: v for k, v in r.items() if k.startswith("eval/")}) for r in records if "eval/loss" in r]
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(make_config, tmp_path):
     # One process: micro-batches of 4 rows, 2 per step. Two processes: one micro-batch of 4 rows
     # each per step. Both consume the same global order of sampler batches, 8 rows per step.
+    # Eval batches of 3 rows: 3 batches, so one process scores 2 and the other 1 plus a repeat that counts for nothing.
     base = make_config("dpo", rows=preference_rows(32), eval_rows=preference_rows(8),
                        train={"max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "gradient_accumulation_steps": 2,
-                              "save_every": 3})
+                              "save_every": 3}, eval={"batch_size": 3})
     single_cfg, double_cfg = tmp_path / "one.yaml", tmp_path / "two.yaml"
     single_cfg.write_text(yaml.safe_dump(base))
     base["stages"][0]["train"]["gradient_accumulation_steps"] = 1
@@ -47,6 +53,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(make_config,
     two = launch(double_cfg, tmp_path / "two", 2, tmp_path / "cache-two")
 
     a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    # Held-out metrics: the eval set is split between the processes and the sums pooled, so they
+    # equal the single process's, which scores every batch.
+    ea, eb = eval_metrics(tmp_path / "one"), eval_metrics(tmp_path / "two")
+    assert [step for step, _ in ea] == [step for step, _ in eb] == [0, 3]
+    for (_, x), (_, y) in zip(ea, eb, strict=True):
+        assert set(x) == set(y) and all(x[k] == pytest.approx(y[k], abs=1e-5) for k in x), (x, y)
     assert [s for s, _ in b] == [1, 2, 3], "each step must be logged exactly once (main process only)"
     for (_, x), (_, y) in zip(a, b, strict=True):
         assert x == pytest.approx(y, abs=1e-5)
