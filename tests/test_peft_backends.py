@@ -165,6 +165,16 @@ def test_generic_backend_rejects_unknown_methods_and_options(make_config):
         train(make_config("dpo", peft={"name": "peft", "method": "prompt_tuning", "num_virtual_token": 3}))
 
 
+def test_loftq_without_a_gpu_is_a_config_error_naming_the_key(make_config, tmp_path, monkeypatch):
+    """peft computes LoftQ on CUDA only: said at config time, before any model loads or file is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = make_config("dpo", peft={"name": "peft", "method": "lora", "r": 4, "init_lora_weights": "loftq",
+                                      "loftq_config": {"loftq_bits": 4}})
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.peft.*'loftq' needs a CUDA GPU"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
 @pytest.mark.parametrize("trim", [True, False])
 def test_completion_logprobs_align_with_virtual_tokens(method, trim, monkeypatch):

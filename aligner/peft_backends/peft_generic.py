@@ -44,6 +44,17 @@ def peft_config_class(method: str) -> type:
     return by_name[key]
 
 
+def _check_loftq_can_run() -> None:
+    """peft computes LoftQ's initialisation on a CUDA device and with scipy: say so at config time."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ValueError("init_lora_weights 'loftq' needs a CUDA GPU (peft computes the LoftQ initialisation on "
+                         "CUDA); without one use the default LoRA initialisation or the 'qlora' backend")
+    if importlib.util.find_spec("scipy") is None:
+        raise ValueError("init_lora_weights 'loftq' needs scipy, which peft uses for it: pip install scipy")
+
+
 def build_peft_config(method: str, options: dict[str, Any]) -> Any:
     """A peft config object for ``method`` with ``options`` (nested ``loftq_config`` dicts converted)."""
     cls = peft_config_class(method)
@@ -52,6 +63,8 @@ def build_peft_config(method: str, options: dict[str, Any]) -> Any:
         if key not in fields:
             raise ValueError(f"unknown option '{key}' for peft method '{method}'{suggest(key, sorted(fields))}")
     options = dict(options)
+    if options.get("init_lora_weights") == "loftq":
+        _check_loftq_can_run()
     if isinstance(options.get("loftq_config"), dict):
         from peft import LoftQConfig
 
