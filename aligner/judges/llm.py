@@ -21,8 +21,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from aligner.hookspecs import hookimpl
-from aligner.judges import saved_model_dir
-from aligner.judges.reward_model import pick_device
+from aligner.judges import load_judge_model, saved_model_dir
 from aligner.protocols import Options
 
 
@@ -96,13 +95,11 @@ class LLMJudge:
         self.tokenizer: Any = None
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         o = self.options
-        self.device = pick_device(o.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(o.path, trust_remote_code=o.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(o.path, trust_remote_code=o.trust_remote_code)
-        self.model.to(self.device).eval()
+        self.device, self.tokenizer, self.model = load_judge_model(
+            AutoModelForCausalLM, o.path, o.device, o.trust_remote_code)
 
     def choice_ids(self, spec: dict[str, Any]) -> list[list[int]]:
         """The token ids of the template's two choices (several tokens each, if the tokenizer splits them)."""

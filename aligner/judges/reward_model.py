@@ -13,15 +13,8 @@ import torch
 from pydantic import Field, field_validator
 
 from aligner.hookspecs import hookimpl
-from aligner.judges import saved_model_dir
+from aligner.judges import load_judge_model, saved_model_dir
 from aligner.protocols import Options
-
-
-def pick_device(requested: str | None) -> torch.device:
-    """``requested``, or the GPU when there is one, else the CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class RewardModelJudge:
@@ -52,17 +45,15 @@ class RewardModelJudge:
         self.template: Any = None
 
     def _load(self) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         from aligner.data.templates import load_template
 
         o = self.options
-        self.device = pick_device(o.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(o.path, trust_remote_code=o.trust_remote_code)
+        self.device, self.tokenizer, self.model = load_judge_model(
+            AutoModelForSequenceClassification, o.path, o.device, o.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            o.path, trust_remote_code=o.trust_remote_code).to(self.device).eval()
         # The classifier reads the last non-pad token, so it must know which id pads.
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
