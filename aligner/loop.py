@@ -250,11 +250,12 @@ def train_stage(run: RunState, model: torch.nn.Module,
             collected, tokens, positions, padding = [], 0, 0, 0
             for micro in range(accumulation):
                 epoch, consumed, batch = next(micro_batches)
-                batch = move_to(batch, accelerator.device)
+                # Counted on the collated CPU tensors: no device synchronisation for a metric.
                 tokens += int(batch["attention_mask"].sum())
                 real, run_positions = forward_layout(model, batch, getattr(stage, "forward_kind", "logprobs"))
                 positions += run_positions
                 padding += run_positions - real
+                batch = move_to(batch, accelerator.device)
                 # Gradients sync across processes only on the last micro-batch of a step.
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():

@@ -36,35 +36,37 @@ def decoder_and_score(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, score, int(pad)
 
 
-def _shared_prompt_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
-    parts = decoder_and_score(model)
-    if parts is None:
-        return None
-    decoder, score, pad = parts
-    packed = pack_pairs(batch, decoder)
-    if packed is None:
-        return None
-    hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                     position_ids=packed.position_ids, use_cache=False).last_hidden_state
-    # The model's own rule: the rightmost token that is not the pad token, found in the two-row layout.
+def _decoder_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Scores through the decoder and score head called directly (``decoder_and_score`` is not None).
+
+    Pairs of a ``share_prompt`` batch run packed where they can, else every sequence is its own row;
+    either way the score is read where the model's own forward reads it.
+    """
+    decoder, score, pad = decoder_and_score(model)
+    packed = pack_pairs(batch, decoder) if batch.get("share_prompt") else None
     ids = batch["input_ids"]
+    if packed is None:
+        hidden = decoder(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    else:
+        hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                         position_ids=packed.position_ids, use_cache=False).last_hidden_state
+    # The model's own rule: the rightmost token that is not the pad token, found in the two-row layout.
     columns = torch.arange(ids.shape[1], device=ids.device)
     last = (columns * (ids != pad)).argmax(-1)
     rows = torch.arange(ids.shape[0], device=ids.device)
-    return score(hidden.flatten(0, 1)[packed.flat_index(rows, last)])
+    flat = rows * ids.shape[1] + last if packed is None else packed.flat_index(rows, last)
+    return score(hidden.flatten(0, 1)[flat])
 
 
 def sequence_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """One score per sequence of the batch, shape ``[N]``."""
-    logits = None
-    if batch.get("share_prompt"):
-        inner = ddp_inner(model)
-        if inner is None:
-            logits = _shared_prompt_scores(model, batch)
-        elif decoder_and_score(inner) is not None:  # run as DDP's forward, so gradients still sync
-            logits = run_as_forward(model, lambda: _shared_prompt_scores(inner, batch))
-    if logits is None:
+    inner = ddp_inner(model)
+    if not batch.get("share_prompt") or decoder_and_score(inner if inner is not None else model) is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    elif inner is None:
+        logits = _decoder_scores(model, batch)
+    else:  # run as DDP's forward, so gradients still sync
+        logits = run_as_forward(model, lambda: _decoder_scores(inner, batch))
     if logits.shape[-1] != 1:
         raise ValueError(f"a reward model must have one output label, this one has {logits.shape[-1]}")
     return logits.squeeze(-1)

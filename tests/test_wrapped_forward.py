@@ -32,3 +32,33 @@ def test_ddp_model_runs_the_shared_prompt_path_through_its_own_forward(tmp_path)
         torch.testing.assert_close(got.logps, expected.logps, atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_ddp_reward_model_runs_one_wrapper_forward_packed_or_not(tmp_path):
+    """Packed or not (a batch whose pairs differ in prompt falls back), a DDP reward model's scores
+    come from exactly one wrapper forward, and equal the model's own."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from aligner.scores import sequence_scores
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, num_labels=1, pad_token_id=PAD))
+        wrapped = DistributedDataParallel(model)
+        calls = []
+        wrapped.register_forward_pre_hook(lambda module, args: calls.append(1))
+        packable = collate(_examples(), "preference", PAD, share_prompt=True)
+        unpackable = dict(packable, input_ids=packable["input_ids"].clone())
+        unpackable["input_ids"][5, 0] += 1  # pair 1's rejected row has another prompt
+        for batch in (packable, unpackable):
+            calls.clear()
+            scores = sequence_scores(wrapped, batch)
+            assert calls == [1]
+            scores.sum().backward()
+            expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+            torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
