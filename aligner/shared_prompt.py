@@ -40,7 +40,6 @@ class PackedPairs:
     attention_mask: torch.Tensor  # [pairs, 1, width, width]
     prompt_lengths: torch.Tensor  # [pairs]
     chosen_lengths: torch.Tensor  # [pairs]: completion tokens of the chosen sequence
-    real_tokens: int  # non-padding positions of the packed rows
 
     @property
     def width(self) -> int:
@@ -128,4 +127,4 @@ def pack_pairs(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedPairs |
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     return PackedPairs(input_ids=input_ids, position_ids=position_ids, attention_mask=allowed,
-                       prompt_lengths=prompt, chosen_lengths=chosen, real_tokens=int(total.sum()))
+                       prompt_lengths=prompt, chosen_lengths=chosen)
