@@ -252,6 +252,21 @@ def test_reward_model_with_equal_scores_is_log_two():
     assert out.metrics["accuracy"].item() == 0.0
 
 
+def _spawn_two(target, store: str, results) -> None:
+    """Run ``target(rank, store, results)`` in two spawned processes; a hang fails instead of stalling."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(target, args=(store, results), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the two gloo processes did not finish within 180 s")
+
+
 def _kto_reference_point_in_process(rank: int, store: str, results) -> None:
     """One of two gloo processes: a KTO loss on this process's own mismatched pairs."""
     import torch.distributed as dist
@@ -273,7 +288,7 @@ def test_kto_reference_point_pools_the_mismatched_pairs_of_every_process(tmp_pat
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_kto_reference_point_in_process, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        _spawn_two(_kto_reference_point_in_process, str(tmp_path / "store"), results)
         assert dict(results) == {0: 0.0, 1: 0.0}  # one shared z0: (1 + 2 - 3) / 3, not 1.5 on process 0
 
 
@@ -283,7 +298,7 @@ def test_kto_reference_point_weighs_every_pair_of_every_process_equally(tmp_path
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_kto_positive_in_process, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        _spawn_two(_kto_positive_in_process, str(tmp_path / "store"), results)
         assert dict(results) == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
 
 
