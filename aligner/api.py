@@ -19,7 +19,7 @@ from typing import Any
 from aligner.config import RunConfig, dump_config, load_config
 from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
-from aligner.data.tokenize import generation_tokens, prompt_token_limit, tokenize_rows
+from aligner.data.tokenize import prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, ConfigError
 from aligner.plugins import call_hook, temporary_plugin
 from aligner.resume import latest_checkpoint, load_weights, stage_finished
@@ -37,7 +37,7 @@ def _is_chat(stage: PreparedStage) -> bool:
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
     data = stage.config.data
-    generation = generation_tokens(getattr(loss, "options", None) for loss, _ in stage.losses)
+    generation = stage.algorithm.generation_tokens()
     max_prompt_length = prompt_token_limit(data, stage.data_format, generation, stage.name, stage.index)
     try:
         template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
@@ -127,7 +127,7 @@ def _train_stages(stages: list[PreparedStage], model: Any, config: RunConfig, to
     """Train (or, when resuming, load) every stage in turn; return each stage's final metrics."""
     from accelerate.utils import set_seed
 
-    from aligner.loop import train_stage
+    from aligner.runner import train_stage
 
     resuming = config.resume
     results: dict[str, dict[str, float]] = {}

@@ -131,11 +131,14 @@ class EvalConfig(Strict):
 
 
 class StageConfig(Strict):
-    """One stage of a run: data, losses, reference policy, PEFT backend and training settings."""
+    """One stage of a run: data, algorithm, losses, reference policy, PEFT backend and training settings."""
 
     name: str
     data: DataConfig
-    losses: list[LossChoice] = Field(min_length=1)
+    algorithm: PluginChoice = Field(default_factory=lambda: PluginChoice(name="offline"), description=(
+        "how the stage trains: offline (the weighted losses, default), ppo, grpo, rloo, reinforce_pp, online_dpo"))
+    losses: list[LossChoice] = Field(default_factory=list, description="the losses of the offline algorithm "
+                                     "(and the preference loss of online_dpo)")
     reference: PluginChoice = PluginChoice(name="auto")
     peft: PluginChoice = PluginChoice(name="full")
     train: TrainConfig = TrainConfig()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import torch
 
 from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
 from aligner.forward import compute_losses, move_to
+from aligner.online.sampler import decode, sample_completions
 from aligner.run import RunState
 from aligner.tracking import to_float
 
@@ -48,38 +48,16 @@ def evaluate_losses(run: RunState, model: torch.nn.Module) -> dict[str, float]:
     return {f"eval/{k}": sums[k] / count for k in keys}
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int,
-             temperature: float, top_p: float, batch_size: int, seed: int) -> list[str]:
-    """Sample one completion per prompt (left-padded batches, KV cache on); returns decoded text.
-
-    Sampling uses its own seeded RNG stream so that evaluating does not change the training run.
-    """
-    device = next(model.parameters()).device
-    texts: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-                "do_sample": False}
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 use_cache=True, **sampling)
-            texts.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
-    return texts
-
-
 def evaluate_generations(run: RunState, model: torch.nn.Module) -> dict[str, float]:
     """Judge sampled completions for held-out prompts: ``eval/judge_score`` (mean) and a samples file."""
     settings = run.stage.config.eval.generate
     examples = run.stage.eval_data.examples[: settings.num_prompts]
     unwrapped = run.accelerator.unwrap_model(model)
-    texts = generate(unwrapped, run.tokenizer, [e["prompt_ids"] for e in examples], settings.max_new_tokens,
-                     settings.temperature, settings.top_p, settings.batch_size, seed=run.config.seed)
+    # A private RNG stream: evaluating never changes the training run.
+    completions = sample_completions(unwrapped, run.tokenizer, [e["prompt_ids"] for e in examples],
+                                     max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                     top_p=settings.top_p, batch_size=settings.batch_size, seed=run.config.seed)
+    texts = decode(run.tokenizer, completions)
     prompts = [e["prompt"] for e in examples]
     scores = run.stage.judge.score(prompts, texts)
     run.last_samples = [{"prompt": p, "completion": t, "score": s} for p, t, s in zip(prompts, texts, scores, strict=True)]

@@ -77,6 +77,29 @@ def register_callbacks(register: Register) -> None:
     """
 
 
+@hookspec
+def register_algorithms(register: Register) -> None:
+    """Register algorithm classes with ``register(AlgorithmClass)``: how a stage trains, chosen by a
+    stage's ``algorithm: {name: ..., <options>}`` (default ``offline``, the weighted losses).
+
+    An algorithm satisfies ``aligner.protocols.Algorithm``: a unique ``name``, the ``data_formats``
+    it trains on, an ``Options`` pydantic model, ``setup(context)`` and ``train_step(step)``, plus
+    members that ``aligner.algorithms.Algorithm`` (the base class to subclass) gives defaults for.
+    The stage runner does everything else (optimizer, schedule, guard, checkpoints, resume, hooks).
+    """
+
+
+@hookspec
+def register_advantage_estimators(register: Register) -> None:
+    """Register advantage-estimator classes with ``register(EstimatorClass)``: how online algorithms
+    turn rollout rewards into advantages (``gae``, ``group_relative``, ``rloo``, ...), chosen by an
+    algorithm's ``estimator: {name: ..., <options>}``.
+
+    An estimator satisfies ``aligner.protocols.AdvantageEstimator``: a unique ``name``,
+    ``needs_critic``, an ``Options`` pydantic model and ``estimate(inputs) -> Advantages``.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifecycle hooks: observe and extend a run. ``run`` is the live ``aligner.run.RunState``; a
 # hook may read it, add metrics to the dict it is given, or set ``run.should_stop = True``.

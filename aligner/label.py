@@ -127,8 +127,8 @@ def label(config: LabelConfig) -> dict[str, int]:
     from aligner.data.templates import load_template
     from aligner.data.tokenize import tokenize_rows
     from aligner.models import load_model, load_tokenizer
-    from aligner.ppo.loss import build_judge
-    from aligner.ppo.rollout import sample_completions
+    from aligner.online.rewards import build_judge
+    from aligner.online.sampler import sample_completions
 
     try:
         judge = build_judge(config.judge)

@@ -103,6 +103,15 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return decoder, head
 
 
+def token_window_start(batch: dict[str, Any]) -> int:
+    """First position whose logit per-token values are reported from: one before the batch's earliest
+    completion token, or the batch's ``window_start`` (rows taken from a larger batch, such as a
+    rollout's minibatches, keep its columns so that stored per-token values line up)."""
+    if "window_start" in batch:
+        return int(batch["window_start"])
+    return max(int(batch["prompt_lengths"].min()) - 1, 0)
+
+
 def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Log-prob of each target token: LM head, then log-softmax at the target only (float32)."""
     logits = head(hidden).float()
@@ -145,7 +154,7 @@ def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module,
     token_logps = mask = None
     if token_level:
         # The same [N, T] layout as the plain path: from the batch's first scored position on.
-        start = max(int(batch["prompt_lengths"].min()) - 1, 0)
+        start = token_window_start(batch)
         full = flat.new_zeros(scored.shape).index_put((rows[0], rows[1]), flat)
         token_logps, mask = full[:, start:], scored[:, start:]
     return SequenceLogProbs(logps=logps, num_tokens=completion_mask.sum(-1), token_logps=token_logps, mask=mask)
@@ -157,7 +166,7 @@ def plain_completion_logprobs(model: torch.nn.Module, batch: dict[str, Any], tok
     completion_mask = batch["completion_mask"]
     length = input_ids.shape[1]
     # Position t predicts token t+1, so the first needed logit is one before the earliest completion token.
-    start = max(int(batch["prompt_lengths"].min()) - 1, 0)
+    start = token_window_start(batch)
     keep = length - start
     kwargs: dict[str, Any] = {"use_cache": False}
     trimmed = _accepts_logits_to_keep(type(_unwrap(model)))

@@ -44,7 +44,6 @@ BUILTIN_PLUGINS = (
     "aligner.judges.rule",
     "aligner.judges.reward_model",
     "aligner.judges.llm",
-    "aligner.ppo.loss",
     "aligner.peft_backends.full",
     "aligner.peft_backends.lora",
     "aligner.peft_backends.qlora",
@@ -52,6 +51,16 @@ BUILTIN_PLUGINS = (
     "aligner.trackers.wandb_tracker",
     "aligner.callbacks.early_stopping",
     "aligner.callbacks.extra_metrics",
+    "aligner.algorithms.offline",
+    "aligner.algorithms.ppo",
+    "aligner.algorithms.grpo",
+    "aligner.algorithms.rloo",
+    "aligner.algorithms.reinforce_pp",
+    "aligner.algorithms.online_dpo",
+    "aligner.online.advantages.gae",
+    "aligner.online.advantages.group_relative",
+    "aligner.online.advantages.rloo",
+    "aligner.online.advantages.reinforce_pp",
 )
 
 # registry kind -> registration hook name
@@ -61,6 +70,8 @@ REGISTRATION_HOOKS = {
     "judge": "register_judges",
     "peft backend": "register_peft_backends",
     "callback": "register_callbacks",
+    "algorithm": "register_algorithms",
+    "advantage estimator": "register_advantage_estimators",
 }
 
 
@@ -209,8 +220,7 @@ def temporary_plugin(plugin: Any, name: str | None = None) -> Iterator[str]:
 
 
 def get_registries() -> dict[str, Registry]:
-    """Build (once) and return the registries, keyed by kind: loss, reference policy, judge, peft backend,
-    callback."""
+    """Build (once) and return the registries, keyed by kind (the keys of ``REGISTRATION_HOOKS``)."""
     if _state.registries is not None:
         return _state.registries
     pm = load_plugins()
@@ -241,7 +251,8 @@ def get_registries() -> dict[str, Registry]:
 
 
 def get_registry(kind: str) -> Registry:
-    """One registry: ``"loss"``, ``"reference policy"``, ``"judge"``, ``"peft backend"`` or ``"callback"``."""
+    """One registry: ``"loss"``, ``"reference policy"``, ``"judge"``, ``"peft backend"``, ``"callback"``,
+    ``"algorithm"`` or ``"advantage estimator"``."""
     return get_registries()[kind]
 
 

@@ -193,6 +193,81 @@ class Callback(Protocol):
     Options: ClassVar[type[Options]]
 
 
+@runtime_checkable
+class Algorithm(Protocol):
+    """How a stage trains: the offline weighted-losses loop, PPO, GRPO, ... Instantiated as
+    ``AlgorithmClass(options)`` from the stage's ``algorithm: {name: ..., <options>}``.
+
+    The stage runner (``aligner.runner``) owns everything algorithms share: setup order, the
+    optimizer and LR schedule, evaluation, hooks, signals, the non-finite guard, clipping,
+    checkpoints, exact resume and the final save. An algorithm owns its data stream, what one
+    training step does, its extra checkpoint state and which model is final. Subclass
+    ``aligner.algorithms.Algorithm``: it gives every member but ``setup`` and ``train_step`` a default.
+    """
+
+    name: ClassVar[str]
+    data_formats: ClassVar[tuple[str, ...]]
+    Options: ClassVar[type[Options]]
+
+    def check_stage(self, stage: Any) -> None:
+        """Refuse (``ConfigError``) a stage whose other choices this algorithm cannot run, before any model loads."""
+        ...
+
+    def needs_reference(self, losses: list[tuple[Any, float]]) -> bool:
+        """Whether the stage, with these (loss, weight) pairs, needs reference log-probs (``reference:
+        auto`` picks ``none`` otherwise, and no reference is built or run)."""
+        ...
+
+    def generation_tokens(self) -> int:
+        """The most tokens generated per prompt (0 for offline algorithms); prompts are cut to leave room."""
+        ...
+
+    def setup(self, context: Any) -> Any:
+        """Build what trains and the data stream; return an ``aligner.algorithms.AlgorithmSetup``."""
+        ...
+
+    def train_step(self, step: Any) -> Any:
+        """One training step through ``step`` (an ``aligner.algorithms.StepServices``); return a ``StepResult``."""
+        ...
+
+    def evaluate(self, run: Any, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics (``eval/...``) of the model being trained."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra JSON state for a checkpoint (e.g. an adaptive KL coefficient)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (the whole ``trainer_state.json`` is passed)."""
+        ...
+
+    def load_weights(self, module: torch.nn.Module, directory: Any) -> None:
+        """Load a checkpoint's weights into the (unwrapped) module ``setup`` returned."""
+        ...
+
+    def policy_of(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The policy inside the (unwrapped) trained module: the final model and the next stage's start."""
+        ...
+
+
+@runtime_checkable
+class AdvantageEstimator(Protocol):
+    """Turns rollout rewards into per-token advantages. Instantiated as ``EstimatorClass(options)``.
+
+    ``needs_critic`` says whether it reads critic values (GAE); ``estimate(inputs)`` takes an
+    ``aligner.online.advantages.AdvantageInputs`` and returns ``aligner.online.advantages.Advantages``.
+    """
+
+    name: ClassVar[str]
+    needs_critic: ClassVar[bool]
+    Options: ClassVar[type[Options]]
+
+    def estimate(self, inputs: Any) -> Any:
+        """Advantages (and returns, for a critic) of one rollout batch."""
+        ...
+
+
 # Lifecycle hooks a callback may implement (``aligner.hookspecs``); it must implement one.
 LIFECYCLE_HOOKS = ("on_run_start", "on_step_end", "on_evaluate", "on_checkpoint_saved", "on_run_end",
                    "on_run_failed")
@@ -204,4 +279,7 @@ REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
     "judge": ("name", "Options", "score"),
     "peft backend": ("name", "Options", "apply"),
     "callback": ("name", "Options"),
+    "algorithm": ("name", "data_formats", "Options", "check_stage", "needs_reference", "generation_tokens", "setup",
+                  "train_step", "evaluate", "state_dict", "load_state_dict", "load_weights", "policy_of"),
+    "advantage estimator": ("name", "needs_critic", "Options", "estimate"),
 }

@@ -12,10 +12,11 @@ from aligner.errors import PluginError, suggest
 from aligner.protocols import DATA_FORMATS, LIFECYCLE_HOOKS, REQUIRED_MEMBERS
 
 # Required members that are values rather than methods.
-DATA_MEMBERS = frozenset({"name", "data_formats", "needs_reference", "Options"})
+DATA_MEMBERS = frozenset({"name", "data_formats", "needs_reference", "needs_critic", "Options"})
 # The protocol class in aligner.protocols that documents each kind.
 PROTOCOL_NAMES = {"loss": "Loss", "reference policy": "ReferencePolicy", "judge": "Judge",
-                  "peft backend": "PeftBackend", "callback": "Callback"}
+                  "peft backend": "PeftBackend", "callback": "Callback", "algorithm": "Algorithm",
+                  "advantage estimator": "AdvantageEstimator"}
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ class Registry:
             raise PluginError(f"{who} registered a {self.kind} whose name is not a non-empty string")
         if not (isinstance(obj.Options, type) and issubclass(obj.Options, BaseModel)):
             raise PluginError(f"{who} registered {self.kind} '{name}' whose Options is not a pydantic model")
-        if self.kind == "loss":
+        if "data_formats" in REQUIRED_MEMBERS[self.kind]:
             unknown = [f for f in obj.data_formats if f not in DATA_FORMATS]
             if unknown or not obj.data_formats:
                 raise PluginError(
-                    f"{who} registered loss '{name}' with invalid data_formats {obj.data_formats!r}; "
+                    f"{who} registered {self.kind} '{name}' with invalid data_formats {obj.data_formats!r}; "
                     f"valid formats: {', '.join(DATA_FORMATS)}"
                 )
         if self.kind == "callback" and not any(callable(getattr(obj, h, None)) for h in LIFECYCLE_HOOKS):

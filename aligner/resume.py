@@ -96,9 +96,19 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
                            f"unexpected {unexpected[:5]}")
 
 
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``: step, position, RNG and any algorithm state."""
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+def read_position(directory: Path) -> Position:
+    """Where the checkpoint's run stood in its data."""
+    return Position(**read_trainer_state(directory)["position"])
+
+
 def load_training_state(directory: Path, optimizer: Any, scheduler: Any) -> Position:
     """Restore optimizer, scheduler and RNG from a checkpoint; return its position."""
-    state = json.loads((directory / "trainer_state.json").read_text())
+    state = read_trainer_state(directory)
     saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

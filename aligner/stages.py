@@ -16,6 +16,7 @@ from aligner.data.loading import Row, load_validated
 from aligner.data.tokenize import TokenizedData
 from aligner.errors import ConfigError
 from aligner.plugins import get_registry
+from aligner.protocols import PROMPT_ONLY
 from aligner.references import choose_reference
 
 log = logging.getLogger("aligner")
@@ -28,6 +29,7 @@ class PreparedStage:
     index: int
     config: StageConfig
     data_format: str
+    algorithm: Any
     losses: list[tuple[Any, float]]
     reference_name: str
     reference: Any
@@ -65,8 +67,9 @@ class PreparedStage:
 
 
 def forward_kind_of(losses: list[Any], where: str = "") -> str:
-    """The one ``forward_kind`` the losses share (``logprobs`` unless declared); a ConfigError if they differ."""
-    kinds = {getattr(loss, "forward_kind", "logprobs") for loss in losses}
+    """The one ``forward_kind`` the losses share (``logprobs`` unless declared, or without losses); a
+    ConfigError if they differ."""
+    kinds = {getattr(loss, "forward_kind", "logprobs") for loss in losses} or {"logprobs"}
     if len(kinds) > 1:
         detail = ", ".join(f"{loss.name}: {getattr(loss, 'forward_kind', 'logprobs')}" for loss in losses)
         raise ConfigError(f"{where}losses that need different model forwards cannot share a stage ({detail})")
@@ -80,6 +83,19 @@ def instantiate(kind: str, choice: PluginChoice, loc: tuple, config: RunConfig) 
     cls = get_registry(kind).get(choice.name, where=_where(loc) + line)
     options = validate_plugin_options(cls.Options, choice, loc, config)
     return cls(options)
+
+
+def _refuse_algorithm_as_loss(choice: PluginChoice, loc: tuple, config: RunConfig) -> None:
+    """``losses: [{name: ppo}]``: an algorithm named where a loss goes gets told where it belongs."""
+    from aligner.config import format_loc
+
+    if choice.name in get_registry("loss") or choice.name not in get_registry("algorithm"):
+        return
+    source = getattr(config, "_source", None)
+    line = source.where((*loc, "name")) if source is not None else ""
+    stage = format_loc(loc[:2])
+    raise ConfigError(f"'{choice.name}' at '{format_loc(loc)}'{line} is an algorithm, not a loss: move it and its "
+                      f"options to '{stage}.algorithm' ({{name: {choice.name}, ...}})")
 
 
 def _where(loc: tuple) -> str:
@@ -100,8 +116,10 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     """Resolve one stage's plugins and load and validate its rows."""
     stage = config.stages[index]
     base = ("stages", index)
+    algorithm = instantiate("algorithm", stage.algorithm, (*base, "algorithm"), config)
     losses = []
     for i, choice in enumerate(stage.losses):
+        _refuse_algorithm_as_loss(choice, (*base, "losses", i), config)
         loss = instantiate("loss", choice, (*base, "losses", i), config)
         losses.append((loss, choice.weight))
     forward_kind = forward_kind_of([loss for loss, _ in losses], where=f"stage '{stage.name}': ")
@@ -109,26 +127,29 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
         raise ConfigError(f"stage '{stage.name}': a reward model cannot generate; remove "
                           f"'stages[{index}].eval.generate' (its held-out metric is eval/accuracy)")
     data_format, train_rows = load_validated(stage.data.train, stage.data.format, stage.data.split, stage.data.max_rows)
-    for loss, _ in losses:
-        if data_format not in loss.data_formats:
-            raise ConfigError(
-                f"loss '{loss.name}' in stage '{stage.name}' trains on {'/'.join(loss.data_formats)} data, but "
-                f"{stage.data.train} is {data_format} data (set 'stages[{index}].data.format' if the guess is wrong)"
-            )
+    if data_format not in algorithm.data_formats:
+        online = [n for n in get_registry("algorithm").names()
+                  if PROMPT_ONLY in get_registry("algorithm").get(n).data_formats]
+        hint = (f"prompt-only data needs an online algorithm: set 'stages[{index}].algorithm.name' to one of "
+                f"{', '.join(online)}" if data_format == PROMPT_ONLY else
+                f"set 'stages[{index}].data.format' if the guess is wrong")
+        raise ConfigError(f"algorithm '{algorithm.name}' of stage '{stage.name}' trains on "
+                          f"{'/'.join(algorithm.data_formats)} data, but {stage.data.train} is {data_format} data ({hint})")
     if stage.data.eval is not None:
         _, eval_rows = load_validated(stage.data.eval, data_format, stage.data.split)
     elif stage.data.eval_fraction > 0:
         train_rows, eval_rows = _split_eval(train_rows, stage.data.eval_fraction, config.seed)
     else:
         eval_rows = []
-    needs_reference = any(loss.needs_reference for loss, _ in losses)
+    needs_reference = algorithm.needs_reference(losses)
     scores_extra = any(getattr(loss, "needs_kl_completions", False) for loss, _ in losses)
     reference_name = choose_reference(stage.reference.name, needs_reference, data_format, stage.peft.name,
                                       scores_extra_sequences=scores_extra)
     if needs_reference and reference_name == "none":
         needing = [loss.name for loss, _ in losses if loss.needs_reference]
-        raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but loss(es) {', '.join(needing)} "
-                          f"need reference log-probs ('stages[{index}].reference.name')")
+        raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but "
+                          f"{'loss(es) ' + ', '.join(needing) if needing else 'algorithm ' + repr(algorithm.name)} "
+                          f"need(s) reference log-probs ('stages[{index}].reference.name')")
     reference_choice = PluginChoice(name=reference_name, **stage.reference.options())
     reference = instantiate("reference policy", reference_choice, (*base, "reference"), config)
     peft = instantiate("peft backend", stage.peft, (*base, "peft"), config)
@@ -138,8 +159,9 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
         if not eval_rows:
             raise ConfigError(f"stage '{stage.name}': eval.generate needs held-out prompts; set "
                               f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
-    prepared = PreparedStage(index, stage, data_format, losses, reference_name, reference, peft, judge,
+    prepared = PreparedStage(index, stage, data_format, algorithm, losses, reference_name, reference, peft, judge,
                              train_rows, eval_rows)
+    algorithm.check_stage(prepared)
     # Losses may look at the validated data (class balance, batch size) and warn before any training.
     for loss, _ in losses:
         check = getattr(loss, "check_stage", None)

@@ -235,16 +235,16 @@ def aligner_config(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any],
 def run_aligner(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], name: str,
                 share_prompt: bool = True) -> Recorder:
     """aligner.train with its defaults; the window opens when the loop's setup starts."""
-    import aligner.loop as loop
+    import aligner.runner as loop
     from aligner import train
     from aligner.plugins import temporary_plugin
 
     recorder = Recorder()
     original = loop._setup
 
-    def timed_setup(run, model):
+    def timed_setup(run, model, position):
         recorder.t_setup = time.perf_counter()
-        return original(run, model)
+        return original(run, model, position)
 
     loop._setup = timed_setup
     try:

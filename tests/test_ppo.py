@@ -10,15 +10,12 @@ import pytest
 import torch
 
 from aligner.errors import ConfigError
-from aligner.ppo.gae import gae, masked_whiten
-from aligner.ppo.loss import explained_variance, policy_loss, value_loss
-from aligner.ppo.rewards import (
-    AdaptiveKLController,
-    FixedKLController,
-    adjust_scores,
-    kl_per_token,
-    shape_rewards,
-)
+from aligner.online.advantages import AdvantageInputs, masked_mean, masked_whiten, token_level_rewards
+from aligner.online.advantages.gae import gae
+from aligner.online.critic import explained_variance, value_loss
+from aligner.online.kl import AdaptiveKLController, FixedKLController, kl_per_token
+from aligner.online.policy_loss import policy_gradient_loss
+from aligner.online.rewards import adjust_scores
 
 from .conftest import tiny_model, write_jsonl
 from .quickstart_sft import quickstart_rows, train_sft_model
@@ -56,7 +53,8 @@ def test_clipped_policy_loss_matches_hand_computed_value():
     old = torch.log(torch.tensor([[0.25, 0.9]]))
     advantages = torch.tensor([[1.0, -1.0]])
     mask = torch.ones(1, 2, dtype=torch.bool)
-    loss, metrics = policy_loss(logps, old, advantages, mask, clip_range=0.2)
+    per_token, metrics = policy_gradient_loss(logps, old, advantages, mask, clip_low=0.2, clip_high=0.2)
+    loss = masked_mean(per_token, mask)
     # token 0: ratio 2, max(-2, -1.2) = -1.2 (clipped); token 1: ratio 1, loss 1; mean -0.1
     assert loss.item() == pytest.approx(-0.1)
     assert metrics["clip_fraction"].item() == pytest.approx(0.5)
@@ -103,7 +101,9 @@ def test_adaptive_controller_moves_the_coefficient_towards_the_target():
 def test_rewards_put_the_score_on_the_last_completion_token():
     kl = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]])
     mask = torch.tensor([[False, True, True, False], [False, True, False, False]])
-    rewards = shape_rewards(torch.tensor([1.0, 2.0]), kl, mask, kl_coef=0.1)
+    inputs = AdvantageInputs(scores=torch.tensor([1.0, 2.0]), mask=mask, group_ids=torch.tensor([0, 1]),
+                             token_rewards=-0.1 * kl)
+    rewards = token_level_rewards(inputs)
     assert torch.allclose(rewards, torch.tensor([[0.0, -0.05, 0.95, 0.0], [0.0, 1.9, 0.0, 0.0]]))
 
 
@@ -139,8 +139,8 @@ def _ppo_config(tmp_path, peft=None, judge=None, steps=2, reference="frozen_copy
         "data": {"train": str(write_jsonl(tmp_path / "prompts.jsonl", prompts)),
                  "eval": str(write_jsonl(tmp_path / "prompts_eval.jsonl", held_out)),
                  "template": "plain", "max_length": 48},
-        "losses": [{"name": "ppo", "judge": judge or {"name": "rule", "regex": "e"}, "max_new_tokens": 8,
-                    "ppo_epochs": 2, "mini_batch_size": 4, "sample_every": 1}],
+        "algorithm": {"name": "ppo", "judge": judge or {"name": "rule", "regex": "e"}, "max_new_tokens": 8,
+                      "ppo_epochs": 2, "mini_batch_size": 4, "sample_every": 1},
         "reference": {"name": reference},
         "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 1e-2},
         "eval": {"generate": {"judge": {"name": "rule", "regex": "e"}, "num_prompts": 8, "max_new_tokens": 8}},
@@ -224,10 +224,10 @@ def test_a_bad_judge_fails_before_any_model_loads(tmp_path):
     from aligner.stages import prepare_stages
 
     config = load_config(_ppo_config(tmp_path, judge={"name": "rule", "regexp": "x"}))
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.losses\[0\]\.judge.*regexp"):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.algorithm\.judge.*regexp"):
         prepare_stages(config)
     config = load_config(_ppo_config(tmp_path, judge={"name": "nope"}))
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.losses\[0\]\.judge.*nope"):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.algorithm\.judge.*nope"):
         prepare_stages(config)
 
 
@@ -241,9 +241,9 @@ def test_ppo_with_a_rule_judge_raises_the_held_out_behaviour_score(sft_model, tm
         "data": {"train": str(write_jsonl(tmp_path / "p.jsonl", quickstart_rows("prompts_train.jsonl", 512))),
                  "eval": str(write_jsonl(tmp_path / "e.jsonl", quickstart_rows("prompts_eval.jsonl", 100))),
                  "template": "plain", "max_length": 48},
-        "losses": [{"name": "ppo", "judge": judge, "max_new_tokens": 12, "kl_coef": 0.1, "kl_target": 1.0,
-                    "kl_horizon": 256, "ppo_epochs": 2, "mini_batch_size": 16, "max_approx_kl": 0.05,
-                    "sample_every": 100}],
+        "algorithm": {"name": "ppo", "judge": judge, "max_new_tokens": 12, "kl_coef": 0.1, "kl_target": 1.0,
+                      "kl_horizon": 256, "ppo_epochs": 2, "mini_batch_size": 16, "max_approx_kl": 0.05,
+                      "sample_every": 100},
         "reference": {"name": "frozen_copy"},
         "train": {"max_steps": 10, "batch_size": 64, "learning_rate": 1e-4, "lr_scheduler": "constant"},
         "eval": {"generate": {"judge": judge, "num_prompts": 100, "max_new_tokens": 12}},
@@ -297,7 +297,7 @@ def test_ppo_stage_ends_like_every_stage_metrics_from_hooks_and_a_model_card(tmp
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/extra" in r] == [0, 1]
     card = (result.final_model_dir / "README.md").read_text()
-    assert "ppo (weight 1)" in card
+    assert "**Algorithm:** ppo" in card
     assert (result.final_model_dir / "value_head.safetensors").is_file()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from aligner.config import DataConfig, RunConfig, load_config
 from aligner.data.loading import RejectedRow, Row, load_validated
 from aligner.data.templates import load_template
-from aligner.data.tokenize import TokenizedData, generation_tokens, prompt_token_limit, tokenize_rows
+from aligner.data.tokenize import TokenizedData, prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, DataError
 from aligner.protocols import PREFERENCE
 
@@ -215,16 +215,15 @@ def _format_problem(config: RunConfig, index: int, data_format: str) -> list[str
 
 
 def _generation_tokens(config: RunConfig, index: int) -> int:
-    """The most tokens a stage's losses generate per prompt (``max_new_tokens``; 0 for offline losses)."""
+    """The most tokens a stage's algorithm generates per prompt (``max_new_tokens``; 0 when offline)."""
     from aligner.plugins import get_registry
 
-    options = []
-    for choice in config.stages[index].losses:
-        try:
-            options.append(get_registry("loss").get(choice.name).Options(**choice.options()))
-        except Exception:  # an unknown loss or bad options are reported by the config checks
-            continue
-    return generation_tokens(options)
+    choice = config.stages[index].algorithm
+    try:
+        cls = get_registry("algorithm").get(choice.name)
+        return cls(cls.Options(**choice.options())).generation_tokens()
+    except Exception:  # an unknown algorithm or bad options are reported by the config checks
+        return 0
 
 
 def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitReport]:

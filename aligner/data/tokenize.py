@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,11 +66,6 @@ def prompt_for_judge(prompt: str | list[dict[str, str]]) -> str:
 def _adds_bos(tokenizer: Any) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-
-
-def generation_tokens(loss_options: Iterable[Any]) -> int:
-    """The most tokens a stage's losses generate per prompt: their ``max_new_tokens`` (0 if none do)."""
-    return max((getattr(options, "max_new_tokens", 0) or 0 for options in loss_options), default=0)
 
 
 def prompt_token_limit(data: Any, data_format: str, generation: int, stage: str, index: int) -> int:

@@ -1,4 +1,5 @@
-"""The actor-critic PPO trains: the policy plus a value head on its last hidden state."""
+"""The critic of actor-critic methods (PPO): a value head on the policy's last hidden state, its
+clipped loss and how well it explains the returns."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from aligner.online.advantages import masked_mean, masked_var
 
 
 class PolicyWithValueHead(torch.nn.Module):
@@ -63,3 +66,20 @@ def hidden_size_of(model: torch.nn.Module) -> int:
     if size is None:
         size = model.get_input_embeddings().embedding_dim
     return int(size)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss ``0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, +-c) - R)^2))``."""
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        metrics = {"value_clip_fraction": masked_mean((clipped_error > unclipped_error).float(), mask)}
+    return loss, metrics
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(R - V) / Var(R)``: 1 for a perfect critic, 0 for one that predicts the mean."""
+    return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)

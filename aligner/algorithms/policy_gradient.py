@@ -1,0 +1,353 @@
+"""The critic-free online family's shared step: GRPO, RLOO, REINFORCE++ (and Dr. GRPO, DAPO, GSPO as options).
+
+One training step:
+
+1. rollout: ``train.batch_size`` prompts (shared out over processes), ``group_size`` samples each,
+   scored by the judge; with ``drop_uniform_groups`` (DAPO's dynamic sampling) groups whose scores
+   are all equal carry no signal, are dropped, and more prompt batches are drawn to refill;
+2. score adjustments: the soft overlong penalty; with ``kl_in: reward`` the per-token KL to the
+   reference becomes a per-token reward ``-kl_coef * KL``;
+3. advantages: the advantage-estimator plugin (``group_relative``, ``rloo``, ``reinforce_pp``, ...);
+4. update: ``epochs`` passes over the rollout, each split into ``mini_batches`` optimizer updates,
+   each accumulated over micro-batches of ``micro_batch_size`` rows. The per-token loss is the
+   clipped surrogate (``aligner.online.policy_loss``), plus ``kl_coef`` times the KL estimate when
+   ``kl_in: loss``, weighted by the aggregation mode with counts of the whole update on every
+   process: the loss and its gradients do not depend on micro-batching or the number of processes.
+
+An algorithm of this family is a subclass that sets ``name`` and the defaults of its ``Options``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from aligner.algorithms.base import Algorithm, AlgorithmContext, AlgorithmSetup, StepResult, StepServices
+from aligner.errors import ConfigError
+from aligner.logprobs import completion_logprobs
+from aligner.online.advantages import AdvantageInputs, masked_mean
+from aligner.online.aggregation import Aggregation, step_counts, token_weights
+from aligner.online.kl import kl_per_token
+from aligner.online.policy_loss import kl_penalty_loss, policy_gradient_loss
+from aligner.online.rewards import build_judge
+from aligner.online.rollout import Rollout, generate_rollout, prompt_batches, rows_of, shard, write_samples
+from aligner.protocols import PROMPT_ONLY, Options
+from aligner.tracking import to_float
+
+
+class PolicyGradientOptions(Options):
+    """Settings shared by GRPO, RLOO and REINFORCE++; each algorithm changes some defaults."""
+
+    judge: dict[str, Any] = Field(description="the judge plugin that scores rollouts: {name: ..., options}")
+    estimator: dict[str, Any] = Field(default_factory=lambda: {"name": "group_relative"}, description=(
+        "the advantage-estimator plugin: {name: ..., options}"))
+    # rollouts
+    group_size: int = Field(4, ge=1, description="completions sampled per prompt (G)")
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    generation_batch_size: int = Field(64, gt=0, description="rows per generate() call")
+    # KL to the reference
+    kl_coef: float = Field(0.0, ge=0, description="beta; 0 builds and runs no reference")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = Field("loss", description=(
+        "loss: + kl_coef * KL per token in the loss (GRPO); reward: - kl_coef * KL per token in the reward"))
+    # policy loss
+    clip_low: float = Field(0.2, gt=0, lt=1, description="ratios below 1 - clip_low are clipped")
+    clip_high: float = Field(0.2, gt=0, description="ratios above 1 + clip_high are clipped (DAPO: 0.28)")
+    dual_clip: float | None = Field(None, gt=1, description="cap the loss of negative-advantage tokens at -A * c")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="sequence: GSPO's sequence-level ratio")
+    aggregation: Aggregation = "token-mean"
+    norm_length: int | None = Field(None, gt=0, description=(
+        "seq-mean-token-sum-norm's constant (default: max_new_tokens)"))
+    # update
+    epochs: int = Field(1, gt=0, description="passes over each rollout")
+    mini_batches: int = Field(1, gt=0, description="optimizer updates per pass (the rollout's rows split evenly)")
+    micro_batch_size: int | None = Field(None, gt=0, description="rows per forward/backward; default: a whole update")
+    # DAPO
+    drop_uniform_groups: bool = Field(False, description="drop groups whose scores are all equal, refill from more prompts")
+    max_refill_batches: int = Field(4, ge=0, description="extra prompt batches drawn per step to refill dropped groups")
+    overlong_buffer: int | None = Field(None, gt=0, description=(
+        "soft overlong penalty over the last N tokens before max_new_tokens (DAPO's L_cache)"))
+    overlong_penalty: float = Field(1.0, ge=0, description="the penalty at max_new_tokens")
+    mask_truncated: bool = Field(False, description="completions that hit max_new_tokens without EOS get no loss")
+    # reporting
+    sample_every: int = Field(10, gt=0, description="write/print a table of rollout samples every N steps")
+    num_samples: int = Field(4, gt=0, description="rows in that table")
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        build_judge(value)  # a bad judge fails before any model loads
+        return value
+
+    @field_validator("estimator")
+    @classmethod
+    def _estimator_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        build_estimator(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.overlong_buffer is not None and self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"'overlong_buffer' ({self.overlong_buffer}) must be below max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
+
+
+def build_estimator(choice: dict[str, Any]) -> Any:
+    """Instantiate an advantage estimator from ``{name: ..., **options}``; a ``ValueError`` names the bad key."""
+    from pydantic import ValidationError
+
+    from aligner.errors import AlignerError
+    from aligner.plugins import get_registry
+
+    if not isinstance(choice, dict) or not isinstance(choice.get("name"), str):
+        raise ValueError("an estimator is a mapping with a 'name' key, e.g. {name: group_relative}")
+    try:
+        cls = get_registry("advantage estimator").get(choice["name"])
+    except AlignerError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        return cls(cls.Options.model_validate({k: v for k, v in choice.items() if k != "name"}))
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"estimator.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                   for e in exc.errors())) from None
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to ``max_new_tokens - buffer`` tokens, then falling linearly
+    to ``-penalty`` at ``max_new_tokens``."""
+    over = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0)
+    return -penalty * over / buffer
+
+
+class PolicyGradientAlgorithm(Algorithm):
+    """Rollout groups, an advantage estimator, and the clipped policy loss with an aggregation mode."""
+
+    data_formats = (PROMPT_ONLY,)
+    Options = PolicyGradientOptions
+
+    def __init__(self, options: PolicyGradientOptions):
+        super().__init__(options)
+        self.judge = build_judge(options.judge)
+        self.estimator = build_estimator(options.estimator)
+        self._prompts: Any = None
+
+    def check_stage(self, stage: Any) -> None:
+        """No losses of its own and no critic; the reference must give per-token log-probs."""
+        if stage.losses:
+            raise ConfigError(f"stage '{stage.name}': {self.name} computes its own loss; remove "
+                              f"'stages[{stage.index}].losses'")
+        if self.estimator.needs_critic:
+            raise ConfigError(f"stage '{stage.name}': estimator '{self.estimator.name}' needs a critic, which "
+                              f"{self.name} does not train (use algorithm 'ppo')")
+        if stage.config.train.gradient_accumulation_steps != 1:
+            raise ConfigError(f"stage '{stage.name}': {self.name} accumulates over 'micro_batch_size' rows; "
+                              f"'stages[{stage.index}].train.gradient_accumulation_steps' must be 1")
+
+    def needs_reference(self, losses: list[tuple[Any, float]]) -> bool:
+        """Only a KL term needs the reference: ``kl_coef: 0`` builds and runs none."""
+        return self.options.kl_coef > 0
+
+    def generation_tokens(self) -> int:
+        """``max_new_tokens``."""
+        return self.options.max_new_tokens
+
+    def setup(self, context: AlgorithmContext) -> AlgorithmSetup:
+        """The policy trains; the prompt stream starts at the resumed position."""
+        run = context.run
+        train = run.stage.config.train
+        if train.batch_size % run.accelerator.num_processes:
+            raise ConfigError(f"stage '{run.stage.name}': 'stages[{run.stage.index}].train.batch_size' "
+                              f"({train.batch_size}) must be a multiple of the number of processes "
+                              f"({run.accelerator.num_processes})")
+        self._prompts = prompt_batches(run, context.position)
+        steps_per_epoch = -(-len(run.stage.train_data.examples) // train.batch_size)
+        return AlgorithmSetup(module=context.policy, steps_per_epoch=steps_per_epoch,
+                              updates_per_step=self.options.epochs * self.options.mini_batches)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def train_step(self, step: StepServices) -> StepResult:
+        """Rollout, advantages, then ``epochs x mini_batches`` updates."""
+        o, run = self.options, step.run
+        rollout, epoch, consumed, rollout_metrics = self._rollout(step)
+        batch = rollout.batch(run.tokenizer.pad_token_id)
+        tensors = self._score(step, rollout, batch, rollout_metrics)
+        collected, applied = [], False
+        for _ in range(o.epochs):
+            rows = batch["input_ids"].shape[0]
+            # Shuffled (from the run's RNG, so resume is exact) only when a pass makes several updates.
+            order = torch.randperm(rows, device=batch["input_ids"].device) if o.mini_batches > 1 else \
+                torch.arange(rows, device=batch["input_ids"].device)
+            for update_rows in order.tensor_split(o.mini_batches):
+                metrics = accumulate_update(step, batch, tensors, update_rows, o)
+                update = step.update()
+                applied = applied or update.applied
+                if update.grad_norm is not None:
+                    metrics["grad_norm"] = update.grad_norm
+                collected.append(metrics)
+        metrics = {**step.mean_metrics(collected), **step.mean_metrics([rollout_metrics])}
+        number = run.step + 1
+        if number == 1 or number % o.sample_every == 0:
+            write_samples(run, number, {"prompt": rollout.prompts, "completion": rollout.texts,
+                                        "score": rollout.scores.tolist(),
+                                        "advantage": [float(a) for a in tensors["sequence_advantages"]]},
+                          o.num_samples)
+        return StepResult(metrics, epoch, consumed, applied=applied, progress=("reward/mean", "loss"))
+
+    @torch.no_grad()
+    def _rollout(self, step: StepServices) -> tuple[Rollout, int, int, dict[str, Any]]:
+        """This process's share of one step's groups; with ``drop_uniform_groups``, refilled from further
+        prompt batches (every process draws the same batches, so the data position stays shared)."""
+        o, run = self.options, step.run
+        wanted = run.stage.config.train.batch_size // step.num_processes
+        parts: list[Rollout] = []
+        kept_groups = drawn_groups = draws = 0
+        while draws <= (o.max_refill_batches if o.drop_uniform_groups else 0):
+            epoch, consumed, indices = next(self._prompts)
+            draws += 1
+            if kept_groups < wanted:
+                part = generate_rollout(run, step.policy(), self.judge, shard(indices, step.process_index,
+                                                                                step.num_processes),
+                                        group_size=o.group_size, max_new_tokens=o.max_new_tokens,
+                                        temperature=o.temperature, top_p=o.top_p, batch_size=o.generation_batch_size)
+                drawn_groups += len(part.row_ids) // o.group_size
+                if o.drop_uniform_groups:
+                    part = _informative_groups(part, o.group_size, wanted - kept_groups)
+                kept_groups += len(part.row_ids) // o.group_size
+                if part.row_ids:
+                    parts.append(part)
+            if not o.drop_uniform_groups:
+                break
+            short = step.all_reduce_sum(torch.tensor([float(max(wanted - kept_groups, 0))], device=step.device))
+            if float(short[0]) == 0:
+                break
+        if not parts:
+            raise RuntimeError(f"stage '{run.stage.name}': every sampled group had equal scores in {draws} prompt "
+                               "batches; nothing to learn from (raise max_refill_batches or group_size, or check "
+                               "the judge)")
+        rollout = Rollout.concat(parts)
+        metrics = {"groups_kept": kept_groups / max(drawn_groups, 1), "prompt_batches": float(draws)}
+        return rollout, epoch, consumed, metrics
+
+    @torch.no_grad()
+    def _score(self, step: StepServices, rollout: Rollout, batch: dict[str, Any],
+               metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Old and reference log-probs, adjusted scores, the KL, the estimator's advantages."""
+        o, run = self.options, step.run
+        # Log-probs of the sampling policy are needed only when the policy moves before the last update
+        # of the rollout; with one update the ratio is 1 and the current log-probs stand in for them.
+        old = None
+        if o.epochs * o.mini_batches > 1:
+            with step.accelerator.autocast():
+                old = completion_logprobs(step.model, batch, token_level=True).token_logps
+        mask = _token_mask(batch)
+        reference = None
+        if self.needs_reference([]):
+            reference = run.stage.reference.logprobs(batch, token_level=True).token_logps
+        scores = rollout.scores
+        if o.overlong_buffer is not None:
+            scores = scores + overlong_penalty(rollout.lengths, o.max_new_tokens, o.overlong_buffer, o.overlong_penalty)
+        token_rewards = None
+        kl = None
+        if reference is not None:
+            current = old if old is not None else completion_logprobs(step.model, batch, token_level=True).token_logps
+            kl = kl_per_token(current, reference, mask, o.kl_estimator)
+            if o.kl_in == "reward":
+                token_rewards = -o.kl_coef * kl
+        estimated = self.estimator.estimate(AdvantageInputs(scores=scores, mask=mask, group_ids=rollout.group_ids,
+                                                            token_rewards=token_rewards,
+                                                            all_reduce_sum=step.all_reduce_sum))
+        loss_mask = mask & rollout.ended[:, None] if o.mask_truncated else mask
+        lengths = mask.sum(-1).float()
+        metrics.update({
+            "reward/mean": rollout.scores.mean(), "reward/std": _std(rollout.scores),
+            "reward/adjusted": scores.mean(), "advantages/mean": masked_mean(estimated.advantages, mask),
+            "advantages/abs": masked_mean(estimated.advantages.abs(), mask),
+            "response_length": lengths.mean(), "eos_fraction": rollout.ended.float().mean(),
+            **{k: to_float(v) for k, v in estimated.metrics.items()},
+        })
+        if kl is not None:
+            metrics["kl"] = kl.sum(-1).mean()
+        return {"old_logps": old, "reference_logps": reference, "advantages": estimated.advantages,
+                "loss_mask": loss_mask, "sequence_advantages": masked_mean_rows(estimated.advantages, mask)}
+
+
+def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any], rows: torch.Tensor,
+                      options: PolicyGradientOptions) -> dict[str, Any]:
+    """Forward and backward of one update's ``rows`` in micro-batches; return the update's metrics.
+
+    Each token's loss is weighted by the aggregation mode with the token and sequence counts of the
+    whole update on every process (``step_counts``), and multiplied by the number of processes
+    because DDP averages gradients over them: the summed gradients are those of the aggregated loss
+    over the global update, whatever the micro-batch size or the number of processes. Every process
+    runs the same number of micro-batches (DDP's gradient sync is a collective): a process with
+    fewer rows runs a zero-weight repeat of its first one.
+    """
+    o = options
+    size = o.micro_batch_size or max(len(rows), 1)
+    micro = list(rows.split(size)) if len(rows) else []
+    counts = step_counts([tensors["loss_mask"][m] for m in micro] or [tensors["loss_mask"][:0]], step.all_reduce_sum)
+    mine = torch.zeros(step.num_processes, device=step.device)
+    mine[step.process_index] = len(micro)
+    runs = int(step.all_reduce_sum(mine).max())
+    norm = o.norm_length or o.max_new_tokens
+    collected: list[dict[str, Any]] = []
+    total = torch.zeros((), device=step.device)
+    for i in range(runs):
+        chosen = micro[i] if i < len(micro) else (micro[0] if micro else tensors["loss_mask"].new_zeros(1).long())
+        weight = 1.0 if i < len(micro) else 0.0
+        sub = rows_of(batch, chosen)
+        with step.micro_batch(sync=i == runs - 1):
+            logps = completion_logprobs(step.model, sub, token_level=True).token_logps
+            old = tensors["old_logps"][chosen] if tensors["old_logps"] is not None else logps.detach()
+            mask = tensors["loss_mask"][chosen]
+            per_token, metrics = policy_gradient_loss(logps, old, tensors["advantages"][chosen], mask,
+                                                      clip_low=o.clip_low, clip_high=o.clip_high,
+                                                      dual_clip=o.dual_clip, ratio_level=o.ratio_level)
+            if o.kl_in == "loss" and tensors["reference_logps"] is not None:
+                per_token = per_token + o.kl_coef * kl_penalty_loss(logps, tensors["reference_logps"][chosen], mask,
+                                                                    o.kl_estimator)
+            weights = token_weights(mask, o.aggregation, counts, norm) * weight
+            loss = (weights * per_token).sum() * step.num_processes
+            step.backward(loss, batch=sub)
+        total = total + loss.detach()
+        if weight:
+            collected.append(metrics)
+    metrics = {k: sum(to_float(m[k]) for m in collected) / len(collected) for k in collected[0]} if collected else {}
+    # Summed over micro-batches; the runner's mean over processes then gives the global update's loss.
+    metrics["loss"] = total
+    return metrics
+
+
+def _token_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """The completion-token mask in the per-token layout of ``completion_logprobs(token_level=True)``."""
+    from aligner.logprobs import token_window_start
+
+    return batch["completion_mask"][:, token_window_start(batch) + 1:].bool()
+
+
+def _informative_groups(rollout: Rollout, group_size: int, limit: int) -> Rollout:
+    """The first ``limit`` groups whose scores are not all equal (DAPO's dynamic sampling)."""
+    keep: list[int] = []
+    groups = 0
+    for begin in range(0, len(rollout.row_ids), group_size):
+        scores = rollout.scores[begin:begin + group_size]
+        if groups < limit and bool((scores != scores[0]).any()):
+            keep.extend(range(begin, begin + group_size))
+            groups += 1
+    return rollout.select(keep)
+
+
+def masked_mean_rows(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """Each row's mean over its masked positions (for the samples table)."""
+    m = mask.to(values.dtype)
+    return ((values * m).sum(-1) / m.sum(-1).clamp(min=1)).tolist()
+
+
+def _std(values: torch.Tensor) -> torch.Tensor:
+    return values.std() if values.numel() > 1 else values.new_zeros(())

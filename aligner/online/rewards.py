@@ -1,0 +1,48 @@
+"""Rewards of online algorithms: the judge that scores rollouts, and the score adjustments PPO-style
+methods apply before advantages (length and missing-EOS penalties, clipping, whitening)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def build_judge(choice: dict[str, Any]) -> Any:
+    """Instantiate a judge from ``{name: ..., **options}``; a ``ValueError`` names the bad key."""
+    from pydantic import ValidationError
+
+    from aligner.errors import AlignerError
+    from aligner.plugins import get_registry
+
+    if not isinstance(choice, dict) or not isinstance(choice.get("name"), str):
+        raise ValueError("a judge is a mapping with a 'name' key, e.g. {name: rule, regex: '...'}")
+    options = {k: v for k, v in choice.items() if k != "name"}
+    try:
+        cls = get_registry("judge").get(choice["name"])
+    except AlignerError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        return cls(cls.Options.model_validate(options))
+    except ValidationError as exc:
+        problems = [f"judge.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("; ".join(problems)) from None
+    except AlignerError as exc:
+        raise ValueError(f"judge '{choice['name']}': {exc}") from None
+
+
+def adjust_scores(scores: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, *, length_penalty: float,
+                  missing_eos_penalty: float | None, clip: float | None, whiten: bool) -> torch.Tensor:
+    """Judge scores after the optional penalties, clipping and whitening (in that order).
+
+    ``length_penalty`` is subtracted per completion token; ``missing_eos_penalty`` from completions
+    that hit ``max_new_tokens`` without an end-of-sequence token.
+    """
+    scores = scores - length_penalty * lengths.to(scores.dtype)
+    if missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, scores - missing_eos_penalty)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    if whiten and scores.numel() > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    return scores
