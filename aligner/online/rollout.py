@@ -124,8 +124,13 @@ def generate_rollout(run: RunState, policy: torch.nn.Module, judge: Any, indices
 
 
 def rows_of(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """The batch restricted to ``rows``, keeping its width and ``window_start`` (per-token columns line up)."""
-    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    """The batch restricted to ``rows``, keeping its width and per-token window (``window_start``), so
+    that per-token values of the rows line up with those computed for the whole batch."""
+    from aligner.logprobs import token_window_start
+
+    sub = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    sub["window_start"] = token_window_start(batch)
+    return sub
 
 
 def write_samples(run: RunState, step: int, columns: dict[str, list[Any]], num_samples: int) -> None:
