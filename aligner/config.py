@@ -440,7 +440,8 @@ def validate_plugin_options(options_model: type[BaseModel], choice: PluginChoice
                 )
             else:
                 problems.append(
-                    f"invalid value for '{format_loc(err_loc)}'{where}: {err['msg']} (got {err.get('input')!r})"
+                    f"invalid value for '{format_loc(err_loc)}'{where}: {err['msg'].removeprefix('Value error, ')} "
+                    f"(got {err.get('input')!r})"
                 )
         raise ConfigError("; ".join(problems)) from None
 

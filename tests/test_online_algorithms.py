@@ -350,3 +350,120 @@ def test_grpo_raises_the_held_out_behaviour_score_and_reports_the_kl(sft_model, 
     print("held-out score", scores, "kl", [round(k, 3) for k in kls])
     assert scores[-1] >= scores[0] + 0.2
     assert 0 < max(kls) < 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The registration hooks, used by a run as a third party would
+# ---------------------------------------------------------------------------------------------
+
+
+def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
+    """A best-of-N fine-tuning algorithm (sample N, keep the best, an SFT update on it) in ~30 lines."""
+    from aligner.algorithms import Algorithm, AlgorithmSetup, StepResult
+    from aligner.data.batching import collate
+    from aligner.forward import move_to
+    from aligner.logprobs import completion_logprobs
+    from aligner.online.rewards import build_judge
+    from aligner.online.rollout import generate_rollout, prompt_batches
+    from aligner.plugins import plugin_infos
+    from aligner.protocols import PROMPT_ONLY, SFT
+
+    class BestOfN(Algorithm):
+        name = "best_of_n"
+        data_formats = (PROMPT_ONLY,)
+
+        class Options(aligner.protocols.Options):
+            judge: dict
+            n: int = 4
+
+        def setup(self, context):
+            self.judge = build_judge(self.options.judge)
+            self.prompts = prompt_batches(context.run, context.position)
+            self.kept = 0
+            return AlgorithmSetup(module=context.policy, steps_per_epoch=8)
+
+        def generation_tokens(self):
+            return 8
+
+        def train_step(self, step):
+            epoch, consumed, indices = next(self.prompts)
+            rollout = generate_rollout(step.run, step.policy(), self.judge, indices, group_size=self.options.n,
+                                       max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=64)
+            best = [max(range(i, i + self.options.n), key=lambda r: float(rollout.scores[r]))
+                    for i in range(0, len(rollout.row_ids), self.options.n)]
+            self.kept += len(best)
+            examples = [{"row_id": rollout.row_ids[b], "prompt_ids": rollout.prompt_ids[b],
+                         "completion_ids": rollout.completion_ids[b] or [0]} for b in best]
+            batch = move_to(collate(examples, SFT, step.run.tokenizer.pad_token_id), step.device)
+            with step.micro_batch():
+                logps = completion_logprobs(step.model, batch)
+                loss = -(logps.logps / logps.num_tokens).mean()
+                step.backward(loss, batch=batch)
+            update = step.update()
+            return StepResult({"loss": float(loss), "best_score": float(rollout.scores[best].mean())}, epoch,
+                              consumed, applied=update.applied)
+
+        def state_dict(self):
+            return {"kept": self.kept}
+
+    class Plugin:
+        @aligner.hookimpl
+        def register_algorithms(self, register):
+            register(BestOfN)
+
+    snapshots: dict = {}
+
+    class Watch:
+        @aligner.hookimpl
+        def on_run_start(self, run):
+            snapshots["start"] = {k: v.detach().clone() for k, v in run.model.named_parameters()}
+
+    config = online_config(tmp_path, {"name": "best_of_n", "judge": {"name": "rule", "regex": "e"}}, steps=2)
+    config["stages"][0]["algorithm"].pop("max_new_tokens")
+    config["stages"][0]["algorithm"].pop("sample_every")
+    config["stages"][0]["train"]["save_every"] = 2
+    with temporary_plugin(Plugin(), "best-of-n"), temporary_plugin(Watch(), "watch"):
+        assert any(i.registers.get("algorithm") == ["best_of_n"] for i in plugin_infos())
+        result = aligner.train(config)
+    steps = train_steps(result)
+    assert [s["step"] for s in steps] == [1, 2] and all("best_score" in s for s in steps)
+    from safetensors.torch import load_file
+
+    final = load_file(str(result.final_model_dir / "model.safetensors"))
+    assert any(not torch.equal(final[k], snapshots["start"][k]) for k in final if k in snapshots["start"])
+    state = json.loads((result.output_dir / "best_of_n" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["kept"] == 8  # the algorithm's own checkpoint state: 2 steps x 4 prompts
+
+
+def test_register_advantage_estimators_adds_an_estimator_an_algorithm_uses(tmp_path):
+    """A sign-of-advantage estimator registered at run time and chosen by GRPO's ``estimator`` option."""
+    from aligner.online.advantages import Advantages, broadcast, group_mean, sequence_rewards
+
+    calls: list[int] = []
+
+    class Sign:
+        name = "sign"
+        needs_critic = False
+
+        class Options(aligner.protocols.Options):
+            scale: float = 1.0
+
+        def __init__(self, options):
+            self.options = options
+
+        def estimate(self, inputs):
+            rewards = sequence_rewards(inputs)
+            calls.append(len(rewards))
+            advantage = torch.sign(rewards - group_mean(rewards, inputs.group_ids)) * self.options.scale
+            return Advantages(broadcast(advantage, inputs.mask), metrics={"advantages/positive": (advantage > 0).float().mean()})
+
+    class Plugin:
+        @aligner.hookimpl
+        def register_advantage_estimators(self, register):
+            register(Sign)
+
+    algorithm = {"name": "grpo", "group_size": 4, "estimator": {"name": "sign", "scale": 0.5}}
+    with temporary_plugin(Plugin(), "sign"):
+        result = aligner.train(online_config(tmp_path, algorithm, steps=2, batch_size=2))
+    assert calls == [8, 8]
+    assert all("advantages/positive" in s for s in train_steps(result))

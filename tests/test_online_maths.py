@@ -72,14 +72,6 @@ def inputs(scores: list[float], mask: list[list[int]], groups: list[int], **extr
                            group_ids=torch.tensor(groups), **extra)
 
 
-def old_module(name: str):
-    """The pre-refactor PPO module ``name``, or skip when it has been removed."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        pytest.skip(f"{name} no longer exists; nothing to compare against")
-
-
 # ---------------------------------------------------------------------------------------------
 # kl
 # ---------------------------------------------------------------------------------------------
@@ -395,45 +387,3 @@ def test_each_module_registers_its_estimators(module, names):
     assert [cls.name for cls in registered] == names
     for cls in registered:
         assert isinstance(cls.needs_critic, bool) and cls.Options() is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# bit-compatibility with the PPO implementation
-# ---------------------------------------------------------------------------------------------
-
-
-def test_gae_and_whitening_are_bit_identical_to_ppo():
-    old = old_module("aligner.ppo.gae")
-    generator = torch.Generator().manual_seed(2)
-    rewards, values = torch.randn(5, 9, generator=generator), torch.randn(5, 9, generator=generator)
-    starts, ends = torch.tensor([0, 2, 3, 1, 4]), torch.tensor([9, 7, 3, 5, 9])  # row 2 is empty
-    positions = torch.arange(9)[None, :]
-    mask = (positions >= starts[:, None]) & (positions < ends[:, None])
-    new_advantages, new_returns = gae(rewards, values, mask, 0.97, 0.9)
-    old_advantages, old_returns = old.gae(rewards, values, mask, 0.97, 0.9)
-    assert torch.equal(new_advantages, old_advantages) and torch.equal(new_returns, old_returns)
-    assert torch.equal(masked_whiten(new_advantages, mask), old.masked_whiten(old_advantages, mask))
-
-
-def test_kl_per_token_is_bit_identical_to_ppo():
-    old = old_module("aligner.ppo.rewards")
-    generator = torch.Generator().manual_seed(3)
-    policy, reference = torch.randn(4, 6, generator=generator), torch.randn(4, 6, generator=generator)
-    mask = torch.rand(4, 6, generator=generator) > 0.4
-    for estimator in ("k1", "k2", "k3"):
-        assert torch.equal(kl_per_token(policy, reference, mask, estimator),
-                           old.kl_per_token(policy, reference, mask, estimator))
-
-
-def test_policy_loss_is_bit_identical_to_ppo():
-    old = old_module("aligner.ppo.loss")
-    generator = torch.Generator().manual_seed(4)
-    logps, old_logps = torch.randn(4, 6, generator=generator) * 0.3, torch.randn(4, 6, generator=generator) * 0.3
-    advantages = torch.randn(4, 6, generator=generator)
-    mask = torch.rand(4, 6, generator=generator) > 0.4
-    per_token, metrics = policy_gradient_loss(logps, old_logps, advantages, mask, clip_low=0.2, clip_high=0.2)
-    old_loss, old_metrics = old.policy_loss(logps, old_logps, advantages, mask, 0.2)
-    weights = mask.to(per_token.dtype)
-    assert torch.equal((per_token * weights).sum() / weights.sum().clamp(min=1), old_loss)
-    assert torch.equal(metrics["clip_fraction"], old_metrics["clip_fraction"])
-    assert torch.equal(metrics["approx_kl"], old_metrics["approx_kl"])

@@ -22,7 +22,8 @@ from aligner.plugins import reset_plugins
 from tests.conftest import ROOT
 
 DISTRIBUTIONS = {"aligner-simpo": ("simpo", {"loss": ["simpo"]}),
-                 "aligner-http-judge": ("http_judge", {"judge": ["http"]})}
+                 "aligner-http-judge": ("http_judge", {"judge": ["http"]}),
+                 "aligner-rank-advantage": ("rank_advantage", {"advantage estimator": ["rank"]})}
 
 
 @pytest.fixture(autouse=True)

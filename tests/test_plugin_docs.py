@@ -32,6 +32,9 @@ HOOK_TESTS = {
     "register_judges": "tests.test_hooks::test_register_judges_adds_a_judge_for_generation_eval",
     "register_peft_backends": "tests.test_hooks::test_register_peft_backends_adds_a_backend_that_decides_what_trains",
     "register_callbacks": "tests.test_hooks::test_register_callbacks_adds_a_callback_the_config_switches_on",
+    "register_algorithms": "tests.test_online_algorithms::test_register_algorithms_adds_an_algorithm_a_stage_trains_with",
+    "register_advantage_estimators":
+        "tests.test_online_algorithms::test_register_advantage_estimators_adds_an_estimator_an_algorithm_uses",
     "on_run_start": "tests.test_hooks::test_on_run_start_is_called_once_after_setup_before_any_step",
     "on_step_end": "tests.test_hooks::test_on_step_end_is_called_after_every_step_and_added_metrics_are_logged",
     "on_evaluate": "tests.test_hooks::test_on_evaluate_is_called_at_start_every_n_steps_and_at_end",
@@ -67,7 +70,7 @@ def documented_signatures() -> dict[str, str]:
 
 def test_hookspecs_are_what_pluggy_sees():
     pluggy_names = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "aligner_spec")}
-    assert set(hookspec_signatures()) == pluggy_names and len(pluggy_names) == 11
+    assert set(hookspec_signatures()) == pluggy_names and len(pluggy_names) == 13
 
 
 def test_every_hook_is_documented_with_its_exact_signature():
