@@ -18,6 +18,9 @@ PROTOCOL_NAMES = {"loss": "Loss", "reference policy": "ReferencePolicy", "judge"
                   "peft backend": "PeftBackend", "callback": "Callback", "algorithm": "Algorithm",
                   "advantage estimator": "AdvantageEstimator"}
 
+# Kinds whose optional members have defaults in a base class a plugin can subclass.
+BASE_CLASS_HINTS = {"algorithm": "; subclass aligner.algorithms.Algorithm for the defaults"}
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -45,7 +48,7 @@ class Registry:
         if missing:
             raise PluginError(
                 f"{who} registered {self.kind} {what} which lacks required member(s): " + ", ".join(missing)
-                + f" (see aligner.protocols.{PROTOCOL_NAMES[self.kind]})"
+                + f" (see aligner.protocols.{PROTOCOL_NAMES[self.kind]}{BASE_CLASS_HINTS.get(self.kind, '')})"
             )
         not_callable = [m for m in REQUIRED_MEMBERS[self.kind] if m not in DATA_MEMBERS and not callable(getattr(obj, m))]
         if not_callable:

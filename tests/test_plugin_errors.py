@@ -151,7 +151,32 @@ class _JudgeWithoutScore:
         pass
 
 
+class _AlgorithmWithoutStep:
+    """An algorithm written without subclassing ``aligner.algorithms.Algorithm``: every method is missing."""
+
+    name = "idle"
+    data_formats = ("prompt",)
+
+    class Options(Options):
+        pass
+
+
+class _EstimatorWithoutEstimate:
+    name = "guess"
+    needs_critic = False
+
+    class Options(Options):
+        pass
+
+
 @pytest.mark.parametrize(("kind_hook", "obj", "message"), [
+    ("register_algorithms", _AlgorithmWithoutStep,
+     "plugin 'incomplete' (registered at run time) registered algorithm 'idle' which lacks required member(s): "
+     "check_stage, needs_reference, generation_tokens, setup, train_step, evaluate, state_dict, load_state_dict, "
+     "load_weights, policy_of (see aligner.protocols.Algorithm; subclass aligner.algorithms.Algorithm for the defaults)"),
+    ("register_advantage_estimators", _EstimatorWithoutEstimate,
+     "plugin 'incomplete' (registered at run time) registered advantage estimator 'guess' which lacks required "
+     "member(s): estimate (see aligner.protocols.AdvantageEstimator)"),
     ("register_losses", _NoCompute,
      "plugin 'incomplete' (registered at run time) registered loss 'half_done' which lacks required member(s): "
      "compute (see aligner.protocols.Loss)"),
