@@ -239,7 +239,7 @@ class Algorithm(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned (the whole ``trainer_state.json`` is passed)."""
+        """Restore what ``state_dict`` returned (saved under ``algorithm`` in ``trainer_state.json``)."""
         ...
 
     def load_weights(self, module: torch.nn.Module, directory: Any) -> None:

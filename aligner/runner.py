@@ -169,7 +169,7 @@ def _resume(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: An
     algorithm = run.stage.algorithm
     algorithm.load_weights(run.accelerator.unwrap_model(model), directory)
     position = resume.load_training_state(directory, optimizer, scheduler)
-    algorithm.load_state_dict(resume.read_trainer_state(directory))
+    algorithm.load_state_dict(resume.read_trainer_state(directory).get("algorithm", {}))
     run.step = position.step
     log.info("stage '%s': resumed from %s (step %d)", run.stage.name, directory, run.step)
     return position
@@ -200,7 +200,8 @@ def train_stage(run: RunState, model: torch.nn.Module,
     saved_at = None
 
     def save() -> Path | None:
-        return save_checkpoint(run, model, optimizer, scheduler, position, algorithm.state_dict())
+        # Under its own key: an algorithm's names can never overwrite the runner's (step, position, rng).
+        return save_checkpoint(run, model, optimizer, scheduler, position, {"algorithm": algorithm.state_dict()})
 
     with stop_on_signals(run):
         while run.step < run.total_steps and not run.should_stop:

@@ -432,7 +432,7 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
     final = load_file(str(result.final_model_dir / "model.safetensors"))
     assert any(not torch.equal(final[k], snapshots["start"][k]) for k in final if k in snapshots["start"])
     state = json.loads((result.output_dir / "best_of_n" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
-    assert state["kept"] == 8  # the algorithm's own checkpoint state: 2 steps x 4 prompts
+    assert state["algorithm"] == {"kept": 8}  # the algorithm's own checkpoint state: 2 steps x 4 prompts
 
 
 def test_register_advantage_estimators_adds_an_estimator_an_algorithm_uses(tmp_path):
@@ -467,3 +467,23 @@ def test_register_advantage_estimators_adds_an_estimator_an_algorithm_uses(tmp_p
         result = aligner.train(online_config(tmp_path, algorithm, steps=2, batch_size=2))
     assert calls == [8, 8]
     assert all("advantages/positive" in s for s in train_steps(result))
+
+
+def test_a_kl_penalty_with_a_reference_that_has_no_per_token_values_is_refused(tmp_path):
+    from aligner.config import load_config
+    from aligner.stages import prepare_stages
+
+    config = online_config(tmp_path, {"name": "grpo", "kl_coef": 0.1}, reference={"name": "cached"})
+    with pytest.raises(ConfigError, match=r"reference policy 'cached' cannot give per-token log-probs.*grpo"):
+        prepare_stages(load_config(config))
+
+
+def test_data_check_judges_a_stage_by_its_algorithm(tmp_path):
+    from aligner.data.check import check_data
+
+    config = online_config(tmp_path, {"name": "online_dpo"})
+    config["stages"][0]["losses"] = [{"name": "dpo"}]
+    assert [r.problems for r in check_data(config)] == [[], []]
+    config["stages"][0].pop("algorithm")
+    problems = check_data(config)[0].problems
+    assert problems == ["algorithm 'offline' trains on sft/preference/unpaired data, not prompt"]

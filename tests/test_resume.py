@@ -149,4 +149,4 @@ def test_ppo_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
         b = load_file(str(resumed.final_model_dir / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     state = json.loads((resumed.output_dir / "ppo" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
-    assert state["kl_coef"] == pytest.approx(straight.final_metrics["train/kl_coef"], rel=0.1)
+    assert state["algorithm"]["kl_coef"] == pytest.approx(straight.final_metrics["train/kl_coef"], rel=0.1)

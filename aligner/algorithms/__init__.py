@@ -10,6 +10,15 @@
 - ``online_dpo``: two samples per prompt, the judge's preference, a DPO-family loss, on policy.
 """
 
-from aligner.algorithms.base import Algorithm, AlgorithmContext, AlgorithmSetup, StepResult, StepServices
+from aligner.algorithms.base import (
+    Algorithm,
+    AlgorithmContext,
+    AlgorithmSetup,
+    StepResult,
+    StepServices,
+    Update,
+    require_token_level_reference,
+)
 
-__all__ = ["Algorithm", "AlgorithmContext", "AlgorithmSetup", "StepResult", "StepServices"]
+__all__ = ["Algorithm", "AlgorithmContext", "AlgorithmSetup", "StepResult", "StepServices", "Update",
+           "require_token_level_reference"]

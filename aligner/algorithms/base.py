@@ -163,6 +163,20 @@ class StepServices:
         return self.run.accelerator.reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
 
 
+def require_token_level_reference(stage: Any, algorithm: str) -> None:
+    """A ``ConfigError`` unless the stage's reference gives per-token log-probs (``logprobs(batch,
+    token_level=True)``), which a per-token KL penalty needs; ``cached`` precomputes a dataset's
+    sequences and has none."""
+    import inspect
+
+    from aligner.errors import ConfigError
+
+    if "token_level" not in inspect.signature(stage.reference.logprobs).parameters:
+        raise ConfigError(f"stage '{stage.name}': reference policy '{stage.reference.name}' cannot give per-token "
+                          f"log-probs (its logprobs() has no 'token_level' argument), which {algorithm}'s KL penalty "
+                          f"needs ('stages[{stage.index}].reference'; 'auto' picks one that can)")
+
+
 class Algorithm:
     """Base class of algorithms: defaults for every member of ``aligner.protocols.Algorithm`` except
     ``setup`` and ``train_step``. Subclasses set ``name``, ``data_formats`` and ``Options``."""
@@ -208,7 +222,7 @@ class Algorithm:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore."""
+        """Nothing to restore (``state`` is what ``state_dict`` returned at the checkpoint)."""
 
     def load_weights(self, module: torch.nn.Module, directory: Path) -> None:
         """The checkpoint's model or adapter weights, loaded into ``module``."""

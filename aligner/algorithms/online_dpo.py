@@ -11,6 +11,7 @@ fly. ``kl`` reports the policy's KL to the reference on its samples (sum over to
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from pydantic import Field, field_validator
 
 from aligner.algorithms.base import Algorithm, AlgorithmContext, AlgorithmSetup, StepResult, StepServices
 from aligner.data.batching import collate
-from aligner.errors import ConfigError
+from aligner.errors import AlignerError, ConfigError
 from aligner.forward import compute_losses, move_to
 from aligner.hookspecs import hookimpl
 from aligner.logprobs import completion_logprobs
@@ -144,6 +145,7 @@ class OnlineDPO(Algorithm):
                                        max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
                                        batch_size=o.generation_batch_size)
             scores = rollout.scores.tolist()
+            _refuse_non_finite(run, self.judge.name, rollout, scores)
             pairs = [(a, b) if scores[a] > scores[b] else (b, a) for a, b in
                      ((i, i + 1) for i in range(0, len(scores), 2)) if abs(scores[a] - scores[b]) > o.min_margin]
             found = step.all_reduce_sum(torch.tensor([float(len(pairs))], device=step.device))
@@ -168,6 +170,17 @@ class OnlineDPO(Algorithm):
                 policy = completion_logprobs(step.model, batch).logps
             metrics["kl"] = (policy - step.run.stage.reference.logprobs(batch).logps).mean()
         return metrics
+
+
+def _refuse_non_finite(run: Any, judge: str, rollout: Rollout, scores: list[float]) -> None:
+    """A NaN/inf score would silently make a pair a tie (every comparison with NaN is false): refuse it."""
+    bad = [i for i, value in enumerate(scores) if not math.isfinite(value)]
+    if bad:
+        rows = run.stage.train_rows
+        where = rows[rollout.row_ids[bad[0]]].location if rollout.row_ids[bad[0]] < len(rows) else "unknown row"
+        raise AlignerError(f"stage '{run.stage.name}': judge '{judge}' scored {len(bad)} sample(s) {scores[bad[0]]} "
+                           f"(first: the prompt of {where}, completion {rollout.texts[bad[0]]!r}); scores must be "
+                           "finite numbers")
 
 
 def _placeholder(rollout: Rollout, pad: int) -> list[dict[str, Any]]:

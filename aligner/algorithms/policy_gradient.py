@@ -24,7 +24,14 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from aligner.algorithms.base import Algorithm, AlgorithmContext, AlgorithmSetup, StepResult, StepServices
+from aligner.algorithms.base import (
+    Algorithm,
+    AlgorithmContext,
+    AlgorithmSetup,
+    StepResult,
+    StepServices,
+    require_token_level_reference,
+)
 from aligner.errors import ConfigError
 from aligner.logprobs import completion_logprobs
 from aligner.online.advantages import AdvantageInputs, masked_mean
@@ -147,6 +154,8 @@ class PolicyGradientAlgorithm(Algorithm):
         if stage.config.train.gradient_accumulation_steps != 1:
             raise ConfigError(f"stage '{stage.name}': {self.name} accumulates over 'micro_batch_size' rows; "
                               f"'stages[{stage.index}].train.gradient_accumulation_steps' must be 1")
+        if self.needs_reference(stage.losses):
+            require_token_level_reference(stage, self.name)
 
     def needs_reference(self, losses: list[tuple[Any, float]]) -> bool:
         """Only a KL term needs the reference: ``kl_coef: 0`` builds and runs none."""
@@ -216,6 +225,7 @@ class PolicyGradientAlgorithm(Algorithm):
                                         group_size=o.group_size, max_new_tokens=o.max_new_tokens,
                                         temperature=o.temperature, top_p=o.top_p, batch_size=o.generation_batch_size)
                 drawn_groups += len(part.row_ids) // o.group_size
+                last_drawn = part
                 if o.drop_uniform_groups:
                     part = _informative_groups(part, o.group_size, wanted - kept_groups)
                 kept_groups += len(part.row_ids) // o.group_size
@@ -226,13 +236,18 @@ class PolicyGradientAlgorithm(Algorithm):
             short = step.all_reduce_sum(torch.tensor([float(max(wanted - kept_groups, 0))], device=step.device))
             if float(short[0]) == 0:
                 break
-        if not parts:
+        # Decided together: one process raising while the others wait in a collective would hang the run.
+        kept_anywhere = float(step.all_reduce_sum(torch.tensor([float(kept_groups)], device=step.device))[0])
+        if kept_anywhere == 0:
             raise RuntimeError(f"stage '{run.stage.name}': every sampled group had equal scores in {draws} prompt "
                                "batches; nothing to learn from (raise max_refill_batches or group_size, or check "
                                "the judge)")
-        rollout = Rollout.concat(parts)
         metrics = {"groups_kept": kept_groups / max(drawn_groups, 1), "prompt_batches": float(draws)}
-        return rollout, epoch, consumed, metrics
+        if not parts:
+            # Other processes have groups to learn from: this one runs a group at zero weight, since the
+            # update's gradient sync needs every process.
+            return last_drawn.select(list(range(o.group_size))), epoch, consumed, {**metrics, "placeholder": True}
+        return Rollout.concat(parts), epoch, consumed, metrics
 
     @torch.no_grad()
     def _score(self, step: StepServices, rollout: Rollout, batch: dict[str, Any],
@@ -255,7 +270,11 @@ class PolicyGradientAlgorithm(Algorithm):
         token_rewards = None
         kl = None
         if reference is not None:
-            current = old if old is not None else completion_logprobs(step.model, batch, token_level=True).token_logps
+            if old is None:
+                with step.accelerator.autocast():
+                    current = completion_logprobs(step.model, batch, token_level=True).token_logps
+            else:
+                current = old
             kl = kl_per_token(current, reference, mask, o.kl_estimator)
             if o.kl_in == "reward":
                 token_rewards = -o.kl_coef * kl
@@ -263,6 +282,8 @@ class PolicyGradientAlgorithm(Algorithm):
                                                             token_rewards=token_rewards,
                                                             all_reduce_sum=step.all_reduce_sum))
         loss_mask = mask & rollout.ended[:, None] if o.mask_truncated else mask
+        if metrics.pop("placeholder", False):
+            loss_mask = torch.zeros_like(loss_mask)
         lengths = mask.sum(-1).float()
         metrics.update({
             "reward/mean": rollout.scores.mean(), "reward/std": _std(rollout.scores),

@@ -12,14 +12,20 @@ One training step = one rollout batch (``train.batch_size`` prompts, shared out 
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from aligner.algorithms.base import Algorithm, AlgorithmContext, AlgorithmSetup, StepResult, StepServices
+from aligner.algorithms.base import (
+    Algorithm,
+    AlgorithmContext,
+    AlgorithmSetup,
+    StepResult,
+    StepServices,
+    require_token_level_reference,
+)
 from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
 from aligner.online.advantages import AdvantageInputs, masked_mean, token_level_rewards
@@ -108,9 +114,8 @@ class PPO(Algorithm):
         if stage.config.train.gradient_accumulation_steps != 1:
             raise ConfigError(f"stage '{stage.name}': PPO updates on minibatches of each rollout "
                               f"('mini_batch_size'); {where}.train.gradient_accumulation_steps' must be 1")
-        if self.needs_reference(stage.losses) and "token_level" not in inspect.signature(stage.reference.logprobs).parameters:
-            raise ConfigError(f"stage '{stage.name}': reference policy '{stage.reference.name}' cannot give per-token "
-                              f"log-probs (its logprobs() has no 'token_level' argument), which PPO's KL penalty needs")
+        if self.needs_reference(stage.losses):
+            require_token_level_reference(stage, "ppo")
 
     def needs_reference(self, losses: list[tuple[Any, float]]) -> bool:
         """A KL penalty needs the reference; ``kl_coef: 0`` (which no controller moves) needs none."""

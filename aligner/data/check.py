@@ -199,17 +199,27 @@ def _is_chat(rows: list[Row]) -> bool:
 
 
 def _format_problem(config: RunConfig, index: int, data_format: str) -> list[str]:
-    """Losses of the stage that cannot train on this data format (unknown loss names included)."""
+    """What cannot train on this data format: the stage's algorithm, or (when the algorithm trains on
+    the dataset's own completions) its losses; unknown plugin names included."""
     from aligner.plugins import get_registry
+    from aligner.protocols import PROMPT_ONLY
 
+    stage = config.stages[index]
+    try:
+        algorithm = get_registry("algorithm").get(stage.algorithm.name, where=f"'stages[{index}].algorithm.name'")
+    except AlignerError as exc:
+        return [str(exc)]
+    if data_format not in algorithm.data_formats:
+        return [f"algorithm '{algorithm.name}' trains on {'/'.join(algorithm.data_formats)} data, not {data_format}"]
     problems = []
-    for j, choice in enumerate(config.stages[index].losses):
+    for j, choice in enumerate(stage.losses):
         try:
             cls = get_registry("loss").get(choice.name, where=f"'stages[{index}].losses[{j}].name'")
         except AlignerError as exc:
             problems.append(str(exc))
             continue
-        if data_format not in cls.data_formats:
+        # Online algorithms make their own completions: whether their losses fit is the algorithm's check.
+        if data_format != PROMPT_ONLY and data_format not in cls.data_formats:
             problems.append(f"loss '{choice.name}' trains on {'/'.join(cls.data_formats)} data, not {data_format}")
     return problems
 

@@ -69,7 +69,8 @@ def policy_gradient_loss(
             "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
             "clip_fraction_low": masked_mean(((ratio < 1.0 - clip_low) & (advantages < 0)).float(), mask),
             "clip_fraction_high": masked_mean(((ratio > 1.0 + clip_high) & (advantages > 0)).float(), mask),
-            # k3 estimate of KL(pi_old || pi), per token even for GSPO: how far this update moved.
+            # How far this update moved from the sampling policy: the k3 form the PPO implementations
+            # log as approx_kl, per token even for GSPO (a second-order estimate of the KL either way).
             "approx_kl": masked_mean(torch.expm1(-token_log_ratio) + token_log_ratio, mask),
         }
         if dual_clip is not None:
