@@ -3,6 +3,8 @@
 - ``base``: the ``Algorithm`` base class, what the runner hands an algorithm (``AlgorithmContext``,
   ``StepServices``) and what it gets back (``AlgorithmSetup``, ``StepResult``);
 - ``offline``: the default, weighted loss plugins over micro-batches of a dataset;
+- ``online``: what online algorithms share (``RolloutOptions``: the judge and sampling; the judge
+  built once; the prompt stream sharded over processes);
 - ``ppo``: rollouts, a critic, GAE and clipped updates (RLHF/RLAIF);
 - ``policy_gradient``: the critic-free online family's shared step (rollout groups, an advantage
   estimator, the clipped policy loss with an aggregation mode), which ``grpo``, ``rloo`` and

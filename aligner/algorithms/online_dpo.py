@@ -15,50 +15,31 @@ import math
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from aligner.algorithms.base import Algorithm, AlgorithmContext, AlgorithmSetup, StepResult, StepServices
+from aligner.algorithms.base import AlgorithmContext, AlgorithmSetup, StepResult, StepServices
+from aligner.algorithms.online import OnlineAlgorithm, RolloutOptions
 from aligner.data.batching import collate
 from aligner.errors import AlignerError, ConfigError
 from aligner.forward import compute_losses, move_to
 from aligner.hookspecs import hookimpl
 from aligner.logprobs import completion_logprobs
-from aligner.online.rewards import build_judge
-from aligner.online.rollout import Rollout, generate_rollout, prompt_batches, shard, write_samples
-from aligner.protocols import PREFERENCE, PROMPT_ONLY, Options
+from aligner.online.rollout import Rollout, generate_rollout, shard, write_samples
+from aligner.protocols import PREFERENCE
 
 
-class OnlineDPOOptions(Options):
-    """Sampling and pairing; the loss and its ``beta`` are the stage's ``losses``."""
+class OnlineDPOOptions(RolloutOptions):
+    """Sampling (``RolloutOptions``) and pairing; the loss and its ``beta`` are the stage's ``losses``."""
 
-    judge: dict[str, Any] = Field(description="the judge plugin that picks the better sample: {name: ..., options}")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    generation_batch_size: int = Field(64, gt=0, description="rows per generate() call")
     min_margin: float = Field(0.0, ge=0, description="pairs whose scores differ by no more than this are ties")
     max_refill_batches: int = Field(4, ge=0, description="extra prompt batches drawn when a batch has no pair")
-    sample_every: int = Field(10, gt=0, description="write/print a table of sampled pairs every N steps")
-    num_samples: int = Field(4, gt=0, description="rows in that table")
-
-    @field_validator("judge")
-    @classmethod
-    def _judge_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        build_judge(value)
-        return value
 
 
-class OnlineDPO(Algorithm):
+class OnlineDPO(OnlineAlgorithm):
     """Two samples per prompt, the judge's preference, the stage's DPO-family loss, on policy."""
 
     name = "online_dpo"
-    data_formats = (PROMPT_ONLY,)
     Options = OnlineDPOOptions
-
-    def __init__(self, options: OnlineDPOOptions):
-        super().__init__(options)
-        self.judge = build_judge(options.judge)
-        self._prompts: Any = None
 
     def check_stage(self, stage: Any) -> None:
         """At least one loss, every one trainable on preference pairs; no precomputed reference."""
@@ -80,21 +61,9 @@ class OnlineDPO(Algorithm):
         """Whether the preference losses read reference log-probs (DPO does, SimPO does not)."""
         return any(loss.needs_reference for loss, _ in losses)
 
-    def generation_tokens(self) -> int:
-        """``max_new_tokens``."""
-        return self.options.max_new_tokens
-
     def setup(self, context: AlgorithmContext) -> AlgorithmSetup:
         """The policy trains; the prompt stream starts at the resumed position."""
-        run = context.run
-        train = run.stage.config.train
-        if train.batch_size % run.accelerator.num_processes:
-            raise ConfigError(f"stage '{run.stage.name}': 'stages[{run.stage.index}].train.batch_size' "
-                              f"({train.batch_size}) must be a multiple of the number of processes "
-                              f"({run.accelerator.num_processes})")
-        self._prompts = prompt_batches(run, context.position)
-        return AlgorithmSetup(module=context.policy,
-                              steps_per_epoch=-(-len(run.stage.train_data.examples) // train.batch_size))
+        return AlgorithmSetup(module=context.policy, steps_per_epoch=self.start_prompts(context))
 
     def train_step(self, step: StepServices) -> StepResult:
         """Sample pairs, judge them, one update of the preference loss on them."""

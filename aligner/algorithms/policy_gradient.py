@@ -25,37 +25,29 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from aligner.algorithms.base import (
-    Algorithm,
     AlgorithmContext,
     AlgorithmSetup,
     StepResult,
     StepServices,
     require_token_level_reference,
 )
+from aligner.algorithms.online import OnlineAlgorithm, RolloutOptions
 from aligner.errors import ConfigError
 from aligner.logprobs import completion_logprobs
 from aligner.online.advantages import AdvantageInputs, masked_mean
 from aligner.online.aggregation import Aggregation, step_counts, token_weights
 from aligner.online.kl import kl_per_token
 from aligner.online.policy_loss import kl_penalty_loss, policy_gradient_loss
-from aligner.online.rewards import build_judge
-from aligner.online.rollout import Rollout, generate_rollout, prompt_batches, rows_of, shard, write_samples
-from aligner.protocols import PROMPT_ONLY, Options
+from aligner.online.rollout import Rollout, generate_rollout, rows_of, shard, write_samples
 from aligner.tracking import to_float
 
 
-class PolicyGradientOptions(Options):
-    """Settings shared by GRPO, RLOO and REINFORCE++; each algorithm changes some defaults."""
+class PolicyGradientOptions(RolloutOptions):
+    """Settings shared by GRPO, RLOO and REINFORCE++ (and the rollout settings); each algorithm changes some defaults."""
 
-    judge: dict[str, Any] = Field(description="the judge plugin that scores rollouts: {name: ..., options}")
     estimator: dict[str, Any] = Field(default_factory=lambda: {"name": "group_relative"}, description=(
         "the advantage-estimator plugin: {name: ..., options}"))
-    # rollouts
     group_size: int = Field(4, ge=1, description="completions sampled per prompt (G)")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    generation_batch_size: int = Field(64, gt=0, description="rows per generate() call")
     # KL to the reference
     kl_coef: float = Field(0.0, ge=0, description="beta; 0 builds and runs no reference")
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -80,15 +72,6 @@ class PolicyGradientOptions(Options):
         "soft overlong penalty over the last N tokens before max_new_tokens (DAPO's L_cache)"))
     overlong_penalty: float = Field(1.0, ge=0, description="the penalty at max_new_tokens")
     mask_truncated: bool = Field(False, description="completions that hit max_new_tokens without EOS get no loss")
-    # reporting
-    sample_every: int = Field(10, gt=0, description="write/print a table of rollout samples every N steps")
-    num_samples: int = Field(4, gt=0, description="rows in that table")
-
-    @field_validator("judge")
-    @classmethod
-    def _judge_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        build_judge(value)  # a bad judge fails before any model loads
-        return value
 
     @field_validator("estimator")
     @classmethod
@@ -131,17 +114,14 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, pe
     return -penalty * over / buffer
 
 
-class PolicyGradientAlgorithm(Algorithm):
+class PolicyGradientAlgorithm(OnlineAlgorithm):
     """Rollout groups, an advantage estimator, and the clipped policy loss with an aggregation mode."""
 
-    data_formats = (PROMPT_ONLY,)
     Options = PolicyGradientOptions
 
     def __init__(self, options: PolicyGradientOptions):
         super().__init__(options)
-        self.judge = build_judge(options.judge)
         self.estimator = build_estimator(options.estimator)
-        self._prompts: Any = None
 
     def check_stage(self, stage: Any) -> None:
         """No losses of its own and no critic; the reference must give per-token log-probs."""
@@ -161,21 +141,9 @@ class PolicyGradientAlgorithm(Algorithm):
         """Only a KL term needs the reference: ``kl_coef: 0`` builds and runs none."""
         return self.options.kl_coef > 0
 
-    def generation_tokens(self) -> int:
-        """``max_new_tokens``."""
-        return self.options.max_new_tokens
-
     def setup(self, context: AlgorithmContext) -> AlgorithmSetup:
         """The policy trains; the prompt stream starts at the resumed position."""
-        run = context.run
-        train = run.stage.config.train
-        if train.batch_size % run.accelerator.num_processes:
-            raise ConfigError(f"stage '{run.stage.name}': 'stages[{run.stage.index}].train.batch_size' "
-                              f"({train.batch_size}) must be a multiple of the number of processes "
-                              f"({run.accelerator.num_processes})")
-        self._prompts = prompt_batches(run, context.position)
-        steps_per_epoch = -(-len(run.stage.train_data.examples) // train.batch_size)
-        return AlgorithmSetup(module=context.policy, steps_per_epoch=steps_per_epoch,
+        return AlgorithmSetup(module=context.policy, steps_per_epoch=self.start_prompts(context),
                               updates_per_step=self.options.epochs * self.options.mini_batches)
 
     # -- one step -------------------------------------------------------------------------------

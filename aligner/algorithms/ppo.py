@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from aligner.algorithms.base import (
-    Algorithm,
     AlgorithmContext,
     AlgorithmSetup,
     StepResult,
     StepServices,
     require_token_level_reference,
 )
+from aligner.algorithms.online import OnlineAlgorithm, RolloutOptions
 from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
 from aligner.online.advantages import AdvantageInputs, masked_mean, token_level_rewards
@@ -33,22 +33,15 @@ from aligner.online.advantages.gae import GAE
 from aligner.online.critic import PolicyWithValueHead, explained_variance, hidden_size_of, value_loss
 from aligner.online.kl import AdaptiveKLController, FixedKLController, kl_per_token
 from aligner.online.policy_loss import policy_gradient_loss
-from aligner.online.rewards import adjust_scores, build_judge
-from aligner.online.rollout import generate_rollout, prompt_batches, rows_of, shard, write_samples
-from aligner.protocols import PROMPT_ONLY, Options
+from aligner.online.rewards import adjust_scores
+from aligner.online.rollout import generate_rollout, rows_of, shard, write_samples
 from aligner.resume import load_weights
 from aligner.tracking import to_float
 
 
-class PPOOptions(Options):
-    """PPO settings: rollout sampling, reward shaping, KL control, GAE and the update."""
+class PPOOptions(RolloutOptions):
+    """PPO settings: rollout sampling (``RolloutOptions``), reward shaping, KL control, GAE and the update."""
 
-    judge: dict[str, Any] = Field(description="the judge plugin that scores rollouts: {name: ..., options}")
-    # rollouts
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    generation_batch_size: int = Field(64, gt=0, description="prompts per generate() call")
     # rewards
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_coef: float = Field(0.05, ge=0, description="initial KL coefficient; 0 builds and runs no reference")
@@ -70,16 +63,6 @@ class PPOOptions(Options):
     max_approx_kl: float | None = Field(
         None, gt=0, description="end a rollout's update passes early once a minibatch's approx KL exceeds this")
     whiten_advantages: bool = True
-    # reporting
-    sample_every: int = Field(10, gt=0, description="write/print a table of rollout samples every N steps")
-    num_samples: int = Field(4, gt=0, description="rows in that table")
-
-    @field_validator("judge")
-    @classmethod
-    def _judge_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # Checked here, with the stage's other options, so a bad judge fails before any model loads.
-        build_judge(value)
-        return value
 
     @model_validator(mode="after")
     def _target_needs_adaptive(self):
@@ -88,21 +71,18 @@ class PPOOptions(Options):
         return self
 
 
-class PPO(Algorithm):
+class PPO(OnlineAlgorithm):
     """Actor-critic PPO: the policy with a value head, GAE advantages, clipped policy and value losses."""
 
     name = "ppo"
-    data_formats = (PROMPT_ONLY,)
     Options = PPOOptions
 
     def __init__(self, options: PPOOptions):
         super().__init__(options)
         o = options
-        self.judge = build_judge(o.judge)
         self.controller = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_controller == "adaptive"
                            else FixedKLController(o.kl_coef))
         self.estimator = GAE(GAE.Options(gamma=o.gamma, lam=o.lam, whiten=o.whiten_advantages))
-        self._prompts: Any = None
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -121,22 +101,15 @@ class PPO(Algorithm):
         """A KL penalty needs the reference; ``kl_coef: 0`` (which no controller moves) needs none."""
         return self.options.kl_coef > 0
 
-    def generation_tokens(self) -> int:
-        """``max_new_tokens``."""
-        return self.options.max_new_tokens
-
     # -- setup and state ------------------------------------------------------------------------
 
     def setup(self, context: AlgorithmContext) -> AlgorithmSetup:
         """The policy with a value head, and the stream of prompt batches."""
         run, o = context.run, self.options
-        train = run.stage.config.train
-        _check_divisible(run, train.batch_size)
+        steps_per_epoch = self.start_prompts(context)
         actor_critic = PolicyWithValueHead(context.policy, hidden_size_of(context.policy)).to(run.accelerator.device)
-        self._prompts = prompt_batches(run, context.position)
-        rows = train.batch_size // run.accelerator.num_processes
+        rows = run.stage.config.train.batch_size // run.accelerator.num_processes
         updates = o.ppo_epochs * -(-rows // o.mini_batch_size)
-        steps_per_epoch = -(-len(run.stage.train_data.examples) // train.batch_size)
         return AlgorithmSetup(module=actor_critic, steps_per_epoch=steps_per_epoch, updates_per_step=updates)
 
     def state_dict(self) -> dict[str, Any]:
@@ -249,14 +222,6 @@ class PPO(Algorithm):
 def _mean_over_processes(step: StepServices, value: torch.Tensor) -> float:
     total = step.all_reduce_sum(value.detach().reshape(1).to(torch.float64))
     return to_float(total[0]) / step.num_processes
-
-
-def _check_divisible(run: Any, batch_size: int) -> None:
-    """Every process must get the same share of a prompt batch (their update counts must match)."""
-    processes = run.accelerator.num_processes
-    if batch_size % processes:
-        raise ConfigError(f"stage '{run.stage.name}': 'stages[{run.stage.index}].train.batch_size' ({batch_size}) "
-                          f"must be a multiple of the number of processes ({processes})")
 
 
 @hookimpl

@@ -1,0 +1,63 @@
+"""What every online algorithm shares: rollout options (the judge, sampling, the samples table), the
+judge built once, and the prompt stream of a stage sharded over processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from aligner.algorithms.base import Algorithm, AlgorithmContext
+from aligner.errors import ConfigError
+from aligner.online.rewards import build_judge
+from aligner.online.rollout import prompt_batches
+from aligner.protocols import PROMPT_ONLY, Options
+
+
+class RolloutOptions(Options):
+    """The rollout settings of every online algorithm; each algorithm's ``Options`` extends them."""
+
+    judge: dict[str, Any] = Field(description="the judge plugin that scores rollouts: {name: ..., options}")
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    generation_batch_size: int = Field(64, gt=0, description="rows per generate() call")
+    sample_every: int = Field(10, gt=0, description="write/print a table of rollout samples every N steps")
+    num_samples: int = Field(4, gt=0, description="rows in that table")
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Checked with the stage's other options, so a bad judge fails before any model loads.
+        build_judge(value)
+        return value
+
+
+class OnlineAlgorithm(Algorithm):
+    """An algorithm that trains on prompts, sampling its completions: the judge and the prompt stream."""
+
+    data_formats = (PROMPT_ONLY,)
+    Options = RolloutOptions
+
+    def __init__(self, options: RolloutOptions):
+        super().__init__(options)
+        self.judge = build_judge(options.judge)
+        self._prompts: Any = None
+
+    def generation_tokens(self) -> int:
+        """``max_new_tokens``."""
+        return self.options.max_new_tokens
+
+    def start_prompts(self, context: AlgorithmContext) -> int:
+        """Start the stream of global prompt batches at the resumed position; return the steps per epoch.
+
+        Every process draws the same global batches and samples its own share of each, so the batch
+        size must divide over the processes (their update counts, collectives, must match).
+        """
+        run = context.run
+        batch_size, processes = run.stage.config.train.batch_size, run.accelerator.num_processes
+        if batch_size % processes:
+            raise ConfigError(f"stage '{run.stage.name}': 'stages[{run.stage.index}].train.batch_size' ({batch_size}) "
+                              f"must be a multiple of the number of processes ({processes})")
+        self._prompts = prompt_batches(run, context.position)
+        return -(-len(run.stage.train_data.examples) // batch_size)
