@@ -340,7 +340,8 @@ def test_grpo_raises_the_held_out_behaviour_score_and_reports_the_kl(sft_model, 
                  "template": "plain", "max_length": 48},
         "algorithm": {"name": "grpo", "judge": judge, "group_size": 8, "max_new_tokens": 12, "kl_coef": 0.05,
                       "sample_every": 100},
-        "train": {"max_steps": 8, "batch_size": 16, "learning_rate": 1e-4, "lr_scheduler": "constant"},
+        # Measured: held-out score 0.23 -> 0.59, final KL 0.63 (one update per step, so a higher LR than PPO's test).
+        "train": {"max_steps": 16, "batch_size": 16, "learning_rate": 5e-4, "lr_scheduler": "constant"},
         "eval": {"generate": {"judge": judge, "num_prompts": 100, "max_new_tokens": 12}},
     }
     result = aligner.train({"output_dir": str(tmp_path / "run"), "seed": 0, "model": {"path": sft_model},
