@@ -40,7 +40,7 @@ def logprob_inputs(model: torch.nn.Module, stage: Any, batch: dict[str, Any]) ->
     """Completion log-probs of the policy, and of the reference and mismatched pairs when asked for."""
     policy = completion_logprobs(model, batch, token_level=stage.needs_token_logps)
     # A reference-free stage never runs a reference forward pass.
-    reference = stage.reference.logprobs(batch) if stage.needs_reference else None
+    reference = stage.reference.logprobs(batch) if stage.losses_need_reference else None
     extra = kl_completion_logprobs(model, stage, batch) if getattr(stage, "needs_kl_completions", False) else {}
     return LossInputs(data_format=stage.data_format, policy=policy, reference=reference, batch=batch, extra=extra)
 

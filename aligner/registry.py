@@ -18,6 +18,9 @@ PROTOCOL_NAMES = {"loss": "Loss", "reference policy": "ReferencePolicy", "judge"
                   "peft backend": "PeftBackend", "callback": "Callback", "algorithm": "Algorithm",
                   "advantage estimator": "AdvantageEstimator"}
 
+# Members that are values for one kind but methods for another (a loss's ``needs_reference`` is a
+# flag; an algorithm's is a method of its losses).
+METHOD_MEMBERS = {"algorithm": frozenset({"needs_reference"})}
 # Kinds whose optional members have defaults in a base class a plugin can subclass.
 BASE_CLASS_HINTS = {"algorithm": "; subclass aligner.algorithms.Algorithm for the defaults"}
 
@@ -50,7 +53,8 @@ class Registry:
                 f"{who} registered {self.kind} {what} which lacks required member(s): " + ", ".join(missing)
                 + f" (see aligner.protocols.{PROTOCOL_NAMES[self.kind]}{BASE_CLASS_HINTS.get(self.kind, '')})"
             )
-        not_callable = [m for m in REQUIRED_MEMBERS[self.kind] if m not in DATA_MEMBERS and not callable(getattr(obj, m))]
+        values = DATA_MEMBERS - METHOD_MEMBERS.get(self.kind, frozenset())
+        not_callable = [m for m in REQUIRED_MEMBERS[self.kind] if m not in values and not callable(getattr(obj, m))]
         if not_callable:
             raise PluginError(f"{who} registered {self.kind} {what} whose member(s) {', '.join(not_callable)} "
                               "must be methods")

@@ -207,10 +207,12 @@ def train_stage(run: RunState, model: torch.nn.Module,
         while run.step < run.total_steps and not run.should_stop:
             started = time.perf_counter()
             result = algorithm.train_step(services)
+            # The step's data (and sampling RNG) is used up even when the guard skipped every update:
+            # a checkpoint after it must not hand the same batch out again.
+            position = resume.Position(run.step + int(result.applied), result.epoch, result.batches_in_epoch)
             if not result.applied:
                 continue  # every update of the step was skipped by the guard: the step does not count
             run.step += 1
-            position = resume.Position(run.step, result.epoch, result.batches_in_epoch)
             last = dict(result.metrics)
             last["learning_rate"] = scheduler.get_last_lr()[0]
             last["nonfinite_steps_skipped"] = guard.skipped

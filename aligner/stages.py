@@ -46,8 +46,9 @@ class PreparedStage:
         return self.config.name
 
     @property
-    def needs_reference(self) -> bool:
-        """Whether any loss of the stage reads reference log-probs."""
+    def losses_need_reference(self) -> bool:
+        """Whether any loss of the stage reads reference log-probs (an online algorithm's KL term may
+        need the reference too: ``algorithm.needs_reference``)."""
         return any(loss.needs_reference for loss, _ in self.losses)
 
     @property

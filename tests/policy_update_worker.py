@@ -61,7 +61,9 @@ def main(out: Path) -> None:
                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
     inner = LlamaForCausalLM(config)
     model = torch.nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
-    mine = list(range(rank, ROWS, world))
+    # Unequal shares (5 and 3 rows: 2 and 1 micro-batches of 3), as after DAPO drops groups: the
+    # process with fewer micro-batches runs a zero-weight one so that both sync the same number of times.
+    mine = list(range(ROWS)) if world == 1 else (list(range(5)) if rank == 0 else list(range(5, ROWS)))
     rows = global_rows()
     batch = rollout_batch([rows[i][0] for i in mine], [rows[i][1] for i in mine], pad_token_id=0, row_ids=mine)
     with torch.no_grad():
@@ -74,7 +76,7 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    for aggregation in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+    for aggregation in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         options = PolicyGradientOptions(judge={"name": "rule", "regex": "e"}, kl_coef=0.1, kl_in="loss",
                                         aggregation=aggregation, micro_batch_size=3, max_new_tokens=8,
                                         clip_high=0.28, dual_clip=3.0)

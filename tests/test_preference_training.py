@@ -142,7 +142,7 @@ def test_kto_with_batch_size_one_trains_and_explains_the_kl_estimate(make_config
 def test_orpo_resolves_auto_reference_to_none(make_config):
     prepared = prepare_stage(load_config(make_config("orpo")), 0)
     assert prepared.reference_name == "none"
-    assert not prepared.needs_reference
+    assert not prepared.losses_need_reference
 
 
 def test_reward_losses_cannot_mix_with_language_model_losses(make_config):

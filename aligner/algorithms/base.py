@@ -149,8 +149,10 @@ class StepServices:
         """Average metric dicts (micro-batches, updates) and then over processes."""
         if not collected:
             return {}
-        keys = list(collected[0])
-        values = torch.tensor([sum(to_float(m[k]) for m in collected) / len(collected) for k in keys],
+        # A key missing from some entries (``grad_norm`` of a skipped update) is averaged over those
+        # that have it; the guard's decisions are shared, so every process has the same keys.
+        keys = list(dict.fromkeys(k for m in collected for k in m))
+        values = torch.tensor([_mean([to_float(m[k]) for m in collected if k in m]) for k in keys],
                               dtype=torch.float64)
         if self.num_processes > 1:
             values = self.run.accelerator.reduce(values.to(self.device), reduction="mean").cpu()
@@ -175,6 +177,10 @@ def require_token_level_reference(stage: Any, algorithm: str) -> None:
         raise ConfigError(f"stage '{stage.name}': reference policy '{stage.reference.name}' cannot give per-token "
                           f"log-probs (its logprobs() has no 'token_level' argument), which {algorithm}'s KL penalty "
                           f"needs ('stages[{stage.index}].reference'; 'auto' picks one that can)")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 class Algorithm:

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from aligner.algorithms.base import Algorithm, AlgorithmContext
+from aligner.algorithms.base import Algorithm, AlgorithmContext, require_token_level_reference
 from aligner.errors import ConfigError
 from aligner.online.rewards import build_judge
 from aligner.online.rollout import prompt_batches
@@ -44,6 +44,18 @@ class OnlineAlgorithm(Algorithm):
         self.judge = build_judge(options.judge)
         self._prompts: Any = None
 
+    def check_own_loss_stage(self, stage: Any) -> None:
+        """For algorithms that compute their own loss: no stage ``losses``, no gradient accumulation
+        (they split rollouts themselves), and a reference with per-token log-probs when a KL term needs one."""
+        where = f"'stages[{stage.index}]"
+        if stage.losses:
+            raise ConfigError(f"stage '{stage.name}': {self.name} computes its own loss; remove {where}.losses'")
+        if stage.config.train.gradient_accumulation_steps != 1:
+            raise ConfigError(f"stage '{stage.name}': {self.name} splits each rollout into updates itself; "
+                              f"{where}.train.gradient_accumulation_steps' must be 1")
+        if self.needs_reference(stage.losses):
+            require_token_level_reference(stage, self.name)
+
     def generation_tokens(self) -> int:
         """``max_new_tokens``."""
         return self.options.max_new_tokens
@@ -56,8 +68,12 @@ class OnlineAlgorithm(Algorithm):
         """
         run = context.run
         batch_size, processes = run.stage.config.train.batch_size, run.accelerator.num_processes
+        where = f"'stages[{run.stage.index}].train.batch_size' ({batch_size})"
         if batch_size % processes:
-            raise ConfigError(f"stage '{run.stage.name}': 'stages[{run.stage.index}].train.batch_size' ({batch_size}) "
-                              f"must be a multiple of the number of processes ({processes})")
+            raise ConfigError(f"stage '{run.stage.name}': {where} must be a multiple of the number of processes "
+                              f"({processes})")
+        prompts = len(run.stage.train_data.examples)
+        if prompts < batch_size:
+            raise ConfigError(f"stage '{run.stage.name}': {where} is larger than the {prompts} training prompts")
         self._prompts = prompt_batches(run, context.position)
-        return -(-len(run.stage.train_data.examples) // batch_size)
+        return prompts // batch_size  # full batches only

@@ -47,10 +47,10 @@ class OnlineDPO(OnlineAlgorithm):
         if not stage.losses:
             raise ConfigError(f"stage '{stage.name}': online_dpo trains with the stage's preference loss; add "
                               f"{where}.losses' (e.g. [{{name: dpo, beta: 0.1}}])")
-        for loss, _ in stage.losses:
+        for j, (loss, _) in enumerate(stage.losses):
             if PREFERENCE not in loss.data_formats:
-                raise ConfigError(f"stage '{stage.name}': loss '{loss.name}' does not train on preference pairs, "
-                                  "which online_dpo makes from its samples")
+                raise ConfigError(f"stage '{stage.name}': loss '{loss.name}' ({where}.losses[{j}]') does not train on "
+                                  "preference pairs, which online_dpo makes from its samples")
         if stage.reference_name == "cached":
             raise ConfigError(f"stage '{stage.name}': the 'cached' reference precomputes a dataset's completions; "
                               f"online samples are new every step (use {where}.reference: auto')")
@@ -120,9 +120,11 @@ class OnlineDPO(OnlineAlgorithm):
             found = step.all_reduce_sum(torch.tensor([float(len(pairs))], device=step.device))
             if float(found[0]) > 0:
                 return rollout, pairs, epoch, consumed, draw + 1
-        raise RuntimeError(f"stage '{run.stage.name}': the judge scored both samples of every prompt alike in "
-                           f"{o.max_refill_batches + 1} prompt batches; no preference pair to learn from (check the "
-                           "judge, raise temperature or lower min_margin)")
+        where = f"'stages[{run.stage.index}].algorithm"
+        raise AlignerError(f"stage '{run.stage.name}': the judge scored both samples of every prompt alike in "
+                           f"{o.max_refill_batches + 1} prompt batches; no preference pair to learn from (check "
+                           f"{where}.judge', raise {where}.temperature' or {where}.max_refill_batches', or lower "
+                           f"{where}.min_margin')")
 
     @torch.no_grad()
     def _rollout_metrics(self, step: StepServices, rollout: Rollout, pairs: list[tuple[int, int]]) -> dict[str, Any]:

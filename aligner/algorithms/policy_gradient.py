@@ -29,10 +29,9 @@ from aligner.algorithms.base import (
     AlgorithmSetup,
     StepResult,
     StepServices,
-    require_token_level_reference,
 )
 from aligner.algorithms.online import OnlineAlgorithm, RolloutOptions
-from aligner.errors import ConfigError
+from aligner.errors import AlignerError, ConfigError
 from aligner.logprobs import completion_logprobs
 from aligner.online.advantages import AdvantageInputs, masked_mean
 from aligner.online.aggregation import Aggregation, step_counts, token_weights
@@ -81,6 +80,10 @@ class PolicyGradientOptions(RolloutOptions):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.ratio_level == "sequence" and "aggregation" not in self.model_fields_set:
+            # GSPO's objective is a mean over sequences of one clipped ratio each: every sequence
+            # weighs the same, whatever its length.
+            self.aggregation = "seq-mean-token-mean"
         if self.overlong_buffer is not None and self.overlong_buffer >= self.max_new_tokens:
             raise ValueError(f"'overlong_buffer' ({self.overlong_buffer}) must be below max_new_tokens "
                              f"({self.max_new_tokens})")
@@ -107,6 +110,25 @@ def build_estimator(choice: dict[str, Any]) -> Any:
                                    for e in exc.errors())) from None
 
 
+def _check_estimator_groups(estimator: Any, group_size: int, stage: str, where: str) -> None:
+    """Try the estimator on two groups of ``group_size`` samples with distinct scores: refuse a group size
+    it rejects (RLOO needs 2) or with which the scores give no advantage at all (a group baseline with
+    one sample per prompt leaves nothing to compare)."""
+    from aligner.online.advantages import AdvantageInputs
+
+    rows = 2 * group_size
+    probe = AdvantageInputs(scores=torch.arange(rows, dtype=torch.float32), mask=torch.ones(rows, 2, dtype=torch.bool),
+                            group_ids=torch.arange(rows) // group_size)
+    try:
+        advantages = estimator.estimate(probe).advantages
+    except ValueError as exc:
+        raise ConfigError(f"stage '{stage}': estimator '{estimator.name}' cannot work with {where}.group_size' "
+                          f"{group_size}: {exc}") from None
+    if not bool(advantages.abs().sum() > 0):
+        raise ConfigError(f"stage '{stage}': with {where}.group_size' {group_size}, estimator '{estimator.name}' "
+                          "gives every sample a zero advantage whatever its score: raise group_size")
+
+
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
     """DAPO's soft overlong punishment: 0 up to ``max_new_tokens - buffer`` tokens, then falling linearly
     to ``-penalty`` at ``max_new_tokens``."""
@@ -124,18 +146,18 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         self.estimator = build_estimator(options.estimator)
 
     def check_stage(self, stage: Any) -> None:
-        """No losses of its own and no critic; the reference must give per-token log-probs."""
-        if stage.losses:
-            raise ConfigError(f"stage '{stage.name}': {self.name} computes its own loss; remove "
-                              f"'stages[{stage.index}].losses'")
+        """Its own loss (no stage losses), no critic, an estimator that works with ``group_size``, and
+        updates that each get rows."""
+        self.check_own_loss_stage(stage)
+        where = f"'stages[{stage.index}].algorithm"
         if self.estimator.needs_critic:
-            raise ConfigError(f"stage '{stage.name}': estimator '{self.estimator.name}' needs a critic, which "
-                              f"{self.name} does not train (use algorithm 'ppo')")
-        if stage.config.train.gradient_accumulation_steps != 1:
-            raise ConfigError(f"stage '{stage.name}': {self.name} accumulates over 'micro_batch_size' rows; "
-                              f"'stages[{stage.index}].train.gradient_accumulation_steps' must be 1")
-        if self.needs_reference(stage.losses):
-            require_token_level_reference(stage, self.name)
+            raise ConfigError(f"stage '{stage.name}': estimator '{self.estimator.name}' ({where}.estimator') needs "
+                              f"a critic, which {self.name} does not train (use algorithm 'ppo')")
+        _check_estimator_groups(self.estimator, self.options.group_size, stage.name, where)
+        rows = stage.config.train.batch_size * self.options.group_size
+        if self.options.mini_batches > rows:
+            raise ConfigError(f"stage '{stage.name}': {where}.mini_batches' ({self.options.mini_batches}) is more "
+                              f"than the {rows} rows of a rollout (train.batch_size x group_size)")
 
     def needs_reference(self, losses: list[tuple[Any, float]]) -> bool:
         """Only a KL term needs the reference: ``kl_coef: 0`` builds and runs none."""
@@ -207,9 +229,10 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         # Decided together: one process raising while the others wait in a collective would hang the run.
         kept_anywhere = float(step.all_reduce_sum(torch.tensor([float(kept_groups)], device=step.device))[0])
         if kept_anywhere == 0:
-            raise RuntimeError(f"stage '{run.stage.name}': every sampled group had equal scores in {draws} prompt "
-                               "batches; nothing to learn from (raise max_refill_batches or group_size, or check "
-                               "the judge)")
+            where = f"'stages[{run.stage.index}].algorithm"
+            raise AlignerError(f"stage '{run.stage.name}': every sampled group had equal scores in {draws} prompt "
+                               f"batches; nothing to learn from (raise {where}.max_refill_batches' or "
+                               f"{where}.group_size', or check {where}.judge')")
         metrics = {"groups_kept": kept_groups / max(drawn_groups, 1), "prompt_batches": float(draws)}
         if not parts:
             # Other processes have groups to learn from: this one runs a group at zero weight, since the
@@ -246,12 +269,13 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             kl = kl_per_token(current, reference, mask, o.kl_estimator)
             if o.kl_in == "reward":
                 token_rewards = -o.kl_coef * kl
+        placeholder = metrics.pop("placeholder", False)
+        if placeholder:  # its rows count nowhere: not in batch statistics, not in the loss
+            mask = torch.zeros_like(mask)
         estimated = self.estimator.estimate(AdvantageInputs(scores=scores, mask=mask, group_ids=rollout.group_ids,
                                                             token_rewards=token_rewards,
                                                             all_reduce_sum=step.all_reduce_sum))
         loss_mask = mask & rollout.ended[:, None] if o.mask_truncated else mask
-        if metrics.pop("placeholder", False):
-            loss_mask = torch.zeros_like(loss_mask)
         lengths = mask.sum(-1).float()
         metrics.update({
             "reward/mean": rollout.scores.mean(), "reward/std": _std(rollout.scores),
@@ -283,7 +307,8 @@ def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any],
     counts = step_counts([tensors["loss_mask"][m] for m in micro] or [tensors["loss_mask"][:0]], step.all_reduce_sum)
     mine = torch.zeros(step.num_processes, device=step.device)
     mine[step.process_index] = len(micro)
-    runs = int(step.all_reduce_sum(mine).max())
+    # At least one: an update with no rows anywhere still observes a (zero) loss for the guard.
+    runs = max(int(step.all_reduce_sum(mine).max()), 1)
     norm = o.norm_length or o.max_new_tokens
     collected: list[dict[str, Any]] = []
     total = torch.zeros((), device=step.device)
@@ -305,9 +330,9 @@ def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any],
             loss = (weights * per_token).sum() * step.num_processes
             step.backward(loss, batch=sub)
         total = total + loss.detach()
-        if weight:
+        if weight or not collected and i == runs - 1:  # a process with no rows reports its placeholder's
             collected.append(metrics)
-    metrics = {k: sum(to_float(m[k]) for m in collected) / len(collected) for k in collected[0]} if collected else {}
+    metrics = {k: sum(to_float(m[k]) for m in collected) / len(collected) for k in collected[0]}
     # Summed over micro-batches; the runner's mean over processes then gives the global update's loss.
     metrics["loss"] = total
     return metrics

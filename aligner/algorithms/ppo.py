@@ -23,10 +23,8 @@ from aligner.algorithms.base import (
     AlgorithmSetup,
     StepResult,
     StepServices,
-    require_token_level_reference,
 )
 from aligner.algorithms.online import OnlineAlgorithm, RolloutOptions
-from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
 from aligner.online.advantages import AdvantageInputs, masked_mean, token_level_rewards
 from aligner.online.advantages.gae import GAE
@@ -88,14 +86,7 @@ class PPO(OnlineAlgorithm):
 
     def check_stage(self, stage: Any) -> None:
         """No losses of its own, one update per minibatch, a reference that gives per-token log-probs."""
-        where = f"'stages[{stage.index}]"
-        if stage.losses:
-            raise ConfigError(f"stage '{stage.name}': ppo computes its own losses; remove {where}.losses'")
-        if stage.config.train.gradient_accumulation_steps != 1:
-            raise ConfigError(f"stage '{stage.name}': PPO updates on minibatches of each rollout "
-                              f"('mini_batch_size'); {where}.train.gradient_accumulation_steps' must be 1")
-        if self.needs_reference(stage.losses):
-            require_token_level_reference(stage, "ppo")
+        self.check_own_loss_stage(stage)
 
     def needs_reference(self, losses: list[tuple[Any, float]]) -> bool:
         """A KL penalty needs the reference; ``kl_coef: 0`` (which no controller moves) needs none."""

@@ -210,7 +210,9 @@ def _format_problem(config: RunConfig, index: int, data_format: str) -> list[str
     except AlignerError as exc:
         return [str(exc)]
     if data_format not in algorithm.data_formats:
-        return [f"algorithm '{algorithm.name}' trains on {'/'.join(algorithm.data_formats)} data, not {data_format}"]
+        return [f"algorithm '{algorithm.name}' ('stages[{index}].algorithm.name') trains on "
+                f"{'/'.join(algorithm.data_formats)} data, not {data_format} ('stages[{index}].data.format' if the "
+                "guess is wrong)"]
     problems = []
     for j, choice in enumerate(stage.losses):
         try:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from aligner.logprobs import token_window_start
 from aligner.online.advantages import masked_mean, masked_var
 
 
@@ -34,7 +35,7 @@ class PolicyWithValueHead(torch.nn.Module):
         input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
         # A minibatch of a rollout keeps the rollout's window (``window_start``) so that its columns
         # line up with the rollout's stored log-probs, values and advantages.
-        start = batch.get("window_start", max(int(batch["prompt_lengths"].min()) - 1, 0))
+        start = token_window_start(batch)
         out = self.policy(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
                           output_hidden_states=True)
         logits = out.logits[:, start:-1].float()

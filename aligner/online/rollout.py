@@ -18,6 +18,7 @@ import torch
 
 from aligner.data.batching import LengthGroupedBatches, collate
 from aligner.forward import move_to
+from aligner.logprobs import token_window_start
 from aligner.online.sampler import decode, sample_completions
 from aligner.protocols import SFT
 from aligner.resume import Position
@@ -26,15 +27,21 @@ from aligner.run import RunState
 
 def prompt_batches(run: RunState, start: Position) -> Iterator[tuple[int, int, list[int]]]:
     """Endless ``(epoch, batches consumed in the epoch, prompt indices)`` of the global batch
-    (``train.batch_size`` prompts), reshuffled every epoch, from a data position on."""
+    (``train.batch_size`` prompts), reshuffled every epoch, from a data position on.
+
+    Only full batches: an epoch's short last batch is left out, so that every process always gets
+    the same share (their numbers of updates, which are collectives, must match).
+    """
     stage = run.stage
-    sampler = LengthGroupedBatches(stage.train_data.lengths(), stage.config.train.batch_size,
-                                   seed=run.config.seed + stage.index, group_by_length=False)
+    size = stage.config.train.batch_size
+    sampler = LengthGroupedBatches(stage.train_data.lengths(), size, seed=run.config.seed + stage.index,
+                                   group_by_length=False)
     epoch, skip = start.epoch, start.batches_in_epoch
     while True:
         sampler.set_epoch(epoch, skip=skip)
         for consumed, indices in enumerate(sampler, start=skip + 1):
-            yield epoch, consumed, indices
+            if len(indices) == size:
+                yield epoch, consumed, indices
         epoch, skip = epoch + 1, 0
 
 
@@ -62,7 +69,8 @@ class Rollout:
 
     ``scores`` are the judge's raw scores; ``ended`` says which completions stopped at an
     end-of-sequence token (the others hit ``max_new_tokens``); ``row_ids`` are the prompts' indices
-    in the train data (the non-finite guard names them), ``group_ids`` the same per group.
+    in the train data (the non-finite guard names them). Groups are numbered by position, never by
+    prompt: one prompt drawn twice (a refill crossing an epoch) makes two groups.
     """
 
     prompts: list[Any]
@@ -72,11 +80,12 @@ class Rollout:
     row_ids: list[int]
     scores: torch.Tensor
     ended: torch.Tensor
+    group_size: int
 
     @property
     def group_ids(self) -> torch.Tensor:
-        """``[N]``: rows with equal ids are samples for the same prompt."""
-        return torch.tensor(self.row_ids, device=self.scores.device)
+        """``[N]``: rows with equal ids are the samples of one prompt in this rollout."""
+        return torch.arange(len(self.row_ids), device=self.scores.device) // self.group_size
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -88,14 +97,14 @@ class Rollout:
         (``rows_of``) keep its per-token columns."""
         batch = move_to(rollout_batch(self.prompt_ids, self.completion_ids, pad_token_id, self.row_ids),
                         self.scores.device)
-        batch["window_start"] = max(int(batch["prompt_lengths"].min()) - 1, 0)
+        batch["window_start"] = token_window_start(batch)
         return batch
 
     def select(self, rows: list[int]) -> Rollout:
-        """The same rollout restricted to ``rows``."""
+        """The same rollout restricted to ``rows`` (whole groups, in order)."""
         return Rollout([self.prompts[i] for i in rows], [self.prompt_ids[i] for i in rows],
                        [self.completion_ids[i] for i in rows], [self.texts[i] for i in rows],
-                       [self.row_ids[i] for i in rows], self.scores[rows], self.ended[rows])
+                       [self.row_ids[i] for i in rows], self.scores[rows], self.ended[rows], self.group_size)
 
     @staticmethod
     def concat(parts: list[Rollout]) -> Rollout:
@@ -103,7 +112,7 @@ class Rollout:
         return Rollout([x for p in parts for x in p.prompts], [x for p in parts for x in p.prompt_ids],
                        [x for p in parts for x in p.completion_ids], [x for p in parts for x in p.texts],
                        [x for p in parts for x in p.row_ids], torch.cat([p.scores for p in parts]),
-                       torch.cat([p.ended for p in parts]))
+                       torch.cat([p.ended for p in parts]), parts[0].group_size)
 
 
 def generate_rollout(run: RunState, policy: torch.nn.Module, judge: Any, indices: list[int], *, group_size: int,
@@ -120,14 +129,13 @@ def generate_rollout(run: RunState, policy: torch.nn.Module, judge: Any, indices
     eos = tokenizer.eos_token_id
     return Rollout(prompts=prompts, prompt_ids=prompt_ids, completion_ids=completions, texts=texts,
                    row_ids=[e["row_id"] for e in examples for _ in range(group_size)], scores=scores,
-                   ended=torch.tensor([bool(c) and c[-1] == eos for c in completions], device=device))
+                   ended=torch.tensor([bool(c) and c[-1] == eos for c in completions], device=device),
+                   group_size=group_size)
 
 
 def rows_of(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     """The batch restricted to ``rows``, keeping its width and per-token window (``window_start``), so
     that per-token values of the rows line up with those computed for the whole batch."""
-    from aligner.logprobs import token_window_start
-
     sub = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
     sub["window_start"] = token_window_start(batch)
     return sub
