@@ -109,7 +109,7 @@ def stage_for(losses, data_format, reference_model=None, forward_kind="logprobs"
                                          device=torch.device("cpu"), run_dir=""))
     return SimpleNamespace(
         losses=[(loss, 1.0) for loss in losses], data_format=data_format, reference=reference,
-        needs_reference=any(loss.needs_reference for loss in losses),
+        losses_need_reference=any(loss.needs_reference for loss in losses),
         needs_token_logps=False,
         needs_kl_completions=any(getattr(loss, "needs_kl_completions", False) for loss in losses),
         forward_kind=forward_kind,
