@@ -135,7 +135,7 @@ def launch(arguments: list[str], processes: int, env: dict[str, str] | None = No
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *arguments]
     if processes == 1:
         command = [sys.executable, *arguments]
-    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -157,16 +157,18 @@ def test_one_and_two_processes_give_the_same_loss_and_gradients(tmp_path):
 
 def test_two_processes_share_out_each_prompt_batch_and_skip_a_non_finite_step_together(tmp_path):
     """2 processes: each samples its half of every prompt batch (disjoint, together the whole batch);
-    a NaN score on one process makes both skip that update (the guard's decision is shared)."""
-    config = online_config(tmp_path, {"name": "grpo", "group_size": 2,
-                                      "judge": {"name": "rule", "callable": "tests.online_probe:score"}},
-                           steps=3, batch_size=4)
+    NaN advantages on one process make both skip that update (the guard's decision is shared)."""
+    config = online_config(tmp_path, {"name": "grpo", "group_size": 2, "judge": None,
+                                      "rewards": [{"function": "tests.online_probe:score"}],
+                                      "estimator": {"name": "poisoned"}}, steps=3, batch_size=4)
+    config["stages"][0]["algorithm"].pop("judge")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     probe = tmp_path / "probe"
-    # Rank 1 scores 2 prompts x 2 samples = 4 completions per step: its second step's are NaN.
-    launch(["-m", "aligner", "train", str(path)], processes=2,
-           env={"ALIGNER_PROBE_FILE": str(probe), "ALIGNER_PROBE_NAN": "1:5-8"})
+    # Each process calls the estimator once to check it at config time, then once per step: call 3
+    # of rank 1 is its second step.
+    launch([str(ROOT / "tests" / "online_probe.py"), "train", str(path)], processes=2,
+           env={"ALIGNER_PROBE_FILE": str(probe), "ALIGNER_PROBE_NAN": "1:3", "PYTHONPATH": str(ROOT)})
     calls = {rank: [json.loads(x) for x in (tmp_path / f"probe.{rank}").read_text().splitlines()] for rank in (0, 1)}
     seen = {rank: [c["prompt"] for c in calls[rank]] for rank in calls}
     # 4 steps of rollouts (one skipped), 2 prompts x 2 samples each per process
@@ -211,15 +213,33 @@ class CountingJudgePlugin:
         register(CountingJudge)
 
 
-def test_a_non_finite_online_update_is_skipped_counted_and_training_goes_on(tmp_path, caplog):
-    config = online_config(tmp_path, {"name": "grpo", "group_size": 4, "judge": {"name": "counting", "nan_calls": [2]}},
+def test_a_non_finite_online_update_is_skipped_counted_and_training_goes_on(tmp_path, caplog, monkeypatch):
+    from .online_probe import _poisoned_estimator
+
+    class Plugin:
+        @aligner.hookimpl
+        def register_advantage_estimators(self, register):
+            register(_poisoned_estimator())
+
+    monkeypatch.setenv("ALIGNER_PROBE_NAN", "0:3")  # the config-time check is call 1: step 2 is call 3
+    monkeypatch.setitem(__import__("tests.online_probe").online_probe._calls, "estimate", 0)
+    config = online_config(tmp_path, {"name": "grpo", "group_size": 4, "estimator": {"name": "poisoned"}},
                            steps=3, batch_size=2)
-    with temporary_plugin(CountingJudgePlugin(), "counting"):
+    with temporary_plugin(Plugin(), "poisoned"):
         result = aligner.train(config)
     steps = train_steps(result)
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert [s["nonfinite_steps_skipped"] for s in steps] == [0, 1, 1]
     assert "non-finite loss, update skipped" in caplog.text and "prompts.jsonl, line" in caplog.text
+
+
+def test_a_non_finite_judge_score_is_a_located_error(tmp_path):
+    config = online_config(tmp_path, {"name": "grpo", "group_size": 4, "judge": {"name": "counting", "nan_calls": [2]}},
+                           steps=3, batch_size=2)
+    with temporary_plugin(CountingJudgePlugin(), "counting"), pytest.raises(
+            aligner.errors.AlignerError, match=r"reward source 'counting' returned nan for the sample of "
+                                               r".*prompts\.jsonl, line \d+; rewards must be finite"):
+        aligner.train(config)
 
 
 def test_the_peft_backends_after_step_call_runs_after_every_online_update(tmp_path):
@@ -364,6 +384,7 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
     from aligner.data.batching import collate
     from aligner.forward import move_to
     from aligner.logprobs import completion_logprobs
+    from aligner.online.reward_sources import RewardSources
     from aligner.online.rewards import build_judge
     from aligner.online.rollout import generate_rollout, prompt_batches
     from aligner.plugins import plugin_infos
@@ -378,7 +399,7 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
             n: int = 4
 
         def setup(self, context):
-            self.judge = build_judge(self.options.judge)
+            self.rewards = RewardSources.of_judge(build_judge(self.options.judge))
             self.prompts = prompt_batches(context.run, context.position)
             self.kept = 0
             return AlgorithmSetup(module=context.policy, steps_per_epoch=8)
@@ -388,7 +409,7 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
 
         def train_step(self, step):
             epoch, consumed, indices = next(self.prompts)
-            rollout = generate_rollout(step.run, step.policy(), self.judge, indices, group_size=self.options.n,
+            rollout = generate_rollout(step.run, step.policy(), self.rewards, indices, group_size=self.options.n,
                                        max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=64)
             best = [max(range(i, i + self.options.n), key=lambda r: float(rollout.scores[r]))
                     for i in range(0, len(rollout.row_ids), self.options.n)]

@@ -1,14 +1,15 @@
-"""What every online algorithm shares: rollout options (the judge, sampling, the samples table), the
-judge built once, and the prompt stream of a stage sharded over processes."""
+"""What every online algorithm shares: rollout options (the reward sources, sampling, the samples
+table), the reward sources built once, and the prompt stream of a stage sharded over processes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from aligner.algorithms.base import Algorithm, AlgorithmContext, require_token_level_reference
-from aligner.errors import ConfigError
+from aligner.errors import AlignerError, ConfigError
+from aligner.online.reward_sources import RewardSourceConfig, RewardSources
 from aligner.online.rewards import build_judge
 from aligner.online.rollout import prompt_batches
 from aligner.protocols import PROMPT_ONLY, Options
@@ -17,7 +18,12 @@ from aligner.protocols import PROMPT_ONLY, Options
 class RolloutOptions(Options):
     """The rollout settings of every online algorithm; each algorithm's ``Options`` extends them."""
 
-    judge: dict[str, Any] = Field(description="the judge plugin that scores rollouts: {name: ..., options}")
+    judge: dict[str, Any] | None = Field(None, description=(
+        "the judge plugin that scores rollouts: {name: ..., options} (or several sources: rewards)"))
+    rewards: list[RewardSourceConfig] | None = Field(None, description=(
+        "weighted reward sources: [{judge: {...}} or {function: module:name, options: {...}}, with weight]"))
+    normalize_rewards: bool = Field(False, description="standardise each source over the batch before weighting")
+    reward_timeout: float | None = Field(60.0, gt=0, description="seconds a source may take per batch")
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -25,12 +31,37 @@ class RolloutOptions(Options):
     sample_every: int = Field(10, gt=0, description="write/print a table of rollout samples every N steps")
     num_samples: int = Field(4, gt=0, description="rows in that table")
 
+    # Each source is built while the options are validated, so a bad judge or function fails before any
+    # model loads, with the key path of the option.
     @field_validator("judge")
     @classmethod
-    def _judge_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # Checked with the stage's other options, so a bad judge fails before any model loads.
-        build_judge(value)
+    def _judge_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            build_judge(value)
         return value
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_are_valid(cls, value: list[RewardSourceConfig] | None) -> list[RewardSourceConfig] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("list at least one reward source")
+            try:
+                RewardSources(value, timeout=None)
+            except AlignerError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self):
+        if (self.judge is None) == (self.rewards is None):
+            raise ValueError("set exactly one of 'judge' (one judge) and 'rewards' (weighted reward sources)")
+        return self
+
+    def reward_sources(self) -> RewardSources:
+        """The sources that score rollouts: the one ``judge``, or the weighted ``rewards``."""
+        sources = self.rewards if self.rewards is not None else [RewardSourceConfig(judge=self.judge)]
+        return RewardSources(sources, normalize=self.normalize_rewards, timeout=self.reward_timeout)
 
 
 class OnlineAlgorithm(Algorithm):
@@ -41,7 +72,7 @@ class OnlineAlgorithm(Algorithm):
 
     def __init__(self, options: RolloutOptions):
         super().__init__(options)
-        self.judge = build_judge(options.judge)
+        self.rewards = options.reward_sources()
         self._prompts: Any = None
 
     def check_own_loss_stage(self, stage: Any) -> None:

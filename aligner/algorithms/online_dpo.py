@@ -11,7 +11,6 @@ fly. ``kl`` reports the policy's KL to the reference on its samples (sum over to
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -109,12 +108,11 @@ class OnlineDPO(OnlineAlgorithm):
         o, run = self.options, step.run
         for draw in range(1 + o.max_refill_batches):
             epoch, consumed, indices = next(self._prompts)
-            rollout = generate_rollout(run, step.policy(), self.judge,
+            rollout = generate_rollout(run, step.policy(), self.rewards,
                                        shard(indices, step.process_index, step.num_processes), group_size=2,
                                        max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
                                        batch_size=o.generation_batch_size)
-            scores = rollout.scores.tolist()
-            _refuse_non_finite(run, self.judge.name, rollout, scores)
+            scores = rollout.scores.tolist()  # finite: the reward sources refuse anything else
             pairs = [(a, b) if scores[a] > scores[b] else (b, a) for a, b in
                      ((i, i + 1) for i in range(0, len(scores), 2)) if abs(scores[a] - scores[b]) > o.min_margin]
             found = step.all_reduce_sum(torch.tensor([float(len(pairs))], device=step.device))
@@ -123,7 +121,7 @@ class OnlineDPO(OnlineAlgorithm):
         where = f"'stages[{run.stage.index}].algorithm"
         raise AlignerError(f"stage '{run.stage.name}': the judge scored both samples of every prompt alike in "
                            f"{o.max_refill_batches + 1} prompt batches; no preference pair to learn from (check "
-                           f"{where}.judge', raise {where}.temperature' or {where}.max_refill_batches', or lower "
+                           f"the reward sources, raise {where}.temperature' or {where}.max_refill_batches', or lower "
                            f"{where}.min_margin')")
 
     @torch.no_grad()
@@ -134,6 +132,7 @@ class OnlineDPO(OnlineAlgorithm):
             "reward/mean": scores.mean(),
             "reward/margin": (sum(float(scores[c] - scores[r]) for c, r in pairs) / len(pairs)) if pairs else 0.0,
             "response_length": rollout.lengths.float().mean(),
+            **self.rewards.metrics(rollout.sources),
         }
         if self.needs_reference(step.run.stage.losses):
             batch = rollout.batch(step.run.tokenizer.pad_token_id)
@@ -141,17 +140,6 @@ class OnlineDPO(OnlineAlgorithm):
                 policy = completion_logprobs(step.model, batch).logps
             metrics["kl"] = (policy - step.run.stage.reference.logprobs(batch).logps).mean()
         return metrics
-
-
-def _refuse_non_finite(run: Any, judge: str, rollout: Rollout, scores: list[float]) -> None:
-    """A NaN/inf score would silently make a pair a tie (every comparison with NaN is false): refuse it."""
-    bad = [i for i, value in enumerate(scores) if not math.isfinite(value)]
-    if bad:
-        rows = run.stage.train_rows
-        where = rows[rollout.row_ids[bad[0]]].location if rollout.row_ids[bad[0]] < len(rows) else "unknown row"
-        raise AlignerError(f"stage '{run.stage.name}': judge '{judge}' scored {len(bad)} sample(s) {scores[bad[0]]} "
-                           f"(first: the prompt of {where}, completion {rollout.texts[bad[0]]!r}); scores must be "
-                           "finite numbers")
 
 
 def _placeholder(rollout: Rollout, pad: int) -> list[dict[str, Any]]:

@@ -210,7 +210,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             epoch, consumed, indices = next(self._prompts)
             draws += 1
             if kept_groups < wanted:
-                part = generate_rollout(run, step.policy(), self.judge, shard(indices, step.process_index,
+                part = generate_rollout(run, step.policy(), self.rewards, shard(indices, step.process_index,
                                                                                 step.num_processes),
                                         group_size=o.group_size, max_new_tokens=o.max_new_tokens,
                                         temperature=o.temperature, top_p=o.top_p, batch_size=o.generation_batch_size)
@@ -232,7 +232,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             where = f"'stages[{run.stage.index}].algorithm"
             raise AlignerError(f"stage '{run.stage.name}': every sampled group had equal scores in {draws} prompt "
                                f"batches; nothing to learn from (raise {where}.max_refill_batches' or "
-                               f"{where}.group_size', or check {where}.judge')")
+                               f"{where}.group_size', or check the reward sources)")
         metrics = {"groups_kept": kept_groups / max(drawn_groups, 1), "prompt_batches": float(draws)}
         if not parts:
             # Other processes have groups to learn from: this one runs a group at zero weight, since the
@@ -283,6 +283,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             "advantages/abs": masked_mean(estimated.advantages.abs(), mask),
             "response_length": lengths.mean(), "eos_fraction": rollout.ended.float().mean(),
             **{k: to_float(v) for k, v in estimated.metrics.items()},
+            **self.rewards.metrics(rollout.sources),
         })
         if kl is not None:
             metrics["kl"] = kl.sum(-1).mean()

@@ -141,7 +141,7 @@ class PPO(OnlineAlgorithm):
     def _collect(self, step: StepServices, indices: list[int]) -> dict[str, Any]:
         """Sample, score and shape one rollout batch; return its tensors, samples and metrics."""
         o, run = self.options, step.run
-        sampled = generate_rollout(run, step.policy(), self.judge, indices, group_size=1,
+        sampled = generate_rollout(run, step.policy(), self.rewards, indices, group_size=1,
                                    max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
                                    batch_size=o.generation_batch_size)
         batch = sampled.batch(run.tokenizer.pad_token_id)
@@ -168,6 +168,7 @@ class PPO(OnlineAlgorithm):
             "kl_coef": self.controller.value, "entropy": masked_mean(out["entropy"], mask),
             "response_length": mask.sum(-1).float().mean(), "eos_fraction": sampled.ended.float().mean(),
             "explained_variance": explained_variance(out["values"], estimated.returns, mask),
+            **self.rewards.metrics(sampled.sources),
         }
         samples = {"prompt": sampled.prompts, "completion": sampled.texts, "score": scores.tolist(),
                    "kl": sequence_kl.tolist()}

@@ -108,6 +108,10 @@ def validate_row(row: dict[str, Any], data_format: str, location: str) -> dict[s
             clean[field] = _check_text(row[field], field, location, allow_empty=field != "prompt")
     if data_format == PREFERENCE and row.get("margin") is not None:
         clean["margin"] = _check_margin(row["margin"], location)
+    if data_format == PROMPT_ONLY:
+        # Online algorithms hand a prompt row's other columns (a ground-truth ``answer``, test cases,
+        # ...) to their reward functions.
+        clean.update({k: v for k, v in row.items() if k not in clean})
     return clean
 
 

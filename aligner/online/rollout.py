@@ -81,6 +81,7 @@ class Rollout:
     scores: torch.Tensor
     ended: torch.Tensor
     group_size: int
+    sources: dict[str, list[float | None]]  # each reward source's own values (None: does not apply)
 
     @property
     def group_ids(self) -> torch.Tensor:
@@ -104,7 +105,8 @@ class Rollout:
         """The same rollout restricted to ``rows`` (whole groups, in order)."""
         return Rollout([self.prompts[i] for i in rows], [self.prompt_ids[i] for i in rows],
                        [self.completion_ids[i] for i in rows], [self.texts[i] for i in rows],
-                       [self.row_ids[i] for i in rows], self.scores[rows], self.ended[rows], self.group_size)
+                       [self.row_ids[i] for i in rows], self.scores[rows], self.ended[rows], self.group_size,
+                       {name: [values[i] for i in rows] for name, values in self.sources.items()})
 
     @staticmethod
     def concat(parts: list[Rollout]) -> Rollout:
@@ -112,12 +114,14 @@ class Rollout:
         return Rollout([x for p in parts for x in p.prompts], [x for p in parts for x in p.prompt_ids],
                        [x for p in parts for x in p.completion_ids], [x for p in parts for x in p.texts],
                        [x for p in parts for x in p.row_ids], torch.cat([p.scores for p in parts]),
-                       torch.cat([p.ended for p in parts]), parts[0].group_size)
+                       torch.cat([p.ended for p in parts]), parts[0].group_size,
+                       {name: [v for p in parts for v in p.sources[name]] for name in parts[0].sources})
 
 
-def generate_rollout(run: RunState, policy: torch.nn.Module, judge: Any, indices: list[int], *, group_size: int,
+def generate_rollout(run: RunState, policy: torch.nn.Module, rewards: Any, indices: list[int], *, group_size: int,
                      max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> Rollout:
-    """Sample ``group_size`` completions for each prompt of ``indices`` (train-data indices) and score them."""
+    """Sample ``group_size`` completions for each prompt of ``indices`` (train-data indices) and score them
+    with the reward sources (``aligner.online.reward_sources.RewardSources``)."""
     tokenizer, device = run.tokenizer, run.accelerator.device
     examples = [run.stage.train_data.examples[i] for i in indices]
     prompt_ids = [e["prompt_ids"] for e in examples for _ in range(group_size)]
@@ -125,12 +129,15 @@ def generate_rollout(run: RunState, policy: torch.nn.Module, judge: Any, indices
                                      temperature=temperature, top_p=top_p, batch_size=batch_size)
     texts = decode(tokenizer, completions)
     prompts = [e["prompt"] for e in examples for _ in range(group_size)]
-    scores = torch.tensor(judge.score(prompts, texts), dtype=torch.float32, device=device)
+    row_ids = [e["row_id"] for e in examples for _ in range(group_size)]
+    rows = [run.stage.train_rows[r] for r in row_ids]
+    scored = rewards.score(prompts, texts, completions, [{k: v for k, v in row.data.items() if k != "prompt"}
+                                                         for row in rows], [row.location for row in rows])
     eos = tokenizer.eos_token_id
-    return Rollout(prompts=prompts, prompt_ids=prompt_ids, completion_ids=completions, texts=texts,
-                   row_ids=[e["row_id"] for e in examples for _ in range(group_size)], scores=scores,
+    return Rollout(prompts=prompts, prompt_ids=prompt_ids, completion_ids=completions, texts=texts, row_ids=row_ids,
+                   scores=scored.total.to(device),
                    ended=torch.tensor([bool(c) and c[-1] == eos for c in completions], device=device),
-                   group_size=group_size)
+                   group_size=group_size, sources=scored.raw)
 
 
 def rows_of(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The bundled arithmetic task (``aligner.arithmetic.task``): two-digit sums with checkable answers."""
