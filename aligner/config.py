@@ -112,9 +112,18 @@ class TrainConfig(Strict):
 
 
 class GenerationEvalConfig(Strict):
-    """Sample completions for held-out prompts and score them with a judge (the behaviour score)."""
+    """Sample completions for held-out prompts and score them with a judge (the behaviour score) or with
+    weighted reward sources (e.g. a verifier against the rows' ``answer``: held-out accuracy)."""
 
-    judge: PluginChoice
+    judge: PluginChoice | None = None
+    rewards: list[dict[str, Any]] | None = Field(None, description=(
+        "reward sources as in an online algorithm's 'rewards': [{function: ..., weight: ...}, {judge: {...}}]"))
+
+    @model_validator(mode="after")
+    def _one_kind_of_scorer(self) -> GenerationEvalConfig:
+        if (self.judge is None) == (self.rewards is None):
+            raise ValueError("set exactly one of 'judge' and 'rewards'")
+        return self
     num_prompts: int = Field(64, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, ge=0)

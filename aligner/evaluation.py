@@ -59,15 +59,26 @@ def evaluate_generations(run: RunState, model: torch.nn.Module) -> dict[str, flo
                                      top_p=settings.top_p, batch_size=settings.batch_size, seed=run.config.seed)
     texts = decode(run.tokenizer, completions)
     prompts = [e["prompt"] for e in examples]
-    scores = run.stage.judge.score(prompts, texts)
-    run.last_samples = [{"prompt": p, "completion": t, "score": s} for p, t, s in zip(prompts, texts, scores, strict=True)]
+    rows = [run.stage.eval_rows[e["row_id"]] for e in examples]
+    sources = run.stage.eval_rewards
+    scored = sources.score(prompts, texts, completions, [{k: v for k, v in r.data.items() if k != "prompt"} for r in rows],
+                           [r.location for r in rows])
+    scores = scored.total.tolist()
+    run.last_samples = [{"prompt": p, "completion": t, "score": s,
+                         **({n: scored.raw[n][i] for n in sources.names} if settings.rewards is not None else {})}
+                        for i, (p, t, s) in enumerate(zip(prompts, texts, scores, strict=True))]
     if run.is_main_process:
         directory = run.stage_dir / "samples"
         directory.mkdir(parents=True, exist_ok=True)
         with (directory / f"step-{run.step}.jsonl").open("w") as handle:
             for sample in run.last_samples:
                 handle.write(json.dumps(sample) + "\n")
-    return {"eval/judge_score": sum(scores) / len(scores)}
+    if settings.judge is not None:
+        return {"eval/judge_score": sum(scores) / len(scores)}
+    # Each source's mean where it applies (a verifier's: held-out accuracy), and the weighted total.
+    per_source = {f"eval/{k.removesuffix('/mean')}": v for k, v in sources.metrics(scored.raw, "rewards/").items()
+                  if k.endswith("/mean")}
+    return {"eval/reward": sum(scores) / len(scores), **per_source}
 
 
 def evaluate(run: RunState, model: torch.nn.Module) -> dict[str, float]:
@@ -78,7 +89,7 @@ def evaluate(run: RunState, model: torch.nn.Module) -> dict[str, float]:
     model.eval()
     try:
         metrics = evaluate_losses(run, model)
-        if run.stage.judge is not None:
+        if run.stage.eval_rewards is not None:
             metrics.update(evaluate_generations(run, model))
     finally:
         model.train(was_training)

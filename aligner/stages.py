@@ -34,7 +34,7 @@ class PreparedStage:
     reference_name: str
     reference: Any
     peft: Any
-    judge: Any | None
+    eval_rewards: Any | None  # what scores held-out generations (``eval.generate``): RewardSources
     train_rows: list[Row]
     eval_rows: list[Row]
     train_data: TokenizedData | None = None
@@ -84,6 +84,28 @@ def instantiate(kind: str, choice: PluginChoice, loc: tuple, config: RunConfig) 
     cls = get_registry(kind).get(choice.name, where=_where(loc) + line)
     options = validate_plugin_options(cls.Options, choice, loc, config)
     return cls(options)
+
+
+def _eval_rewards(generate: Any, loc: tuple, config: RunConfig) -> Any:
+    """The reward sources that score held-out generations: the one judge, or the listed ``rewards``."""
+    from pydantic import ValidationError
+
+    from aligner.config import format_loc
+    from aligner.errors import AlignerError
+    from aligner.online.reward_sources import RewardSourceConfig, RewardSources
+
+    if generate.judge is not None:
+        return RewardSources.of_judge(instantiate("judge", generate.judge, (*loc, "judge"), config))
+    source = getattr(config, "_source", None)
+    where = f"'{format_loc((*loc, 'rewards'))}'" + (source.where((*loc, "rewards")) if source is not None else "")
+    try:
+        return RewardSources([RewardSourceConfig.model_validate(r) for r in generate.rewards], timeout=None)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                           for e in exc.errors())
+        raise ConfigError(f"invalid reward source in {where}: {detail}") from None
+    except (AlignerError, ValueError) as exc:
+        raise ConfigError(f"invalid reward source in {where}: {exc}") from None
 
 
 def _refuse_algorithm_as_loss(choice: PluginChoice, loc: tuple, config: RunConfig) -> None:
@@ -154,14 +176,14 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     reference_choice = PluginChoice(name=reference_name, **stage.reference.options())
     reference = instantiate("reference policy", reference_choice, (*base, "reference"), config)
     peft = instantiate("peft backend", stage.peft, (*base, "peft"), config)
-    judge = None
+    eval_rewards = None
     if stage.eval.generate is not None:
-        judge = instantiate("judge", stage.eval.generate.judge, (*base, "eval", "generate", "judge"), config)
+        eval_rewards = _eval_rewards(stage.eval.generate, (*base, "eval", "generate"), config)
         if not eval_rows:
             raise ConfigError(f"stage '{stage.name}': eval.generate needs held-out prompts; set "
                               f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
-    prepared = PreparedStage(index, stage, data_format, algorithm, losses, reference_name, reference, peft, judge,
-                             train_rows, eval_rows)
+    prepared = PreparedStage(index, stage, data_format, algorithm, losses, reference_name, reference, peft,
+                             eval_rewards, train_rows, eval_rows)
     algorithm.check_stage(prepared)
     # Losses may look at the validated data (class balance, batch size) and warn before any training.
     for loss, _ in losses:

@@ -219,7 +219,7 @@ class Algorithm:
         """Judged generations for held-out prompts (``eval.generate``), when the stage has them."""
         from aligner.evaluation import evaluate_generations
 
-        if run.stage.judge is None or run.stage.eval_data is None or not run.stage.eval_data.examples:
+        if run.stage.eval_rewards is None or run.stage.eval_data is None or not run.stage.eval_data.examples:
             return {}
         return evaluate_generations(run, self.policy_of(run.accelerator.unwrap_model(model)))
 

@@ -25,6 +25,8 @@ LOW, HIGH = 10, 99
 """Operands are drawn from ``LOW..HIGH`` inclusive (two digits)."""
 HELD_OUT_FRACTION = 0.1
 """Share of unordered operand pairs reserved for the held-out files."""
+CARRY_FREE = True
+"""Only problems without carries or borrows (see the module docstring for why)."""
 
 # Phrasings per operation, with {a} and {b} the operands as they appear in the sum ("a + b",
 # "a - b"). They are kept short because the builtin tokenizer spells most words out in pieces:
@@ -50,33 +52,53 @@ NOUNS = ["cat", "dog", "boy", "girl"]
 DATA_DIR = Path(__file__).parent / "data"
 
 
-def operand_pairs() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(training pairs, held-out pairs): unordered pairs (a <= b) over ``LOW..HIGH``, a seeded tenth held out."""
-    pairs = [(a, b) for a in range(LOW, HIGH + 1) for b in range(a, HIGH + 1)]
-    held = set(random.Random(0).sample(pairs, round(len(pairs) * HELD_OUT_FRACTION)))
-    return [p for p in pairs if p not in held], [p for p in pairs if p in held]
+def _digits_fit(a: int, b: int, op: str) -> bool:
+    """Whether ``a op b`` is carry-free: no digit column carries (addition) or borrows (subtraction)."""
+    while a or b:
+        column = a % 10 + b % 10 if op == "+" else a % 10 - b % 10
+        if not 0 <= column <= 9:
+            return False
+        a, b = a // 10, b // 10
+    return True
 
 
-def make_problem(rng: random.Random, pair: tuple[int, int]) -> tuple[str, str, int]:
-    """(prompt, SFT completion, answer) for a random operation and phrasing over an unordered pair."""
-    small, large = pair
-    if rng.random() < 0.5:
-        # Addition in either order; subtraction always takes the smaller from the larger.
-        a, b = (small, large) if rng.random() < 0.5 else (large, small)
-        op, result, phrasings = "+", a + b, ADD_PROMPTS
-    else:
-        a, b = large, small
-        op, result, phrasings = "-", a - b, SUB_PROMPTS
-    prompt = rng.choice(phrasings).format(a=a, b=b, noun=rng.choice(NOUNS))
+def problems() -> list[tuple[int, str, int]]:
+    """Every problem ``(a, op, b)`` of the task: operands in ``LOW..HIGH``, carry-free, ``a >= b`` for ``-``."""
+    operands = range(LOW, HIGH + 1)
+    return [(a, op, b) for a in operands for b in operands for op in "+-"
+            if (op == "+" or a >= b) and (not CARRY_FREE or _digits_fit(a, b, op))]
+
+
+def operand_pair(problem: tuple[int, str, int]) -> frozenset[int]:
+    """The unordered operand pair of a problem: the unit that is either trained on or held out."""
+    return frozenset((problem[0], problem[2]))
+
+
+def split_problems() -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
+    """(training problems, held-out problems): a seeded ``HELD_OUT_FRACTION`` of the unordered operand
+    pairs is held out with every problem over it, so a held-out pair is never seen in either order
+    or operation."""
+    every = problems()
+    pairs = sorted({tuple(sorted(operand_pair(p))) for p in every})
+    held = {frozenset(p) for p in random.Random(0).sample(pairs, round(len(pairs) * HELD_OUT_FRACTION))}
+    return [p for p in every if operand_pair(p) not in held], [p for p in every if operand_pair(p) in held]
+
+
+def make_problem(rng: random.Random, problem: tuple[int, str, int]) -> tuple[str, str, int]:
+    """(prompt, SFT completion, answer) for a problem in a random phrasing."""
+    a, op, b = problem
+    result = a + b if op == "+" else a - b
+    phrasing = rng.choice(ADD_PROMPTS if op == "+" else SUB_PROMPTS)
+    prompt = phrasing.format(a=a, b=b, noun=rng.choice(NOUNS))
     return prompt, f"{a} {op} {b} = {result}. The answer is {result}.", result
 
 
-def make_rows(pairs: list[tuple[int, int]], count: int, kind: str, seed: int) -> list[dict]:
-    """``count`` rows of ``kind`` (``sft`` or ``prompt``) over the given operand pairs."""
+def make_rows(pool: list[tuple[int, str, int]], count: int, kind: str, seed: int) -> list[dict]:
+    """``count`` rows of ``kind`` (``sft`` or ``prompt``) over problems drawn from ``pool``."""
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        prompt, completion, answer = make_problem(rng, rng.choice(pairs))
+        prompt, completion, answer = make_problem(rng, rng.choice(pool))
         if kind == "sft":
             rows.append({"prompt": prompt, "completion": completion})
         else:
@@ -116,7 +138,7 @@ def correctness(prompt: str, completion: str) -> float:
 
 def write_files(directory: Path = DATA_DIR) -> None:
     """Regenerate the bundled data files (deterministic)."""
-    train, held_out = operand_pairs()
+    train, held_out = split_problems()
     files = {
         "sft_train.jsonl": make_rows(train, 4000, "sft", seed=1),
         "sft_eval.jsonl": make_rows(held_out, 200, "sft", seed=2),

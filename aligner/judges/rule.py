@@ -19,17 +19,17 @@ from aligner.hookspecs import hookimpl
 from aligner.protocols import Options
 
 
-def import_callable(path: str) -> Callable:
-    """Import ``package.module:function`` (or ``package.module.function``)."""
+def import_callable(path: str, what: str = "judge callable") -> Callable:
+    """Import ``package.module:function`` (or ``package.module.function``); ``what`` names it in errors."""
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     try:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"cannot import judge callable '{path}': {exc}") from None
+        raise ConfigError(f"cannot import {what} '{path}': {exc}") from None
     if not callable(function):
-        raise ConfigError(f"judge callable '{path}' is not callable")
+        raise ConfigError(f"{what} '{path}' is not callable")
     return function
 
 

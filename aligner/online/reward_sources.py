@@ -24,6 +24,7 @@ import concurrent.futures
 import inspect
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,8 @@ class RewardSources:
             raise ValueError(f"reward sources need distinct names; repeated: {', '.join(repeated)} (set 'name')")
         built = judges or {}
         self._call = [_judge_caller(built.get(i) or build_judge(s.judge)) if s.judge is not None
-                      else _function_caller(import_callable(s.function), s.options) for i, s in enumerate(sources)]
+                      else _function_caller(import_callable(s.function, what="reward function"), s.options, name)
+                      for i, (s, name) in enumerate(zip(sources, self.names, strict=True))]
 
     @classmethod
     def of_judge(cls, judge: Any, timeout: float | None = None) -> RewardSources:
@@ -146,7 +148,7 @@ class RewardSources:
         except AlignerError:
             raise
         except Exception as exc:  # the user's code: locate it by the first row it fails on alone
-            row = _first_failing_row(call, prompts, completions, completion_ids, columns)
+            row = _first_failing_row(call, self.timeout, prompts, completions, completion_ids, columns)
             where = locations[row] if row is not None else f"a batch whose first sample is from {locations[0]}"
             raise RewardError(f"reward source '{name}' raised {type(exc).__name__}: {exc} (on the sample of {where})") \
                 from exc
@@ -181,7 +183,7 @@ def _judge_caller(judge: Any) -> Any:
     return call
 
 
-def _function_caller(function: Any, options: dict[str, Any]) -> Any:
+def _function_caller(function: Any, options: dict[str, Any], name: str) -> Any:
     """A call of a reward function with the batch, its row columns (one list each) and its options."""
 
     def call(prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
@@ -189,7 +191,8 @@ def _function_caller(function: Any, options: dict[str, Any]) -> Any:
         names = sorted({k for row in columns for k in row})
         clash = [n for n in names if n in options]
         if clash:
-            raise RewardError(f"reward function option(s) {', '.join(clash)} have the name of a data column")
+            raise RewardError(f"reward source '{name}': option(s) {', '.join(clash)} have the name of a data column "
+                              "(rename the option or the column)")
         by_column = {n: [row.get(n) for row in columns] for n in names}
         result = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **by_column,
                           **options)
@@ -207,24 +210,36 @@ async def _awaited(awaitable: Any) -> Any:
 def _with_timeout(call: Any, timeout: float | None, *args: Any) -> Any:
     """``call(*args)``, or ``concurrent.futures.TimeoutError`` after ``timeout`` seconds.
 
-    The call runs in a worker thread so a hung function cannot hang the run; it is left to finish
-    on its own (Python cannot stop a thread), and the run stops with the error.
+    The call runs in a daemon thread so a hung function can hang neither the run nor the process's
+    exit; it is left behind (Python cannot stop a thread) and the run stops with the error.
     """
     if timeout is None:
         return call(*args)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(call, *args).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="aligner-reward-source", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise concurrent.futures.TimeoutError
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
-def _first_failing_row(call: Any, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
-                       columns: list[dict[str, Any]]) -> int | None:
-    """The first sample on which the source fails when called with it alone (None if none does)."""
+def _first_failing_row(call: Any, timeout: float | None, prompts: list[Any], completions: list[str],
+                       completion_ids: list[list[int]], columns: list[dict[str, Any]]) -> int | None:
+    """The first sample on which the source fails (or times out) when called with it alone (None if none does)."""
     for i in range(len(completions)):
         try:
-            call(prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1], columns[i:i + 1])
+            _with_timeout(call, timeout, prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
+                          columns[i:i + 1])
         except Exception:  # noqa: BLE001 - any failure locates the row
             return i
     return None
