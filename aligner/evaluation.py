@@ -76,8 +76,7 @@ def evaluate_generations(run: RunState, model: torch.nn.Module) -> dict[str, flo
     if settings.judge is not None:
         return {"eval/judge_score": sum(scores) / len(scores)}
     # Each source's mean where it applies (a verifier's: held-out accuracy), and the weighted total.
-    per_source = {f"eval/{k.removesuffix('/mean')}": v for k, v in sources.metrics(scored.raw, "rewards/").items()
-                  if k.endswith("/mean")}
+    per_source = {f"eval/{k}": v for k, v in sources.metrics(scored.raw, "rewards/").items() if k.endswith("/mean")}
     return {"eval/reward": sum(scores) / len(scores), **per_source}
 
 

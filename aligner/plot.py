@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from aligner.errors import ConfigError
@@ -15,6 +16,8 @@ PANELS = (
     ("accuracy", ("rewards/accuracies", "accuracy")),
     ("KL", ("kl", "kl/mean", "kl_coef")),
 )
+# ``rewards/<source>/mean`` (training) and ``eval/rewards/<source>/mean`` (held-out).
+REWARD_SOURCE = re.compile(r"(eval/)?rewards/[^/]+/mean")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -43,6 +46,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             series = sorted(k for k in keys if any(k == s or k.endswith("/" + s) or k == "eval/" + s for s in suffixes))
             if series:
                 panels.append((title, series))
+        # Online algorithms' reward sources, one curve each (training and held-out).
+        sources = sorted(k for k in keys if REWARD_SOURCE.fullmatch(k))
+        if sources:
+            panels.append(("reward sources", sources))
         if not panels:
             continue
         figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
