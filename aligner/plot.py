@@ -20,6 +20,20 @@ PANELS = (
 REWARD_SOURCE = re.compile(r"(eval/)?rewards/[^/]+/mean")
 
 
+def panels_of(keys: set[str]) -> list[tuple[str, list[str]]]:
+    """The panels to draw for a stage that logged ``keys``: (title, the metrics it plots)."""
+    panels = []
+    for title, suffixes in PANELS:
+        series = sorted(k for k in keys if any(k == s or k.endswith("/" + s) or k == "eval/" + s for s in suffixes))
+        if series:
+            panels.append((title, series))
+    # Online algorithms' reward sources, one curve each (training and held-out).
+    sources = sorted(k for k in keys if REWARD_SOURCE.fullmatch(k))
+    if sources:
+        panels.append(("reward sources", sources))
+    return panels
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``."""
     path = run_dir / "metrics.jsonl"
@@ -40,16 +54,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written = []
     for stage in dict.fromkeys(r["stage"] for r in records):
         rows = [r for r in records if r["stage"] == stage]
-        keys = {k for r in rows for k in r if k not in ("stage", "step")}
-        panels = []
-        for title, suffixes in PANELS:
-            series = sorted(k for k in keys if any(k == s or k.endswith("/" + s) or k == "eval/" + s for s in suffixes))
-            if series:
-                panels.append((title, series))
-        # Online algorithms' reward sources, one curve each (training and held-out).
-        sources = sorted(k for k in keys if REWARD_SOURCE.fullmatch(k))
-        if sources:
-            panels.append(("reward sources", sources))
+        panels = panels_of({k for r in rows for k in r if k not in ("stage", "step")})
         if not panels:
             continue
         figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)

@@ -351,3 +351,13 @@ def test_grpo_run_logs_each_source_and_its_reward_is_their_weighted_sum(tmp_path
         # every source applies to every sample, so mean total = sum of weight * source mean
         expected = 1.0 * record["rewards/answer_seen/mean"] + 0.5 * record["rewards/rule/mean"]
         assert record["reward/mean"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_aligner_plot_draws_each_reward_source_in_its_own_panel():
+    from aligner.plot import panels_of
+
+    keys = {"loss", "reward/mean", "rewards/correct/mean", "rewards/correct/applies", "rewards/format/mean",
+            "eval/rewards/correct/mean", "rewards/chosen", "kl"}
+    panels = dict(panels_of(keys))
+    assert panels["reward sources"] == ["eval/rewards/correct/mean", "rewards/correct/mean", "rewards/format/mean"]
+    assert "rewards/chosen" in panels["reward"]  # DPO's implicit rewards stay in the reward panel
