@@ -172,8 +172,6 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     # One model runs through every stage, so its head (LM or reward score) must suit them all.
     kinds = {stage.forward_kind for stage in stages}
     if len(kinds) > 1:
-        from aligner.errors import ConfigError
-
         raise ConfigError("a run's stages must all train the same kind of model (language model or reward model); "
                           "train the reward model in its own run, with model.path set to the earlier run's output")
     tokenizer = load_tokenizer(resolved)

@@ -35,7 +35,11 @@ def final_dir(run_dir: Path, stage: str | None) -> Path:
         summary = run_dir / "summary.json"
         if not summary.is_file():
             raise ConfigError(f"{run_dir} has no summary.json; pass --stage or a final/ directory")
-        return Path(json.loads(summary.read_text())["final_model"])
+        try:
+            return Path(json.loads(summary.read_text())["final_model"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{summary} is not an aligner run summary (no 'final_model'); pass --stage, or the "
+                              "adapter's final/ directory itself") from None
     return run_dir / stage / "final"
 
 
