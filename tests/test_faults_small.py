@@ -36,3 +36,22 @@ def test_plugins_into_a_closed_pipe_ends_quietly():
     stderr = producer.stderr.read().decode()
     assert producer.wait(timeout=120) == 0
     assert "BrokenPipeError" not in stderr and "Traceback" not in stderr
+
+
+def test_a_byte_that_is_not_utf8_names_its_file_and_line(make_config, tmp_path, capsys):
+    import yaml
+
+    from .conftest import sft_rows
+
+    data = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r).encode() for r in sft_rows(4)]
+    lines[2] = lines[2].replace(b"The", b"Th\xe9", 1)  # latin-1 e-acute
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    config = make_config("sft")
+    config["stages"][0]["data"]["train"] = str(data)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, line 3: not UTF-8 (byte 0xe9 at column" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

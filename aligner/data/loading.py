@@ -41,11 +41,19 @@ def _reject(error: DataError, location: str, errors: list[RejectedRow] | None) -
 
 def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line: a byte that is not UTF-8 is a located error of its own line (the
+    # text decoder would raise for the whole file, with no line).
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}, line {line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _reject(DataError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                  "save the file as UTF-8"), where, errors)
+                continue
             if not line.strip():
                 continue
-            where = f"{path}, line {line_number}"
             try:
                 value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
             except json.JSONDecodeError as exc:
