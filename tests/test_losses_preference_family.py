@@ -89,6 +89,15 @@ def test_kto_matches_the_formula_with_weights_and_the_kl_reference_point():
     assert out.metrics["rewards/label_accuracy"].item() == pytest.approx(1 / 3)
 
 
+def test_kto_label_accuracy_counts_a_tie_as_wrong_for_both_labels():
+    # Policy = reference (the start of training): every reward is 0 = beta * z0, a tie. Before the fix
+    # the undesirable rows counted as correct, so the "before" value was the share of undesirable rows.
+    inputs = unpaired([-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0], [True, False, False],
+                      kl_policy=[-4.0, -5.0, -6.0], kl_reference=[-4.0, -5.0, -6.0])
+    out = KTOLoss(KTOLoss.Options(beta=0.5)).compute(inputs)
+    assert out.metrics["rewards/label_accuracy"].item() == 0.0
+
+
 def test_kto_clamps_a_negative_kl_estimate_at_zero():
     inputs = unpaired([-1.0, -2.0], [-1.5, -1.0], [True, False], kl_policy=[-6.0, -6.0], kl_reference=[-5.0, -5.0])
     out = KTOLoss(KTOLoss.Options(beta=1.0)).compute(inputs)

@@ -133,8 +133,10 @@ class KTOLoss:
         rewards = o.beta * logratios.detach()
         metrics: dict[str, Any] = {
             "kl": z0,
-            # Share of completions on the side of the reference point their label asks for.
-            "rewards/label_accuracy": ((rewards > o.beta * z0) == labels).float().mean(),
+            # Share of completions strictly on the side of the reference point their label asks for (a
+            # tie is on neither side: at the start, policy = reference, the accuracy is 0, not the
+            # share of undesirable rows).
+            "rewards/label_accuracy": torch.where(labels, rewards > o.beta * z0, rewards < o.beta * z0).float().mean(),
             "logps/mean": inputs.policy.logps.detach().mean(),
         }
         if inputs.data_format == PREFERENCE:
