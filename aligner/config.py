@@ -239,9 +239,9 @@ def format_loc(loc: tuple) -> str:
     return text
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The config model class that owns the last key of ``loc`` (for suggestions)."""
-    model: Any = RunConfig
+def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The config model class (below ``root``, a run config by default) that owns the last key of ``loc``."""
+    model: Any = root or RunConfig
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -259,11 +259,11 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: dict, source: _Source) -> str:
+def _describe(error: dict, source: _Source, root: type[BaseModel] | None = None) -> str:
     loc = tuple(error["loc"])
     where = source.where(loc)
     if error["type"] == "extra_forbidden":
-        owner = _model_at(loc)
+        owner = _model_at(loc, root)
         valid = list(owner.model_fields) if owner else []
         return f"unknown key '{format_loc(loc)}'{where}{suggest(loc[-1], valid)}"
     if error["type"] == "missing":
@@ -274,13 +274,15 @@ def _describe(error: dict, source: _Source) -> str:
     return f"invalid config{where}: {message}"
 
 
-def validation_error(exc: ValidationError, source: _Source, prefix: tuple = ()) -> ConfigError:
-    """Turn a pydantic error into one ConfigError listing every problem with its location."""
+def validation_error(exc: ValidationError, source: _Source, prefix: tuple = (),
+                     root: type[BaseModel] | None = None) -> ConfigError:
+    """Turn a pydantic error into one ConfigError listing every problem with its location; ``root`` is the
+    model that was validated (a run config by default), whose keys typos are matched against."""
     problems = []
     for err in exc.errors():
         err = dict(err)
         err["loc"] = (*prefix, *err["loc"])
-        problems.append(_describe(err, source))
+        problems.append(_describe(err, source, root))
     if len(problems) == 1:
         return ConfigError(problems[0])
     return ConfigError(f"{len(problems)} problems in the config: " + "; ".join(problems))

@@ -36,6 +36,12 @@ class Interrupted(AlignerError):
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or an empty string."""
-    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
+    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or an empty string.
+
+    Two letters swapped is the likeliest typo of all, and difflib's ratio misses it in short names
+    (``rl`` for ``lr`` scores 0.5), so a candidate with the same letters in another order comes first.
+    """
+    name, options = str(name), [str(c) for c in candidates]
+    swapped = [c for c in options if c != name and sorted(c) == sorted(name)]
+    matches = swapped[:1] or difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     return f" (did you mean '{matches[0]}'?)" if matches else ""

@@ -62,7 +62,7 @@ def load_label_config(source: str | Path | dict, overrides: list[str] | tuple[st
     try:
         config = LabelConfig.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, origin) from None
+        raise validation_error(exc, origin, root=LabelConfig) from None
     config.prompts = _resolve(config.prompts, base, "prompts")
     if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
         config.model.path = _resolve(config.model.path, base, "model.path")

@@ -55,3 +55,25 @@ def test_a_byte_that_is_not_utf8_names_its_file_and_line(make_config, tmp_path, 
     err = capsys.readouterr().err
     assert f"{data}, line 3: not UTF-8 (byte 0xe9 at column" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_label_config_typos_get_a_did_you_mean(tmp_path):
+    import pytest
+
+    from aligner.errors import ConfigError
+    from aligner.label import load_label_config
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    base = {"prompts": str(prompts), "output": str(tmp_path / "out.jsonl"), "model": {"tiny": {}},
+            "judge": {"name": "rule", "regex": "e"}}
+    with pytest.raises(ConfigError, match=r"unknown key 'num_completion'.*did you mean 'num_completions'"):
+        load_label_config({**base, "num_completion": 2})
+    with pytest.raises(ConfigError, match=r"unknown key 'sede'.*did you mean 'seed'"):
+        load_label_config({**base, "sede": 2})
+
+
+def test_two_swapped_letters_in_a_short_key_get_a_did_you_mean():
+    from aligner.errors import suggest
+
+    assert suggest("rl", ["lr", "seed"]) == " (did you mean 'lr'?)"  # difflib alone scores it 0.5
