@@ -164,6 +164,21 @@ def finish_stage(run: RunState, model: torch.nn.Module, metrics_file: MetricsFil
     return (release(policy) if release else policy), final
 
 
+def _logged_evaluation(run: RunState, step: int) -> dict[str, float]:
+    """The held-out metrics this stage logged at ``step`` (its "before", for a resumed stage)."""
+    import json
+
+    path = run.output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    found: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("stage") == run.stage.name and record.get("step") == step:
+            found.update({k: v for k, v in record.items() if k.startswith("eval/")})
+    return found
+
+
 def _resume(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any, directory: Path) -> resume.Position:
     """Load a checkpoint: the algorithm's weights, optimizer/schedule/RNG state, the algorithm's own state."""
     algorithm = run.stage.algorithm
@@ -189,8 +204,11 @@ def train_stage(run: RunState, model: torch.nn.Module,
     run.model = model
     call_hook("on_run_start", run=run)
 
-    # 2. evaluate before training (a resumed stage already did)
-    before = evaluate_and_log(run, model, metrics_file) if stage.config.eval.at_start and resume_from is None else {}
+    # 2. evaluate before training (a resumed stage already did: its "before" is read back)
+    if resume_from is not None:
+        before = _logged_evaluation(run, step=0)
+    else:
+        before = evaluate_and_log(run, model, metrics_file) if stage.config.eval.at_start else {}
 
     # 3. train
     progress = Progress(f"{stage.name}", run.total_steps, enabled=run.is_main_process)

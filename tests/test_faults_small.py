@@ -77,3 +77,18 @@ def test_two_swapped_letters_in_a_short_key_get_a_did_you_mean():
     from aligner.errors import suggest
 
     assert suggest("rl", ["lr", "seed"]) == " (did you mean 'lr'?)"  # difflib alone scores it 0.5
+
+
+def test_a_resumed_stage_reports_the_before_of_its_first_attempt(make_config, capsys):
+    import re
+
+    from .conftest import sft_rows
+    from .test_resume import run_interrupted_then_resumed
+
+    config = make_config("sft", rows=sft_rows(16), eval_rows=sft_rows(4),
+                         train={"max_steps": 4, "batch_size": 4, "save_every": 2})
+    result = run_interrupted_then_resumed(config, kill_at=3)
+    before = re.findall(r"│ nll\s+│\s+(\S+)\s+│", capsys.readouterr().out)[-1]  # the resumed run's table
+    records = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    # the step-0 evaluation of the first attempt, read back from metrics.jsonl (it printed "-" before)
+    assert before == f"{[r for r in records if r['step'] == 0][0]['eval/nll']:.4f}"
