@@ -361,3 +361,32 @@ def test_aligner_plot_draws_each_reward_source_in_its_own_panel():
     panels = dict(panels_of(keys))
     assert panels["reward sources"] == ["eval/rewards/correct/mean", "rewards/correct/mean", "rewards/format/mean"]
     assert "rewards/chosen" in panels["reward"]  # DPO's implicit rewards stay in the reward panel
+
+
+def test_held_out_generations_are_scored_by_reward_sources_with_the_rows_columns(tmp_path):
+    """``eval.generate.rewards``: each source's held-out mean (a verifier's: accuracy) and the weighted total."""
+    config = grpo_config(tmp_path, {"rewards": REWARDS})
+    stage = config["stages"][0]
+    stage["data"]["eval"] = str(write_jsonl(tmp_path / "held_out.jsonl", answer_rows(4)))
+    stage["eval"] = {"generate": {"rewards": [{"name": "seen", "function": f"{HERE}:answer_seen", "weight": 2.0}],
+                                  "num_prompts": 4, "max_new_tokens": 8}}
+    result = aligner.train(config)
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval/reward" in r]
+    assert [r["step"] for r in evaluations] == [0, 2]
+    for record in evaluations:
+        assert record["eval/reward"] == pytest.approx(2.0 * record["eval/rewards/seen/mean"])
+    samples = [json.loads(x) for x in (result.output_dir / "grpo" / "samples" / "step-0.jsonl").read_text().splitlines()]
+    assert all(s["seen"] == float(answer_rows(4)[i]["answer"] in s["completion"]) for i, s in enumerate(samples))
+
+
+def test_eval_generate_needs_exactly_one_of_judge_and_rewards(tmp_path):
+    config = grpo_config(tmp_path, {"rewards": REWARDS})
+    stage = config["stages"][0]
+    stage["data"]["eval"] = str(write_jsonl(tmp_path / "held_out.jsonl", answer_rows(4)))
+    stage["eval"] = {"generate": {"num_prompts": 4}}
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.eval\.generate.*set exactly one of 'judge' and 'rewards'"):
+        load_config(config)
+    stage["eval"] = {"generate": {"rewards": [{"function": "nope:fn"}]}}
+    with pytest.raises(ConfigError, match=r"invalid reward source in 'stages\[0\]\.eval\.generate\.rewards'.*nope"):
+        prepare_stages(load_config(config))
