@@ -3,15 +3,18 @@
 Prompts ask for a sum or a difference, plainly ("What is 23 + 45?") or as a tiny word problem ("The
 cat has 23 cups and gets 45 more. How many now?"); SFT completions restate the sum and give the
 result twice ("23 + 45 = 68. The answer is 68."). Prompt rows carry the ground truth in an
-``answer`` column, which the ``aligner.online.verifiers.final_answer`` reward checks. Subtraction
-never goes below zero, so every answer is a non-negative integer.
+``answer`` column, which the ``aligner.online.verifiers.final_answer`` reward checks.
 
-SFT of a tiny model teaches the format and part of the arithmetic; carries stay hard for it, which
-leaves room for RL with a verifiable reward to improve held-out accuracy.
+Every problem is carry-free: no digit column of a sum carries and none of a difference borrows
+(so differences are never negative either). Measured on the tiny 4-layer model, a column that
+wraps around 10 is a modular-addition lookup it does not learn in minutes of CPU training, while
+carry-free columns are learned: a short SFT reaches partial held-out accuracy (about half of the
+answers right when sampling at temperature 1), which leaves room for RL with a verifiable reward.
+Mixing carries in, even for half of the rows, stopped SFT from learning the carry-free ones too.
 
-Held-out rows use operand pairs never seen in training, in either operation or order: a pair
-{a, b} is held out as a whole. ``python -m aligner.arithmetic.task`` rewrites the bundled files in
-``aligner/arithmetic/data``.
+Held-out rows use operand pairs never seen in training, in either operation or order: an unordered
+pair {a, b} is held out with every problem over it. ``python -m aligner.arithmetic.task`` rewrites
+the bundled files in ``aligner/arithmetic/data``.
 """
 
 from __future__ import annotations
@@ -21,16 +24,17 @@ import random
 import re
 from pathlib import Path
 
+Problem = tuple[int, str, int]
+"""``(a, op, b)`` with ``op`` ``"+"`` or ``"-"``: the problem ``a op b``."""
+
 LOW, HIGH = 10, 99
 """Operands are drawn from ``LOW..HIGH`` inclusive (two digits)."""
 HELD_OUT_FRACTION = 0.1
 """Share of unordered operand pairs reserved for the held-out files."""
-CARRY_FREE = True
-"""Only problems without carries or borrows (see the module docstring for why)."""
 
 # Phrasings per operation, with {a} and {b} the operands as they appear in the sum ("a + b",
 # "a - b"). They are kept short because the builtin tokenizer spells most words out in pieces:
-# prompt + completion must fit a 64-token max_length.
+# prompt + completion stay within 52 tokens (a 64-token max_length leaves a margin).
 ADD_PROMPTS = [
     "What is {a} + {b}?",
     "What is {a} plus {b}?",
@@ -52,8 +56,15 @@ NOUNS = ["cat", "dog", "boy", "girl"]
 DATA_DIR = Path(__file__).parent / "data"
 
 
-def _digits_fit(a: int, b: int, op: str) -> bool:
-    """Whether ``a op b`` is carry-free: no digit column carries (addition) or borrows (subtraction)."""
+def result(problem: Problem) -> int:
+    """The value of ``a op b``."""
+    a, op, b = problem
+    return a + b if op == "+" else a - b
+
+
+def carry_free(problem: Problem) -> bool:
+    """Whether ``a op b`` needs no carry (addition) or borrow (subtraction) in any digit column."""
+    a, op, b = problem
     while a or b:
         column = a % 10 + b % 10 if op == "+" else a % 10 - b % 10
         if not 0 <= column <= 9:
@@ -62,19 +73,18 @@ def _digits_fit(a: int, b: int, op: str) -> bool:
     return True
 
 
-def problems() -> list[tuple[int, str, int]]:
-    """Every problem ``(a, op, b)`` of the task: operands in ``LOW..HIGH``, carry-free, ``a >= b`` for ``-``."""
+def problems() -> list[Problem]:
+    """Every problem of the task: carry-free, operands in ``LOW..HIGH``."""
     operands = range(LOW, HIGH + 1)
-    return [(a, op, b) for a in operands for b in operands for op in "+-"
-            if (op == "+" or a >= b) and (not CARRY_FREE or _digits_fit(a, b, op))]
+    return [(a, op, b) for a in operands for b in operands for op in "+-" if carry_free((a, op, b))]
 
 
-def operand_pair(problem: tuple[int, str, int]) -> frozenset[int]:
+def operand_pair(problem: Problem) -> frozenset[int]:
     """The unordered operand pair of a problem: the unit that is either trained on or held out."""
     return frozenset((problem[0], problem[2]))
 
 
-def split_problems() -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
+def split_problems() -> tuple[list[Problem], list[Problem]]:
     """(training problems, held-out problems): a seeded ``HELD_OUT_FRACTION`` of the unordered operand
     pairs is held out with every problem over it, so a held-out pair is never seen in either order
     or operation."""
@@ -84,16 +94,16 @@ def split_problems() -> tuple[list[tuple[int, str, int]], list[tuple[int, str, i
     return [p for p in every if operand_pair(p) not in held], [p for p in every if operand_pair(p) in held]
 
 
-def make_problem(rng: random.Random, problem: tuple[int, str, int]) -> tuple[str, str, int]:
+def make_problem(rng: random.Random, problem: Problem) -> tuple[str, str, int]:
     """(prompt, SFT completion, answer) for a problem in a random phrasing."""
     a, op, b = problem
-    result = a + b if op == "+" else a - b
+    value = result(problem)
     phrasing = rng.choice(ADD_PROMPTS if op == "+" else SUB_PROMPTS)
     prompt = phrasing.format(a=a, b=b, noun=rng.choice(NOUNS))
-    return prompt, f"{a} {op} {b} = {result}. The answer is {result}.", result
+    return prompt, f"{a} {op} {b} = {value}. The answer is {value}.", value
 
 
-def make_rows(pool: list[tuple[int, str, int]], count: int, kind: str, seed: int) -> list[dict]:
+def make_rows(pool: list[Problem], count: int, kind: str, seed: int) -> list[dict]:
     """``count`` rows of ``kind`` (``sft`` or ``prompt``) over problems drawn from ``pool``."""
     rng = random.Random(seed)
     rows = []
@@ -113,34 +123,35 @@ def _phrasing_pattern(phrasing: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-_PATTERNS = [(_phrasing_pattern(p), 1) for p in ADD_PROMPTS] + [(_phrasing_pattern(p), -1) for p in SUB_PROMPTS]
+_PATTERNS = [(_phrasing_pattern(p), "+") for p in ADD_PROMPTS] + [(_phrasing_pattern(p), "-") for p in SUB_PROMPTS]
 
 
-def solve(prompt: str) -> int | None:
-    """The answer to one of this task's prompts, or None for a prompt in none of its phrasings."""
-    for pattern, sign in _PATTERNS:
+def parse_prompt(prompt: str) -> Problem | None:
+    """The problem a prompt of this task asks, or None for a prompt in none of its phrasings."""
+    for pattern, op in _PATTERNS:
         match = pattern.fullmatch(prompt.strip())
         if match:
-            return int(match["a"]) + sign * int(match["b"])
+            return int(match["a"]), op, int(match["b"])
     return None
 
 
 def correctness(prompt: str, completion: str) -> float:
     """1.0 when the completion's final answer is right, else 0.0: a ``rule`` judge callable
-    (``aligner.arithmetic.task:correctness``) for ``eval.generate``, which sees no answer column."""
+    (``aligner.arithmetic.task:correctness``) for ``eval.generate``, whose judges see the prompt
+    text but not the ``answer`` column."""
     from aligner.online.verifiers import final_answer
 
-    answer = solve(prompt)
-    if answer is None:
+    problem = parse_prompt(prompt)
+    if problem is None:
         return 0.0
-    return final_answer([prompt], [completion], answer=[str(answer)])[0] or 0.0
+    return final_answer([prompt], [completion], answer=[str(result(problem))])[0] or 0.0
 
 
 def write_files(directory: Path = DATA_DIR) -> None:
     """Regenerate the bundled data files (deterministic)."""
     train, held_out = split_problems()
     files = {
-        "sft_train.jsonl": make_rows(train, 4000, "sft", seed=1),
+        "sft_train.jsonl": make_rows(train, 8000, "sft", seed=1),
         "sft_eval.jsonl": make_rows(held_out, 200, "sft", seed=2),
         "prompts_train.jsonl": make_rows(train, 2000, "prompt", seed=3),
         "prompts_eval.jsonl": make_rows(held_out, 200, "prompt", seed=4),

@@ -32,9 +32,10 @@ _MARKER = re.compile(r"answer\s+is|answer\s*:|####", re.IGNORECASE)
 # A number as written in text: optional sign, an integer part with or without thousands separators,
 # an optional decimal part (or a bare ".5"), and an optional "/denominator". The sign is only taken
 # where it cannot be a binary operator ("68-23" is 68 and 23, "= -22" is -22), and a match never
-# starts inside another number (so "1.2.3" does not yield ".2").
+# starts inside another number (so "1.2.3" does not yield ".2"). A comma that does not separate
+# thousands separates numbers: "1,2,3" is 1, 2 and 3.
 _NUMBER = re.compile(
-    r"(?<![\d.,])"
+    r"(?<![\d.])"
     r"(?:(?<![\w)\].])(?P<sign>[+\-\u2212]))?"
     r"(?P<body>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
     r"(?:/(?P<denominator>\d+))?"
