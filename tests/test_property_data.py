@@ -90,7 +90,9 @@ def test_rows_are_accepted_with_correct_masks_or_rejected_with_a_location(raw_ro
             assert message.startswith(f"{location}: "), message
             assert NAMES_A_FIELD.search(message), message
             continue
-        assert set(clean) == {*COMPLETION_FIELDS[data_format], "prompt", *(["label"] if data_format == UNPAIRED else [])}
+        fields = {*COMPLETION_FIELDS[data_format], "prompt", *(["label"] if data_format == UNPAIRED else [])}
+        # Prompt-only rows keep their other columns (reward functions read them, e.g. an answer).
+        assert set(clean) == (fields | set(raw) if data_format == PROMPT_ONLY else fields)
         valid.append(Row(clean, location))
     tokenized = tokenize_rows(valid, data_format, TOKENIZER, TEMPLATE, max_length, max_prompt_length)
     assert len(tokenized.examples) + sum(tokenized.dropped.values()) == len(valid)

@@ -42,9 +42,10 @@ def _reject(error: DataError, location: str, errors: list[RejectedRow] | None) -
 def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row]:
     rows = []
     # Bytes, decoded line by line: a byte that is not UTF-8 is a located error of its own line (the
-    # text decoder would raise for the whole file, with no line).
+    # text decoder would raise for the whole file, with no line). bytes.splitlines ends lines where
+    # text mode's universal newlines do (\n, \r\n and a lone \r), so line numbers are unchanged.
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        for line_number, raw in enumerate(handle.read().splitlines(), start=1):
             where = f"{path}, line {line_number}"
             try:
                 line = raw.decode("utf-8")
