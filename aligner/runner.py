@@ -21,6 +21,7 @@ plugins and the data format, never here: this module imports no algorithm.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -166,8 +167,6 @@ def finish_stage(run: RunState, model: torch.nn.Module, metrics_file: MetricsFil
 
 def _logged_evaluation(run: RunState, step: int) -> dict[str, float]:
     """The held-out metrics this stage logged at ``step`` (its "before", for a resumed stage)."""
-    import json
-
     path = run.output_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
