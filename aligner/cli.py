@@ -7,6 +7,7 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -58,7 +59,10 @@ def _label(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     from aligner.plugins import plugin_infos
 
-    infos = plugin_infos()
+    # Libraries imported while plugins load may print (transformers announces "[INFO] Running in WANDB
+    # offline mode" on stdout): that goes to stderr, so stdout holds only the listing (valid --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        infos = plugin_infos()
     if not args.all:
         infos = [i for i in infos if i.source != "builtin"] or infos
     rows = [

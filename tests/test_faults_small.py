@@ -92,3 +92,14 @@ def test_a_resumed_stage_reports_the_before_of_its_first_attempt(make_config, ca
     records = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     # the step-0 evaluation of the first attempt, read back from metrics.jsonl (it printed "-" before)
     assert before == f"{[r for r in records if r['step'] == 0][0]['eval/nll']:.4f}"
+
+
+def test_plugins_json_is_valid_json_when_a_library_prints_while_loading(monkeypatch):
+    # transformers prints "[INFO] Running in WANDB offline mode" to stdout when imported under
+    # WANDB_MODE=offline, which the fresh-clone check runs with; the listing must stay parseable.
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "aligner", "plugins", "--json"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
