@@ -38,7 +38,9 @@ def _plot(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from aligner.data.check import check_data, format_reports
 
-    reports = check_data(args.config, args.overrides)
+    # Library chatter while plugins and data load goes to stderr: stdout is the report (valid --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        reports = check_data(args.config, args.overrides)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:

@@ -94,7 +94,7 @@ def test_a_resumed_stage_reports_the_before_of_its_first_attempt(make_config, ca
     assert before == f"{[r for r in records if r['step'] == 0][0]['eval/nll']:.4f}"
 
 
-def test_plugins_json_is_valid_json_when_a_library_prints_while_loading(monkeypatch):
+def test_json_output_stays_valid_when_a_library_prints_while_loading():
     # transformers prints "[INFO] Running in WANDB offline mode" to stdout when imported under
     # WANDB_MODE=offline, which the fresh-clone check runs with; the listing must stay parseable.
     import os
@@ -103,3 +103,8 @@ def test_plugins_json_is_valid_json_when_a_library_prints_while_loading(monkeypa
                             text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr
     assert isinstance(json.loads(result.stdout), list)
+    config = str(ROOT / "configs" / "grpo.yaml")
+    result = subprocess.run([sys.executable, "-m", "aligner", "data", "check", config, "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr
+    assert [r["split"] for r in json.loads(result.stdout)] == ["train", "eval", "train", "eval"]
