@@ -38,6 +38,7 @@ from aligner.online.aggregation import Aggregation, step_counts, token_weights
 from aligner.online.kl import kl_per_token
 from aligner.online.policy_loss import kl_penalty_loss, policy_gradient_loss
 from aligner.online.rollout import Rollout, generate_rollout, rows_of, shard, write_samples
+from aligner.online.verifiers import length_penalty
 from aligner.tracking import to_float
 
 
@@ -127,13 +128,6 @@ def _check_estimator_groups(estimator: Any, group_size: int, stage: str, where: 
     if not bool(advantages.abs().sum() > 0):
         raise ConfigError(f"stage '{stage}': with {where}.group_size' {group_size}, estimator '{estimator.name}' "
                           "gives every sample a zero advantage whatever its score: raise group_size")
-
-
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
-    """DAPO's soft overlong punishment: 0 up to ``max_new_tokens - buffer`` tokens, then falling linearly
-    to ``-penalty`` at ``max_new_tokens``."""
-    over = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0)
-    return -penalty * over / buffer
 
 
 class PolicyGradientAlgorithm(OnlineAlgorithm):
@@ -257,7 +251,10 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             reference = run.stage.reference.logprobs(batch, token_level=True).token_logps
         scores = rollout.scores
         if o.overlong_buffer is not None:
-            scores = scores + overlong_penalty(rollout.lengths, o.max_new_tokens, o.overlong_buffer, o.overlong_penalty)
+            # DAPO's soft overlong punishment: the same formula as the length_penalty verifier.
+            penalty = length_penalty(rollout.prompts, rollout.texts, rollout.completion_ids, max_tokens=o.max_new_tokens,
+                                     buffer=o.overlong_buffer, penalty=o.overlong_penalty)
+            scores = scores + torch.tensor(penalty, dtype=scores.dtype, device=scores.device)
         token_rewards = None
         kl = None
         if reference is not None:

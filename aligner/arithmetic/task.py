@@ -19,10 +19,11 @@ the bundled files in ``aligner/arithmetic/data``.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
+
+from aligner.quickstart.task import write_jsonl_files
 
 Problem = tuple[int, str, int]
 """``(a, op, b)`` with ``op`` ``"+"`` or ``"-"``: the problem ``a op b``."""
@@ -156,11 +157,7 @@ def write_files(directory: Path = DATA_DIR) -> None:
         "prompts_train.jsonl": make_rows(train, 2000, "prompt", seed=3),
         "prompts_eval.jsonl": make_rows(held_out, 200, "prompt", seed=4),
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
-        with (directory / name).open("w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+    write_jsonl_files(directory, files)
 
 
 if __name__ == "__main__":

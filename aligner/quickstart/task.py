@@ -64,6 +64,15 @@ def behaviour_score(prompt: str, completion: str) -> float:
     return float(bool(words & set(FRIENDLY)) and not words & set(UNFRIENDLY))
 
 
+def write_jsonl_files(directory: Path, files: dict[str, list[dict]]) -> None:
+    """Write each ``name -> rows`` of ``files`` into ``directory`` as JSON Lines (bundled task data)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in files.items():
+        with (directory / name).open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+
+
 def write_files(directory: Path = DATA_DIR) -> None:
     """Regenerate the bundled data files (deterministic)."""
     train, held_out = subjects()
@@ -75,11 +84,7 @@ def write_files(directory: Path = DATA_DIR) -> None:
         "prompts_train.jsonl": make_rows(train, 1000, "prompt", seed=5),
         "prompts_eval.jsonl": make_rows(held_out, 200, "prompt", seed=6),
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
-        with (directory / name).open("w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+    write_jsonl_files(directory, files)
 
 
 if __name__ == "__main__":
