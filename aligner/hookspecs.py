@@ -100,6 +100,17 @@ def register_advantage_estimators(register: Register) -> None:
     """
 
 
+@hookspec
+def register_generation_engines(register: Register) -> None:
+    """Register generation-engine classes with ``register(EngineClass)``: how online algorithms sample
+    rollouts (``hf``, ``openai_server``, ``vllm``), chosen by an algorithm's ``engine: {name: ..., <options>}``.
+
+    An engine satisfies ``aligner.protocols.GenerationEngine``: a unique ``name``, an ``Options``
+    pydantic model, ``check_stage(stage)``, ``generate(policy, tokenizer, request) -> Generations`` and
+    ``close()``; ``aligner.online.engines.GenerationEngine`` is the base class with the defaults.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifecycle hooks: observe and extend a run. ``run`` is the live ``aligner.run.RunState``; a
 # hook may read it, add metrics to the dict it is given, or set ``run.should_stop = True``.

@@ -9,8 +9,10 @@ Only positions that predict a completion token are needed. Two ways to get them:
   logits exist for the prompt or padding, and at most one chunk's logits exist at any moment, in
   the forward and in the backward pass: memory grows with the chunk size, not with the number of
   positions times the vocabulary. Preference pairs collated with ``share_prompt`` run as one row
-  per pair that holds the prompt once (``aligner.shared_prompt``). Under DDP this path runs as the
-  wrapper's forward (``aligner.wrapped_forward``), so gradients still sync;
+  per pair that holds the prompt once, and a batch marked ``share_prompt_groups`` (rollout rows,
+  where consecutive rows sample the same prompt) as one row per run of rows with the same prompt
+  (``aligner.shared_prompt``). Under DDP this path runs as the wrapper's forward
+  (``aligner.wrapped_forward``), so gradients still sync;
 - the plain path, for every other model (prompt/prefix tuning, which prepend virtual tokens inside
   the PEFT wrapper; FSDP/DeepSpeed, whose sharded weights are gathered by their own forward;
   heads that transform logits after the projection, such as soft-capping): the model's own forward
@@ -30,7 +32,14 @@ from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import selective_log_softmax
 
 from aligner.protocols import SequenceLogProbs
-from aligner.shared_prompt import attention_kind, pack_pairs, pair_lengths
+from aligner.shared_prompt import (
+    PackedRows,
+    attention_kind,
+    group_packing,
+    pack_groups,
+    pack_pairs,
+    pair_packing,
+)
 from aligner.wrapped_forward import ddp_inner, run_as_forward, unwrap_ddp
 
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
@@ -118,13 +127,24 @@ def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _packed(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedRows | None:
+    """The shared-prompt layout ``batch`` asks for (groups before pairs), or ``None`` for its own rows."""
+    if batch.get("share_prompt_groups"):
+        return pack_groups(batch, decoder)
+    if batch.get("share_prompt"):
+        return pack_pairs(batch, decoder)
+    return None
+
+
 def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module, batch: dict[str, Any],
                                 token_level: bool = False,
                                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> SequenceLogProbs:
     """Completion log-probs with the LM head applied to completion positions only, chunk by chunk.
 
     A preference batch collated with ``share_prompt`` runs each pair as one row holding its prompt
-    once (``aligner.shared_prompt``), where the attention implementation allows it.
+    once, a batch marked ``share_prompt_groups`` each run of consecutive rows with the same prompt
+    (``aligner.shared_prompt``), where the attention implementation allows it. Values, per-token
+    values and gradients are those of the unpacked rows either way.
     """
     input_ids = batch["input_ids"]
     completion_mask = batch["completion_mask"]
@@ -132,7 +152,7 @@ def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module,
     scored = completion_mask[:, 1:].bool()
     rows = scored.nonzero(as_tuple=True)
     targets = input_ids[:, 1:][rows]
-    packed = pack_pairs(batch, decoder) if batch.get("share_prompt") else None
+    packed = _packed(batch, decoder)
     if packed is None:
         hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
         selected = hidden[:, :-1][rows]  # [M, H]: the completion positions of every sequence, flattened
@@ -220,16 +240,20 @@ def forward_layout(model: torch.nn.Module, batch: dict[str, Any], forward_kind: 
     """``(real tokens, positions)`` of the rows the policy's forward pass runs for ``batch``.
 
     With shared prompts these are the packed rows (each prompt counted once), else the batch's own.
+    Groups (``share_prompt_groups``) are packed by the log-prob forward only, pairs by both.
     """
-    decoder = _sharing_decoder(model, forward_kind) if batch.get("share_prompt") else None
-    counts = pair_lengths(batch, decoder) if decoder is not None else None
-    if counts is None:
+    groups = bool(batch.get("share_prompt_groups")) and forward_kind != "reward"
+    decoder = _sharing_decoder(model, forward_kind) if groups or batch.get("share_prompt") else None
+    packing = None
+    if decoder is not None:
+        packing = group_packing(batch, decoder) if groups else pair_packing(batch, decoder)
+    if packing is None:
         return int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())
-    total = sum(counts)
+    total = packing.totals()
     return int(total.sum()), int(total.max()) * int(total.shape[0])
 
 
 def can_share_prompts(model: torch.nn.Module, forward_kind: str = "logprobs") -> bool:
     """Whether ``model``'s forward (``"logprobs"`` or ``"reward"``) can run preference pairs with
-    their prompt once."""
+    their prompt once (the log-prob forward then runs groups of rows packed too)."""
     return _sharing_decoder(model, forward_kind) is not None

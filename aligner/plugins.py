@@ -61,6 +61,7 @@ BUILTIN_PLUGINS = (
     "aligner.online.advantages.group_relative",
     "aligner.online.advantages.rloo",
     "aligner.online.advantages.reinforce_pp",
+    "aligner.online.engines.hf",
 )
 
 # registry kind -> registration hook name
@@ -72,6 +73,7 @@ REGISTRATION_HOOKS = {
     "callback": "register_callbacks",
     "algorithm": "register_algorithms",
     "advantage estimator": "register_advantage_estimators",
+    "generation engine": "register_generation_engines",
 }
 
 
@@ -252,8 +254,32 @@ def get_registries() -> dict[str, Registry]:
 
 def get_registry(kind: str) -> Registry:
     """One registry: ``"loss"``, ``"reference policy"``, ``"judge"``, ``"peft backend"``, ``"callback"``,
-    ``"algorithm"`` or ``"advantage estimator"``."""
+    ``"algorithm"``, ``"advantage estimator"`` or ``"generation engine"``."""
     return get_registries()[kind]
+
+
+def instantiate(kind: str, choice: Any, label: str, example: str) -> Any:
+    """Build a plugin of ``kind`` from a config mapping ``{name: ..., **options}``.
+
+    Every problem is a ``ValueError`` whose message names the bad key as ``<label>.<key>`` (the
+    caller adds the path above it); ``example`` is a valid mapping shown when ``choice`` is not one.
+    """
+    from pydantic import ValidationError
+
+    if not isinstance(choice, dict) or not isinstance(choice.get("name"), str):
+        article = "an" if label[0] in "aeiou" else "a"
+        raise ValueError(f"{article} {label} is a mapping with a 'name' key, e.g. {example}")
+    try:
+        cls = get_registry(kind).get(choice["name"])
+    except AlignerError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        return cls(cls.Options.model_validate({k: v for k, v in choice.items() if k != "name"}))
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{label}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                   for e in exc.errors())) from None
+    except AlignerError as exc:
+        raise ValueError(f"{label} '{choice['name']}': {exc}") from None
 
 
 def plugin_infos() -> list[PluginInfo]:

@@ -250,6 +250,10 @@ class Algorithm(Protocol):
         """The policy inside the (unwrapped) trained module: the final model and the next stage's start."""
         ...
 
+    def close(self) -> None:
+        """Release what the algorithm holds (e.g. its generation engine) when its stage's loop ends."""
+        ...
+
 
 @runtime_checkable
 class AdvantageEstimator(Protocol):
@@ -268,6 +272,34 @@ class AdvantageEstimator(Protocol):
         ...
 
 
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """Samples an online stage's rollouts. Instantiated as ``EngineClass(options)``, once per stage.
+
+    ``generate(policy, tokenizer, request)`` takes the unwrapped policy module, the run's tokenizer and an
+    ``aligner.online.engines.GenerationRequest`` and returns ``aligner.online.engines.Generations``:
+    completion token ids (prompt-major, cut after EOS) and the generator's log-probability of every
+    token. An engine holding its own copy of the weights refreshes it when ``request.policy_version``
+    changes. ``check_stage(stage)`` refuses a stage it cannot serve before any model loads; ``close()``
+    releases what it holds when the stage ends.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]]
+
+    def check_stage(self, stage: Any) -> None:
+        """Raise ``aligner.errors.ConfigError`` naming the key if the stage cannot use this engine."""
+        ...
+
+    def generate(self, policy: torch.nn.Module, tokenizer: Any, request: Any) -> Any:
+        """The sampled completions and their log-probs."""
+        ...
+
+    def close(self) -> None:
+        """Release connections or a colocated engine."""
+        ...
+
+
 # Lifecycle hooks a callback may implement (``aligner.hookspecs``); it must implement one.
 LIFECYCLE_HOOKS = ("on_run_start", "on_step_end", "on_evaluate", "on_checkpoint_saved", "on_run_end",
                    "on_run_failed")
@@ -280,6 +312,7 @@ REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
     "peft backend": ("name", "Options", "apply"),
     "callback": ("name", "Options"),
     "algorithm": ("name", "data_formats", "Options", "check_stage", "needs_reference", "generation_tokens", "setup",
-                  "train_step", "evaluate", "state_dict", "load_state_dict", "load_weights", "policy_of"),
+                  "train_step", "evaluate", "state_dict", "load_state_dict", "load_weights", "policy_of", "close"),
     "advantage estimator": ("name", "needs_critic", "Options", "estimate"),
+    "generation engine": ("name", "Options", "check_stage", "generate", "close"),
 }

@@ -16,13 +16,14 @@ DATA_MEMBERS = frozenset({"name", "data_formats", "needs_reference", "needs_crit
 # The protocol class in aligner.protocols that documents each kind.
 PROTOCOL_NAMES = {"loss": "Loss", "reference policy": "ReferencePolicy", "judge": "Judge",
                   "peft backend": "PeftBackend", "callback": "Callback", "algorithm": "Algorithm",
-                  "advantage estimator": "AdvantageEstimator"}
+                  "advantage estimator": "AdvantageEstimator", "generation engine": "GenerationEngine"}
 
 # Members that are values for one kind but methods for another (a loss's ``needs_reference`` is a
 # flag; an algorithm's is a method of its losses).
 METHOD_MEMBERS = {"algorithm": frozenset({"needs_reference"})}
 # Kinds whose optional members have defaults in a base class a plugin can subclass.
-BASE_CLASS_HINTS = {"algorithm": "; subclass aligner.algorithms.Algorithm for the defaults"}
+BASE_CLASS_HINTS = {"algorithm": "; subclass aligner.algorithms.Algorithm for the defaults",
+                    "generation engine": "; subclass aligner.online.engines.GenerationEngine for the defaults"}
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
         # Under its own key: an algorithm's names can never overwrite the runner's (step, position, rng).
         return save_checkpoint(run, model, optimizer, scheduler, position, {"algorithm": algorithm.state_dict()})
 
-    with stop_on_signals(run):
+    with stop_on_signals(run), contextlib.closing(algorithm):  # close(): a colocated engine frees its memory
         while run.step < run.total_steps and not run.should_stop:
             started = time.perf_counter()
             result = algorithm.train_step(services)

@@ -1,22 +1,36 @@
-"""A preference pair scored in one row that holds its prompt once.
+"""Rows that start with the same prompt, scored in one row that holds the prompt once.
 
-A pair's chosen and rejected sequences start with the same prompt. Laid out as two rows (the usual
-"concatenated forward"), the decoder runs over the prompt twice and the shorter row is padded to
-the longer. Here each pair becomes one row, ``prompt + chosen + rejected``, with
+Sequences that share a prompt — a preference pair's chosen and rejected sequences, or the ``G``
+completions an online rollout samples for one prompt — are usually laid out one per row, so the
+decoder runs over the prompt once per sequence and shorter rows are padded to the longest. Here each
+set of such rows becomes one packed row, ``prompt + c1 + c2 + ... + ck``, with
 
-- position ids that restart at the end of the prompt for the rejected completion, and
-- an attention mask in which a rejected token sees the prompt and the rejected tokens before it,
-  never the chosen ones (a chosen token sees the prompt and earlier chosen tokens, as causality
-  already gives).
+- position ids that restart at the end of the prompt for every completion, and
+- an attention mask in which a completion token sees the prompt and the tokens of its own
+  completion before it, never another completion's (for the first completion causality already
+  gives that; for the others the mask removes the earlier completions).
 
 Every token therefore attends to the same keys at the same positions as in its own row, so the
-log-probs are those of the two-row layout (up to the order of float sums), but the prompt's
-activations are computed once, and its gradient collects both completions' contributions. Rows are
-grouped by their total length (``TokenizedData.lengths(shared_prompt=True)``), so little padding
-is left.
+log-probs are those of the one-row-per-sequence layout (up to the order of float sums), but the
+prompt's activations are computed once, and its gradient collects every completion's contribution.
 
-It needs an attention implementation that takes an arbitrary 4D mask (``sdpa``: boolean, ``eager``:
-additive); FlashAttention-style kernels that only know causal or packed masks use the two-row layout.
+Two batch layouts are packed (``RowPacking`` says which packed row each row goes to, ``pack_rows``
+builds the packed tensors for either):
+
+- preference pairs (``pack_pairs``): a batch collated with ``share_prompt`` has rows
+  (chosen..., rejected...), so pair ``i`` is rows ``i`` and ``pairs + i``, packed as
+  ``prompt + chosen + rejected``. Rows are grouped by their total length
+  (``TokenizedData.lengths(shared_prompt=True)``), so little padding is left;
+- groups (``pack_groups``): a batch marked ``share_prompt_groups`` (rollout rows, where the samples
+  of one prompt are consecutive) packs each run of consecutive rows with identical prompt tokens.
+  The runs are found from the data, so partial groups, groups of different sizes and rows sharing
+  their prompt with no neighbour (a run of one, packed alone) all work. A batch without any run of
+  two or more rows is left as it is.
+
+Packed rows are in the order of their first rows, right-padded to the longest. Packing needs an
+attention implementation that takes an arbitrary 4D mask (``sdpa``: boolean, ``eager``: additive);
+FlashAttention-style kernels that only know causal or packed masks keep one row per sequence, as
+does a model whose sliding attention window is shorter than a packed row.
 """
 
 from __future__ import annotations
@@ -32,14 +46,42 @@ MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
 
 
 @dataclass
-class PackedPairs:
-    """The one-row-per-pair layout of a preference batch, and how to find a token in it."""
+class RowPacking:
+    """Where each row of a right-padded batch goes in the packed layout.
 
-    input_ids: torch.Tensor  # [pairs, width]
-    position_ids: torch.Tensor  # [pairs, width]
-    attention_mask: torch.Tensor  # [pairs, 1, width, width]
-    prompt_lengths: torch.Tensor  # [pairs]
-    chosen_lengths: torch.Tensor  # [pairs]: completion tokens of the chosen sequence
+    The rows of one packed row share their prompt; their completions follow it in ``slot`` order.
+    """
+
+    pack: torch.Tensor  # [N]: the packed row each row goes to
+    slot: torch.Tensor  # [N]: its place in that packed row (0: first; its prompt tokens are the ones written)
+    shift: torch.Tensor  # [N]: how far right its completion moves (completion tokens of the rows before it)
+    prompt_lengths: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N]: real tokens of the row (prompt + completion)
+
+    @property
+    def packs(self) -> int:
+        """Number of packed rows."""
+        return int(self.pack.max()) + 1 if self.pack.numel() else 0
+
+    def totals(self) -> torch.Tensor:
+        """``[packs]``: real tokens of each packed row (the prompt once, then every completion)."""
+        # A row's completion ends at shift + length in its packed row; the last row's end is the total.
+        return self.lengths.new_zeros(self.packs).scatter_reduce(0, self.pack, self.shift + self.lengths, "amax")
+
+    def flat_index(self, rows: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
+        """Where position ``(row, col)`` of the unpacked batch is in packed rows of ``width``, flattened."""
+        moved = cols >= self.prompt_lengths[rows]
+        return self.pack[rows] * width + cols + moved * self.shift[rows]
+
+
+@dataclass
+class PackedRows:
+    """The packed layout of a batch (``RowPacking``'s tensors), and how to find a token in it."""
+
+    input_ids: torch.Tensor  # [packs, width]
+    position_ids: torch.Tensor  # [packs, width]
+    attention_mask: torch.Tensor  # [packs, 1, width, width]
+    packing: RowPacking
 
     @property
     def width(self) -> int:
@@ -47,21 +89,51 @@ class PackedPairs:
         return int(self.input_ids.shape[1])
 
     def flat_index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Where position ``(row, col)`` of the two-row batch is in the packed rows, flattened.
+        """Where position ``(row, col)`` of the unpacked batch is in the packed rows, flattened.
 
-        Row ``i`` (chosen) of pair ``i`` keeps its columns; row ``pairs + i`` (rejected) keeps its
-        prompt columns and has its completion moved right past the chosen completion.
+        Prompt columns map to the packed row's one copy of the prompt; completion columns move right
+        past the completions packed before the row's own.
         """
-        pairs = self.input_ids.shape[0]
-        pair = rows % pairs
-        moved = (rows >= pairs) & (cols >= self.prompt_lengths[pair])
-        return pair * self.width + cols + moved * self.chosen_lengths[pair]
+        return self.packing.flat_index(rows, cols, self.width)
+
+
+# The pair layout was the first one packed; the name stays for code written against it.
+PackedPairs = PackedRows
 
 
 def attention_kind(decoder: torch.nn.Module) -> str | None:
     """How ``decoder``'s attention takes a custom 4D mask, or ``None`` if it cannot."""
     config = getattr(decoder, "config", None)
     return MASK_KINDS.get(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def _row_lengths(batch: dict[str, Any]) -> torch.Tensor | None:
+    """Real tokens per row if ``batch`` is right-padded and every row holds its whole prompt, else ``None``."""
+    attention, prompt_lengths = batch["attention_mask"].bool(), batch["prompt_lengths"]
+    lengths = attention.sum(-1)
+    position = torch.arange(attention.shape[1], device=attention.device)
+    if not torch.equal(attention, position < lengths[:, None]) or bool((lengths < prompt_lengths).any()):
+        return None
+    return lengths
+
+
+def _same_prompt(batch: dict[str, Any], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[len(a)]``: whether rows ``a[i]`` and ``b[i]`` have equal prompt lengths and prompt tokens."""
+    ids, prompt_lengths = batch["input_ids"], batch["prompt_lengths"]
+    in_prompt = torch.arange(ids.shape[1], device=ids.device) < prompt_lengths[a][:, None]
+    return (prompt_lengths[a] == prompt_lengths[b]) & ((ids[a] == ids[b]) | ~in_prompt).all(-1)
+
+
+def _fits(packing: RowPacking, decoder: torch.nn.Module) -> bool:
+    """Whether ``decoder`` can run ``packing``'s rows with a custom mask.
+
+    A sliding attention window shorter than a packed row would cut keys by their distance in the
+    packed row, not in the row the token came from, so the mask would be wrong.
+    """
+    if attention_kind(decoder) is None:
+        return False
+    window = getattr(getattr(decoder, "config", None), "sliding_window", None)
+    return window is None or int(packing.totals().max()) <= int(window)
 
 
 def pair_lengths(batch: dict[str, Any], decoder: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -71,60 +143,106 @@ def pair_lengths(batch: dict[str, Any], decoder: torch.nn.Module) -> tuple[torch
     attention implementation without custom masks, and where a sliding attention window shorter
     than a packed row would make the custom mask wrong.
     """
-    ids, attention, prompt_lengths = batch["input_ids"], batch["attention_mask"].bool(), batch["prompt_lengths"]
-    if attention_kind(decoder) is None or ids.shape[0] % 2:
+    packing = pair_packing(batch, decoder)
+    if packing is None:
         return None
-    pairs, columns = ids.shape[0] // 2, ids.shape[1]
-    lengths = attention.sum(-1)
-    position = torch.arange(columns, device=ids.device)
-    if not torch.equal(attention, position < lengths[:, None]):
-        return None  # not right padding
-    prompt = prompt_lengths[:pairs]
-    if not torch.equal(prompt, prompt_lengths[pairs:]):
-        return None
-    in_prompt = position < prompt[:, None]
-    if not bool(((ids[:pairs] == ids[pairs:]) | ~in_prompt).all()):
-        return None
-    chosen, rejected = lengths[:pairs] - prompt, lengths[pairs:] - prompt
-    window = getattr(getattr(decoder, "config", None), "sliding_window", None)
-    if window is not None and int((prompt + chosen + rejected).max()) > int(window):
-        return None
-    return prompt, chosen, rejected
+    pairs = packing.packs
+    prompt, completion = packing.prompt_lengths[:pairs], packing.lengths - packing.prompt_lengths
+    return prompt, completion[:pairs], completion[pairs:]
 
 
-def pack_pairs(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedPairs | None:
-    """The packed layout of a right-padded preference batch, or ``None`` where it does not apply
-    (see ``pair_lengths``)."""
-    counts = pair_lengths(batch, decoder)
-    if counts is None:
+def pair_packing(batch: dict[str, Any], decoder: torch.nn.Module) -> RowPacking | None:
+    """Pair ``i`` of a (chosen..., rejected...) batch as packed row ``i``: the chosen completion first,
+    then the rejected one. ``None`` where it does not apply (see ``pair_lengths``)."""
+    rows = batch["input_ids"].shape[0]
+    if attention_kind(decoder) is None or rows % 2 or rows == 0:
         return None
-    prompt, chosen, rejected = counts
+    lengths = _row_lengths(batch)
+    pairs = rows // 2
+    chosen = torch.arange(pairs, device=batch["input_ids"].device)
+    if lengths is None or not bool(_same_prompt(batch, chosen, chosen + pairs).all()):
+        return None
+    prompt_lengths = batch["prompt_lengths"]
+    index = torch.arange(rows, device=lengths.device)
+    slot = (index >= pairs).long()
+    # the rejected completion moves right past the chosen one
+    shift = slot * (lengths[:pairs] - prompt_lengths[:pairs]).repeat(2)
+    packing = RowPacking(pack=index % pairs, slot=slot, shift=shift, prompt_lengths=prompt_lengths, lengths=lengths)
+    return packing if _fits(packing, decoder) else None
+
+
+def group_packing(batch: dict[str, Any], decoder: torch.nn.Module) -> RowPacking | None:
+    """Each run of consecutive rows with identical prompt tokens as one packed row, in row order.
+
+    ``None`` where no run holds two or more rows (nothing would be saved), for a batch that is not
+    right-padded, for an attention implementation without custom masks, and where a sliding
+    attention window is shorter than a packed row.
+    """
+    rows = batch["input_ids"].shape[0]
+    if attention_kind(decoder) is None or rows < 2:
+        return None
+    lengths = _row_lengths(batch)
+    if lengths is None:
+        return None
+    prompt_lengths = batch["prompt_lengths"]
+    index = torch.arange(rows, device=lengths.device)
+    # Row r continues the run of row r - 1 when their prompts match; an empty prompt shares nothing.
+    continues = _same_prompt(batch, index[1:], index[:-1]) & (prompt_lengths[1:] > 0)
+    starts = torch.cat([continues.new_ones(1), ~continues])
+    if bool(starts.all()):
+        return None
+    pack = starts.long().cumsum(0) - 1
+    first_row = index[starts][pack]
+    completion = lengths - prompt_lengths
+    before = completion.cumsum(0) - completion  # completion tokens of all earlier rows
+    packing = RowPacking(pack=pack, slot=index - first_row, shift=before - before[first_row],
+                         prompt_lengths=prompt_lengths, lengths=lengths)
+    return packing if _fits(packing, decoder) else None
+
+
+def pack_rows(batch: dict[str, Any], decoder: torch.nn.Module, packing: RowPacking) -> PackedRows:
+    """The packed tensors of a right-padded batch laid out by ``packing``."""
     ids = batch["input_ids"]
-    pairs, columns = ids.shape[0] // 2, ids.shape[1]
-    total = prompt + chosen + rejected
-    width = int(total.max())
-    t = torch.arange(width, device=ids.device)[None, :]
-    first_part = t < (prompt + chosen)[:, None]  # prompt and chosen completion
-    real = t < total[:, None]
-    pair_index = torch.arange(pairs, device=ids.device)[:, None]
-    source_row = torch.where(first_part, pair_index, pair_index + pairs)
-    source_column = torch.where(first_part, t, t - chosen[:, None])
-    input_ids = ids[source_row, source_column.clamp(max=columns - 1)]
-    # Padding positions get position 0: never past the model's range, and their outputs are unused.
-    position_ids = torch.where(real, source_column, 0)
+    device = ids.device
+    packs, width = packing.packs, int(packing.totals().max())
+    columns = torch.arange(ids.shape[1], device=device)[None, :].expand_as(ids)
+    rows = torch.arange(ids.shape[0], device=device)[:, None].expand_as(ids)
+    in_completion = columns >= packing.prompt_lengths[:, None]
+    # Every real token is written once: the prompt by the first row of its packed row, each
+    # completion by its own row.
+    write = (columns < packing.lengths[:, None]) & (in_completion | (packing.slot == 0)[:, None])
+    flat = packing.flat_index(rows[write], columns[write], width)
+    # Padding gets token 0 and position 0 (never past the model's range); its outputs are unused.
+    input_ids = ids.new_zeros(packs * width).index_put((flat,), ids[write])
+    position_ids = torch.zeros_like(input_ids).index_put((flat,), columns[write])
+    # Segment of each packed position: 0 for the prompt, slot + 1 for a completion, -1 for padding.
+    segment = torch.full_like(input_ids, -1).index_put((flat,), ((packing.slot[:, None] + 1) * in_completion)[write])
+    input_ids, position_ids, segment = (t.view(packs, width) for t in (input_ids, position_ids, segment))
 
-    chosen_key = first_part & ~(t < prompt[:, None])
-    rejected_query = real & ~first_part
-    causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
-    # Padding queries (after a row's end) see every real key before them, so no row of the mask
-    # is empty (an all-masked softmax is NaN); their outputs are never read.
-    allowed = causal[None] & real[:, None, :] & ~(rejected_query[:, :, None] & chosen_key[:, None, :])
+    real = segment >= 0
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    # Padding queries (after a row's end) see every real key before them, so no row of the mask is
+    # empty (an all-masked softmax is NaN); their outputs are never read.
+    allowed = causal[None] & real[:, None, :] & ((key == 0) | (key == query) | ~real[:, :, None])
     allowed = allowed[:, None]
     if attention_kind(decoder) == "additive":
         dtype = decoder.get_input_embeddings().weight.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        allowed = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    return PackedPairs(input_ids=input_ids, position_ids=position_ids, attention_mask=allowed,
-                       prompt_lengths=prompt, chosen_lengths=chosen)
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return PackedRows(input_ids=input_ids, position_ids=position_ids, attention_mask=allowed, packing=packing)
+
+
+def pack_pairs(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedRows | None:
+    """The packed layout of a right-padded preference batch, or ``None`` where it does not apply
+    (see ``pair_lengths``)."""
+    packing = pair_packing(batch, decoder)
+    return None if packing is None else pack_rows(batch, decoder, packing)
+
+
+def pack_groups(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedRows | None:
+    """The packed layout of a right-padded batch whose consecutive rows may share prompts (rollout
+    groups), or ``None`` where it does not apply (see ``group_packing``)."""
+    packing = group_packing(batch, decoder)
+    return None if packing is None else pack_rows(batch, decoder, packing)

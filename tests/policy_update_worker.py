@@ -72,14 +72,16 @@ def main(out: Path) -> None:
     row = torch.tensor(mine, dtype=torch.float32)[:, None]
     advantages = torch.randn(ROWS, generator=torch.Generator().manual_seed(1))[mine][:, None] * current.mask
     tensors = {"old_logps": current.token_logps - 0.05 * (row % 3), "reference_logps": current.token_logps + 0.02 * (row % 2 + 1),
-               "advantages": advantages, "loss_mask": current.mask}
+               "advantages": advantages, "loss_mask": current.mask,
+               # A generator a little off the trainer, so the truncated IS correction weighs tokens unequally.
+               "generator_logps": current.token_logps - 0.3 * (row % 4)}
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
     for aggregation in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         options = PolicyGradientOptions(judge={"name": "rule", "regex": "e"}, kl_coef=0.1, kl_in="loss",
                                         aggregation=aggregation, micro_batch_size=3, max_new_tokens=8,
-                                        clip_high=0.28, dual_clip=3.0)
+                                        clip_high=0.28, dual_clip=3.0, importance_correction="token")
         inner.zero_grad(set_to_none=True)
         metrics = accumulate_update(Step(model, rank, world), batch, tensors, torch.arange(len(mine)), options)
         # Each process's loss is its share times the process count; their mean is the global loss.

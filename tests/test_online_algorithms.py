@@ -384,6 +384,7 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
     from aligner.data.batching import collate
     from aligner.forward import move_to
     from aligner.logprobs import completion_logprobs
+    from aligner.online.engines import build_engine
     from aligner.online.reward_sources import RewardSources
     from aligner.online.rewards import build_judge
     from aligner.online.rollout import generate_rollout, prompt_batches
@@ -400,6 +401,7 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
 
         def setup(self, context):
             self.rewards = RewardSources.of_judge(build_judge(self.options.judge))
+            self.engine = build_engine({"name": "hf"})
             self.prompts = prompt_batches(context.run, context.position)
             self.kept = 0
             return AlgorithmSetup(module=context.policy, steps_per_epoch=8)
@@ -409,7 +411,7 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
 
         def train_step(self, step):
             epoch, consumed, indices = next(self.prompts)
-            rollout = generate_rollout(step.run, step.policy(), self.rewards, indices, group_size=self.options.n,
+            rollout = generate_rollout(step.run, step.policy(), self.rewards, self.engine, indices, group_size=self.options.n,
                                        max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=64)
             best = [max(range(i, i + self.options.n), key=lambda r: float(rollout.scores[r]))
                     for i in range(0, len(rollout.row_ids), self.options.n)]

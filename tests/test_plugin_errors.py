@@ -169,14 +169,26 @@ class _EstimatorWithoutEstimate:
         pass
 
 
+class _EngineWithoutGenerate:
+    name = "silent"
+
+    class Options(Options):
+        pass
+
+
 @pytest.mark.parametrize(("kind_hook", "obj", "message"), [
     ("register_algorithms", _AlgorithmWithoutStep,
      "plugin 'incomplete' (registered at run time) registered algorithm 'idle' which lacks required member(s): "
      "check_stage, needs_reference, generation_tokens, setup, train_step, evaluate, state_dict, load_state_dict, "
-     "load_weights, policy_of (see aligner.protocols.Algorithm; subclass aligner.algorithms.Algorithm for the defaults)"),
+     "load_weights, policy_of, close (see aligner.protocols.Algorithm; subclass aligner.algorithms.Algorithm for the "
+     "defaults)"),
     ("register_advantage_estimators", _EstimatorWithoutEstimate,
      "plugin 'incomplete' (registered at run time) registered advantage estimator 'guess' which lacks required "
      "member(s): estimate (see aligner.protocols.AdvantageEstimator)"),
+    ("register_generation_engines", _EngineWithoutGenerate,
+     "plugin 'incomplete' (registered at run time) registered generation engine 'silent' which lacks required "
+     "member(s): check_stage, generate, close (see aligner.protocols.GenerationEngine; subclass "
+     "aligner.online.engines.GenerationEngine for the defaults)"),
     ("register_losses", _NoCompute,
      "plugin 'incomplete' (registered at run time) registered loss 'half_done' which lacks required member(s): "
      "compute (see aligner.protocols.Loss)"),

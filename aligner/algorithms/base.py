@@ -237,3 +237,7 @@ class Algorithm:
     def policy_of(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` is the policy."""
         return module
+
+    def close(self) -> None:
+        """Release what the algorithm holds once its stage's training loop ends (a generation engine's
+        connections or GPU memory). Default: nothing."""

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from aligner.algorithms.base import Algorithm, AlgorithmContext, require_token_level_reference
 from aligner.errors import AlignerError, ConfigError
+from aligner.online.engines import build_engine
 from aligner.online.reward_sources import RewardSourceConfig, RewardSources
 from aligner.online.rewards import build_judge
 from aligner.online.rollout import prompt_batches
@@ -24,10 +25,13 @@ class RolloutOptions(Options):
         "weighted reward sources: [{judge: {...}} or {function: module:name, options: {...}}, with weight]"))
     normalize_rewards: bool = Field(False, description="standardise each source over the batch before weighting")
     reward_timeout: float | None = Field(60.0, gt=0, description="seconds a source may take per batch")
+    engine: dict[str, Any] = Field(default_factory=lambda: {"name": "hf"}, description=(
+        "the generation-engine plugin that samples rollouts: {name: hf | openai_server | vllm, options}"))
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    generation_batch_size: int = Field(64, gt=0, description="rows per generate() call")
+    generation_batch_size: int = Field(64, gt=0, description=(
+        "rows (samples) decoded together by a local engine; whole groups"))
     sample_every: int = Field(10, gt=0, description="write/print a table of rollout samples every N steps")
     num_samples: int = Field(4, gt=0, description="rows in that table")
 
@@ -38,6 +42,12 @@ class RolloutOptions(Options):
     def _judge_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             build_judge(value)
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        build_engine(value)
         return value
 
     @field_validator("rewards")
@@ -73,6 +83,7 @@ class OnlineAlgorithm(Algorithm):
     def __init__(self, options: RolloutOptions):
         super().__init__(options)
         self.rewards = options.reward_sources()
+        self.engine = build_engine(options.engine)
         self._prompts: Any = None
 
     def check_own_loss_stage(self, stage: Any) -> None:
@@ -86,6 +97,11 @@ class OnlineAlgorithm(Algorithm):
                               f"{where}.train.gradient_accumulation_steps' must be 1")
         if self.needs_reference(stage.losses):
             require_token_level_reference(stage, self.name)
+        self.engine.check_stage(stage)
+
+    def close(self) -> None:
+        """Close the generation engine."""
+        self.engine.close()
 
     def generation_tokens(self) -> int:
         """``max_new_tokens``."""

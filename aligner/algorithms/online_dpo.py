@@ -55,6 +55,7 @@ class OnlineDPO(OnlineAlgorithm):
                               f"online samples are new every step (use {where}.reference: auto')")
         if stage.config.train.gradient_accumulation_steps != 1:
             raise ConfigError(f"stage '{stage.name}': {where}.train.gradient_accumulation_steps' must be 1 for online_dpo")
+        self.engine.check_stage(stage)
 
     def needs_reference(self, losses: list[tuple[Any, float]]) -> bool:
         """Whether the preference losses read reference log-probs (DPO does, SimPO does not)."""
@@ -108,7 +109,7 @@ class OnlineDPO(OnlineAlgorithm):
         o, run = self.options, step.run
         for draw in range(1 + o.max_refill_batches):
             epoch, consumed, indices = next(self._prompts)
-            rollout = generate_rollout(run, step.policy(), self.rewards,
+            rollout = generate_rollout(run, step.policy(), self.rewards, self.engine,
                                        shard(indices, step.process_index, step.num_processes), group_size=2,
                                        max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
                                        batch_size=o.generation_batch_size)

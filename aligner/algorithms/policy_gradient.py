@@ -36,7 +36,12 @@ from aligner.logprobs import completion_logprobs
 from aligner.online.advantages import AdvantageInputs, masked_mean
 from aligner.online.aggregation import Aggregation, step_counts, token_weights
 from aligner.online.kl import kl_per_token
-from aligner.online.policy_loss import kl_penalty_loss, policy_gradient_loss
+from aligner.online.policy_loss import (
+    kl_penalty_loss,
+    logp_gap,
+    policy_gradient_loss,
+    truncated_importance_weights,
+)
 from aligner.online.rollout import Rollout, generate_rollout, rows_of, shard, write_samples
 from aligner.online.verifiers import length_penalty
 from aligner.tracking import to_float
@@ -72,6 +77,11 @@ class PolicyGradientOptions(RolloutOptions):
         "soft overlong penalty over the last N tokens before max_new_tokens (DAPO's L_cache)"))
     overlong_penalty: float = Field(1.0, ge=0, description="the penalty at max_new_tokens")
     mask_truncated: bool = Field(False, description="completions that hit max_new_tokens without EOS get no loss")
+    # engine/trainer mismatch
+    importance_correction: Literal["none", "token", "sequence"] = Field("none", description=(
+        "weight each token's loss by min(pi_trainer / pi_generator, importance_cap), per token or per sequence: "
+        "corrects rollouts from an engine whose log-probs differ from the trainer's (truncated IS)"))
+    importance_cap: float = Field(2.0, gt=1, description="the truncation of importance_correction's ratio")
 
     @field_validator("estimator")
     @classmethod
@@ -93,22 +103,9 @@ class PolicyGradientOptions(RolloutOptions):
 
 def build_estimator(choice: dict[str, Any]) -> Any:
     """Instantiate an advantage estimator from ``{name: ..., **options}``; a ``ValueError`` names the bad key."""
-    from pydantic import ValidationError
+    from aligner.plugins import instantiate
 
-    from aligner.errors import AlignerError
-    from aligner.plugins import get_registry
-
-    if not isinstance(choice, dict) or not isinstance(choice.get("name"), str):
-        raise ValueError("an estimator is a mapping with a 'name' key, e.g. {name: group_relative}")
-    try:
-        cls = get_registry("advantage estimator").get(choice["name"])
-    except AlignerError as exc:
-        raise ValueError(str(exc)) from None
-    try:
-        return cls(cls.Options.model_validate({k: v for k, v in choice.items() if k != "name"}))
-    except ValidationError as exc:
-        raise ValueError("; ".join(f"estimator.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                   for e in exc.errors())) from None
+    return instantiate("advantage estimator", choice, "estimator", "{name: group_relative}")
 
 
 def _check_estimator_groups(estimator: Any, group_size: int, stage: str, where: str) -> None:
@@ -204,7 +201,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             epoch, consumed, indices = next(self._prompts)
             draws += 1
             if kept_groups < wanted:
-                part = generate_rollout(run, step.policy(), self.rewards, shard(indices, step.process_index,
+                part = generate_rollout(run, step.policy(), self.rewards, self.engine, shard(indices, step.process_index,
                                                                                 step.num_processes),
                                         group_size=o.group_size, max_new_tokens=o.max_new_tokens,
                                         temperature=o.temperature, top_p=o.top_p, batch_size=o.generation_batch_size)
@@ -285,7 +282,8 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         if kl is not None:
             metrics["kl"] = kl.sum(-1).mean()
         return {"old_logps": old, "reference_logps": reference, "advantages": estimated.advantages,
-                "loss_mask": loss_mask, "sequence_advantages": masked_mean_rows(estimated.advantages, mask)}
+                "loss_mask": loss_mask, "sequence_advantages": masked_mean_rows(estimated.advantages, mask),
+                "generator_logps": rollout.token_generator_logps(mask)}
 
 
 def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any], rows: torch.Tensor,
@@ -301,7 +299,9 @@ def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any],
     """
     o = options
     size = o.micro_batch_size or max(len(rows), 1)
-    micro = list(rows.split(size)) if len(rows) else []
+    # Each micro-batch's rows in rollout order: a group's rows then sit together, and the forward can hold
+    # their prompt once (shared-prompt packing) even when the update's rows were shuffled.
+    micro = [m.sort().values for m in rows.split(size)] if len(rows) else []
     counts = step_counts([tensors["loss_mask"][m] for m in micro] or [tensors["loss_mask"][:0]], step.all_reduce_sum)
     mine = torch.zeros(step.num_processes, device=step.device)
     mine[step.process_index] = len(micro)
@@ -316,11 +316,20 @@ def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any],
         sub = rows_of(batch, chosen)
         with step.micro_batch(sync=i == runs - 1):
             logps = completion_logprobs(step.model, sub, token_level=True).token_logps
+            # The trainer's log-probs of the rollout policy: stored when the policy moves within the rollout,
+            # otherwise this forward's own (the first update's policy is the one that sampled).
             old = tensors["old_logps"][chosen] if tensors["old_logps"] is not None else logps.detach()
             mask = tensors["loss_mask"][chosen]
             per_token, metrics = policy_gradient_loss(logps, old, tensors["advantages"][chosen], mask,
                                                       clip_low=o.clip_low, clip_high=o.clip_high,
                                                       dual_clip=o.dual_clip, ratio_level=o.ratio_level)
+            generator = tensors["generator_logps"][chosen]
+            metrics.update({f"rollout/{k}": v for k, v in logp_gap(old, generator, mask).items()})
+            if o.importance_correction != "none":
+                correction, is_metrics = truncated_importance_weights(
+                    old, generator, mask, level=o.importance_correction, cap=o.importance_cap)
+                per_token = per_token * correction
+                metrics.update({f"rollout/{k}": v for k, v in is_metrics.items()})
             if o.kl_in == "loss" and tensors["reference_logps"] is not None:
                 per_token = per_token + o.kl_coef * kl_penalty_loss(logps, tensors["reference_logps"][chosen], mask,
                                                                     o.kl_estimator)

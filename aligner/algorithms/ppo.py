@@ -30,7 +30,7 @@ from aligner.online.advantages import AdvantageInputs, masked_mean, token_level_
 from aligner.online.advantages.gae import GAE
 from aligner.online.critic import PolicyWithValueHead, explained_variance, hidden_size_of, value_loss
 from aligner.online.kl import AdaptiveKLController, FixedKLController, kl_per_token
-from aligner.online.policy_loss import policy_gradient_loss
+from aligner.online.policy_loss import logp_gap, policy_gradient_loss
 from aligner.online.rewards import adjust_scores
 from aligner.online.rollout import generate_rollout, rows_of, shard, write_samples
 from aligner.resume import load_weights
@@ -141,7 +141,7 @@ class PPO(OnlineAlgorithm):
     def _collect(self, step: StepServices, indices: list[int]) -> dict[str, Any]:
         """Sample, score and shape one rollout batch; return its tensors, samples and metrics."""
         o, run = self.options, step.run
-        sampled = generate_rollout(run, step.policy(), self.rewards, indices, group_size=1,
+        sampled = generate_rollout(run, step.policy(), self.rewards, self.engine, indices, group_size=1,
                                    max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
                                    batch_size=o.generation_batch_size)
         batch = sampled.batch(run.tokenizer.pad_token_id)
@@ -169,6 +169,7 @@ class PPO(OnlineAlgorithm):
             "response_length": mask.sum(-1).float().mean(), "eos_fraction": sampled.ended.float().mean(),
             "explained_variance": explained_variance(out["values"], estimated.returns, mask),
             **self.rewards.metrics(sampled.sources),
+            **{f"rollout/{k}": v for k, v in logp_gap(out["logps"], sampled.token_generator_logps(mask), mask).items()},
         }
         samples = {"prompt": sampled.prompts, "completion": sampled.texts, "score": scores.tolist(),
                    "kl": sequence_kl.tolist()}

@@ -9,6 +9,7 @@ them into the scalar of an optimizer step.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -88,3 +89,33 @@ def kl_penalty_loss(logps: Tensor, ref_logps: Tensor, mask: Tensor, estimator: s
     mask = mask.bool()
     log_ratio = torch.where(mask, logps - ref_logps, torch.zeros_like(logps))
     return kl_estimator(estimator)(log_ratio) * mask.to(logps.dtype)
+
+
+def truncated_importance_weights(trainer_logps: Tensor, generator_logps: Tensor, mask: Tensor, *,
+                                 level: Literal["token", "sequence"], cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance-sampling weights ``min(pi_trainer / pi_generator, cap)`` ``[N, T]``, without gradient.
+
+    A fast engine's numerics (kernels, precision, batching) make its log-probs differ from the
+    trainer's for the very tokens it sampled: the rollout is then slightly off-policy for the policy
+    the loss differentiates. Weighting each token's policy-gradient loss by the truncated ratio of the
+    two (the "TIS" correction of Yao et al., 2025) removes that bias up to the cap, which bounds the
+    variance a rare, badly mismatched token could add. ``level="sequence"`` uses one weight per row,
+    the product of its tokens' ratios (``exp`` of the summed log-ratios), truncated.
+    """
+    with torch.no_grad():
+        weights = mask.to(trainer_logps.dtype)
+        log_ratio = (trainer_logps - generator_logps) * weights
+        if level == "sequence":
+            log_ratio = log_ratio.sum(dim=-1, keepdim=True).expand_as(trainer_logps)
+        ratio = torch.exp(log_ratio.clamp(max=math.log(cap)))
+        metrics = {"is_weight": masked_mean(ratio, mask),
+                   "is_truncated_fraction": masked_mean((log_ratio >= math.log(cap)).float(), mask)}
+    return ratio, metrics
+
+
+def logp_gap(trainer_logps: Tensor, generator_logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """How far the trainer's log-probs of the sampled tokens are from the generator's: the mean absolute
+    difference over ``mask``. Near 0 for the ``hf`` engine (the same module computes both); a growing
+    value from a fast engine is the mismatch that precedes silent collapses."""
+    with torch.no_grad():
+        return {"logp_diff": masked_mean((trainer_logps - generator_logps).abs(), mask)}

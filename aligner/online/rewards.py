@@ -10,25 +10,9 @@ import torch
 
 def build_judge(choice: dict[str, Any]) -> Any:
     """Instantiate a judge from ``{name: ..., **options}``; a ``ValueError`` names the bad key."""
-    from pydantic import ValidationError
+    from aligner.plugins import instantiate
 
-    from aligner.errors import AlignerError
-    from aligner.plugins import get_registry
-
-    if not isinstance(choice, dict) or not isinstance(choice.get("name"), str):
-        raise ValueError("a judge is a mapping with a 'name' key, e.g. {name: rule, regex: '...'}")
-    options = {k: v for k, v in choice.items() if k != "name"}
-    try:
-        cls = get_registry("judge").get(choice["name"])
-    except AlignerError as exc:
-        raise ValueError(str(exc)) from None
-    try:
-        return cls(cls.Options.model_validate(options))
-    except ValidationError as exc:
-        problems = [f"judge.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ValueError("; ".join(problems)) from None
-    except AlignerError as exc:
-        raise ValueError(f"judge '{choice['name']}': {exc}") from None
+    return instantiate("judge", choice, "judge", "{name: rule, regex: '...'}")
 
 
 def adjust_scores(scores: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, *, length_penalty: float,

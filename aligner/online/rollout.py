@@ -19,7 +19,8 @@ import torch
 from aligner.data.batching import LengthGroupedBatches, collate
 from aligner.forward import move_to
 from aligner.logprobs import token_window_start
-from aligner.online.sampler import decode, sample_completions
+from aligner.online.engines import GenerationRequest
+from aligner.online.sampler import decode
 from aligner.protocols import SFT
 from aligner.resume import Position
 from aligner.run import RunState
@@ -82,6 +83,7 @@ class Rollout:
     ended: torch.Tensor
     group_size: int
     sources: dict[str, list[float | None]]  # each reward source's own values (None: does not apply)
+    generator_logps: list[list[float]]  # the engine's log-prob of each completion token
 
     @property
     def group_ids(self) -> torch.Tensor:
@@ -99,14 +101,26 @@ class Rollout:
         batch = move_to(rollout_batch(self.prompt_ids, self.completion_ids, pad_token_id, self.row_ids),
                         self.scores.device)
         batch["window_start"] = token_window_start(batch)
+        # Rows of a group share their prompt: the training forward may hold it once per group.
+        batch["share_prompt_groups"] = self.group_size > 1
         return batch
+
+    def token_generator_logps(self, mask: torch.Tensor) -> torch.Tensor:
+        """The engine's log-probs laid out like ``completion_logprobs(token_level=True)`` values, whose
+        completion-token ``mask`` is given (0 elsewhere)."""
+        values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        # An empty completion is collated as one pad token; it gets log-prob 0 (it is never trained on).
+        flat = [v for logps in self.generator_logps for v in (logps or [0.0])]
+        values[mask] = torch.tensor(flat, dtype=torch.float32, device=mask.device)
+        return values
 
     def select(self, rows: list[int]) -> Rollout:
         """The same rollout restricted to ``rows`` (whole groups, in order)."""
         return Rollout([self.prompts[i] for i in rows], [self.prompt_ids[i] for i in rows],
                        [self.completion_ids[i] for i in rows], [self.texts[i] for i in rows],
                        [self.row_ids[i] for i in rows], self.scores[rows], self.ended[rows], self.group_size,
-                       {name: [values[i] for i in rows] for name, values in self.sources.items()})
+                       {name: [values[i] for i in rows] for name, values in self.sources.items()},
+                       [self.generator_logps[i] for i in rows])
 
     @staticmethod
     def concat(parts: list[Rollout]) -> Rollout:
@@ -115,19 +129,24 @@ class Rollout:
                        [x for p in parts for x in p.completion_ids], [x for p in parts for x in p.texts],
                        [x for p in parts for x in p.row_ids], torch.cat([p.scores for p in parts]),
                        torch.cat([p.ended for p in parts]), parts[0].group_size,
-                       {name: [v for p in parts for v in p.sources[name]] for name in parts[0].sources})
+                       {name: [v for p in parts for v in p.sources[name]] for name in parts[0].sources},
+                       [x for p in parts for x in p.generator_logps])
 
 
-def generate_rollout(run: RunState, policy: torch.nn.Module, rewards: Any, indices: list[int], *, group_size: int,
-                     max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> Rollout:
-    """Sample ``group_size`` completions for each prompt of ``indices`` (train-data indices) and score them
-    with the reward sources (``aligner.online.reward_sources.RewardSources``)."""
+def generate_rollout(run: RunState, policy: torch.nn.Module, rewards: Any, engine: Any, indices: list[int], *,
+                     group_size: int, max_new_tokens: int, temperature: float, top_p: float,
+                     batch_size: int) -> Rollout:
+    """Sample ``group_size`` completions for each prompt of ``indices`` (train-data indices) with the
+    generation ``engine`` and score them with the reward sources
+    (``aligner.online.reward_sources.RewardSources``)."""
     tokenizer, device = run.tokenizer, run.accelerator.device
     examples = [run.stage.train_data.examples[i] for i in indices]
-    prompt_ids = [e["prompt_ids"] for e in examples for _ in range(group_size)]
-    completions = sample_completions(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, batch_size=batch_size)
+    generated = engine.generate(policy, tokenizer, GenerationRequest(
+        prompt_ids=[e["prompt_ids"] for e in examples], samples_per_prompt=group_size, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, batch_size=batch_size, policy_version=run.step))
+    completions = generated.completion_ids
     texts = decode(tokenizer, completions)
+    prompt_ids = [e["prompt_ids"] for e in examples for _ in range(group_size)]
     prompts = [e["prompt"] for e in examples for _ in range(group_size)]
     row_ids = [e["row_id"] for e in examples for _ in range(group_size)]
     rows = [run.stage.train_rows[r] for r in row_ids]
@@ -137,7 +156,7 @@ def generate_rollout(run: RunState, policy: torch.nn.Module, rewards: Any, indic
     return Rollout(prompts=prompts, prompt_ids=prompt_ids, completion_ids=completions, texts=texts, row_ids=row_ids,
                    scores=scored.total.to(device),
                    ended=torch.tensor([bool(c) and c[-1] == eos for c in completions], device=device),
-                   group_size=group_size, sources=scored.raw)
+                   group_size=group_size, sources=scored.raw, generator_logps=generated.logprobs)
 
 
 def rows_of(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
