@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--all", action="store_true", help="include the built-in plugins (shown when none else)")
     plugins.set_defaults(handler=_plugins)
 
-    from aligner import cache_cli, export
+    from aligner import cache_cli, export, verify
 
     cache_cli.add_parser(sub)
     export.add_parser(sub)
+    verify.add_parser(sub)
     return parser
 
 

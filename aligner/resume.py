@@ -6,11 +6,19 @@ model or adapter (safetensors), ``optimizer.pt`` (optimizer and scheduler state,
 states in ``trainer_state.json``, and the data position: how many micro-batches of which epoch
 were consumed. Restoring all of it makes an interrupted-and-resumed run equal, bit for bit on CPU,
 to one that never stopped.
+
+Resume takes the newest checkpoint that verifies against its manifest (``verify_checkpoint``): a
+damaged one is skipped with a warning naming its damaged files and renamed to ``damaged-<name>``,
+never deleted, and the run continues from the previous intact one. Reading a file that fails
+anyway (a checkpoint from before manifests) is a ``CheckpointError`` naming the file, not a
+loader's traceback.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from aligner.checkpoint import MARKER, complete_checkpoints
+from aligner.checkpoint import (
+    MARKER,
+    CheckpointError,
+    Verification,
+    complete_checkpoints,
+    set_aside,
+    verify_checkpoint,
+)
+
+log = logging.getLogger("aligner")
 
 
 @dataclass
@@ -65,30 +82,125 @@ def save_training_state(directory: Path, optimizer: Any, scheduler: Any, positio
     return {"position": position.__dict__, "rng": plain}
 
 
+def _main_process() -> bool:
+    # Every process of a torchrun launch resumes the same directory: one renames and warns.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _note_unverified(verdict: Verification, stage: str) -> None:
+    if verdict.status == "unverified" and _main_process():
+        log.info("stage '%s': %s has %s", stage, verdict.directory, verdict.note)
+
+
+def _skip(verdict: Verification, stage: str, what: str, then: str) -> None:
+    """Warn about a damaged checkpoint resume will not use, and set it aside so the run keeps it."""
+    if not _main_process():
+        return
+    try:
+        kept = f"kept as {set_aside(verdict.directory)} (nothing was deleted)"
+    except OSError as exc:
+        kept = f"could not rename it aside ({exc.strerror or exc}): it is left where it is"
+    log.warning("stage '%s': %s %s is damaged and was skipped: %s; %s; %s", stage, what, verdict.directory,
+                verdict.describe(), kept, then)
+
+
+def _newest_intact(stage_dir: Path) -> tuple[Path | None, Verification | None, list[Verification]]:
+    """(newest usable checkpoint, its verification, the damaged newer ones); reads only, changes nothing."""
+    damaged: list[Verification] = []
+    for candidate in reversed(complete_checkpoints(stage_dir / "checkpoints")):
+        # thorough=False: once sizes or layout show damage, hashing the rest would not change the verdict.
+        verdict = verify_checkpoint(candidate, thorough=False)
+        if verdict.usable:
+            return candidate, verdict, damaged
+        damaged.append(verdict)
+    return None, None, damaged
+
+
+def _none_intact(stage_dir: Path, damaged: list[Verification]) -> CheckpointError:
+    stage, run_dir = stage_dir.name, stage_dir.parent
+    listed = "; ".join(f"{v.directory.name}: {v.describe()}" for v in damaged)
+    return CheckpointError(
+        f"--resume: no checkpoint of stage '{stage}' in {run_dir} is intact ({listed}); nothing was changed or "
+        f"deleted. Restore the files from a copy, or move {stage_dir / 'checkpoints'} aside to train stage "
+        f"'{stage}' from the start (`aligner verify {run_dir}` lists every checkpoint)")
+
+
 def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a stage, if any (half-written ones have no marker)."""
-    found = complete_checkpoints(stage_dir / "checkpoints")
-    return found[-1] if found else None
+    """The newest complete checkpoint of a stage that verifies against its manifest, if any.
+
+    Half-written ones have no marker and are not candidates. A damaged newer one is skipped with a
+    warning naming its damaged files, and renamed to ``damaged-step-N`` so that the continuing run
+    neither prunes it nor replaces it on reaching step N again. Raises ``CheckpointError`` (naming
+    every damaged file) when the stage has complete checkpoints but none is intact; nothing is
+    changed then.
+    """
+    candidate, verdict, damaged = _newest_intact(stage_dir)
+    if candidate is None:
+        if damaged:
+            raise _none_intact(stage_dir, damaged)
+        return None
+    for skipped in damaged:
+        _skip(skipped, stage_dir.name, "checkpoint", f"resuming from {candidate}")
+    if verdict is not None:
+        _note_unverified(verdict, stage_dir.name)
+    return candidate
 
 
 def stage_finished(stage_dir: Path) -> bool:
-    """Whether a stage's final model was completely written."""
-    return (stage_dir / "final" / MARKER).is_file()
+    """Whether a stage's final model was completely written and is intact.
+
+    A damaged final model is skipped with a warning and renamed to ``damaged-final``; the stage then
+    counts as unfinished, so resume continues it from its last intact checkpoint (or its start)
+    and writes the final model again. When the stage has checkpoints but none is intact either,
+    this raises ``CheckpointError`` (naming the final model's damage too) and changes nothing.
+    """
+    final = stage_dir / "final"
+    if not (final / MARKER).is_file():
+        return False
+    verdict = verify_checkpoint(final, thorough=False)
+    if verdict.usable:
+        _note_unverified(verdict, stage_dir.name)
+        return True
+    # Decide before renaming anything: if resume is going to stop, it must leave the run as it was.
+    # (The rare damaged-final case verifies the newest checkpoint twice; latest_checkpoint repeats it.)
+    candidate, _, damaged = _newest_intact(stage_dir)
+    if candidate is None and damaged:
+        raise _none_intact(stage_dir, [verdict, *damaged])
+    then = (f"the stage continues from {candidate}" if candidate is not None
+            else "the stage has no checkpoints and is trained again from its start")
+    _skip(verdict, stage_dir.name, "final model", then)
+    return False
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type, OSError, ... for a damaged file
+        raise CheckpointError(f"could not load {path}: {exc}; the file is damaged (`aligner verify RUN_DIR` "
+                              "checks a run's checkpoints)") from exc
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # a truncated zip, a bad CRC, a missing file, a refused type: all name the file
+        raise CheckpointError(f"could not load {path}: {exc}; the file is damaged (`aligner verify RUN_DIR` "
+                              "checks a run's checkpoints)") from exc
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load the checkpoint's weights (full model or peft adapter) into ``model`` in place."""
-    from safetensors.torch import load_file
-
     adapter = directory / "adapter_model.safetensors"
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(adapter)))
+        set_peft_model_state_dict(model, _read_tensors(adapter))
         return
     state = {}
     for shard in sorted(directory.glob("model*.safetensors")):  # not value_head.safetensors etc.
-        state.update(load_file(str(shard)))
+        state.update(_read_tensors(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -98,19 +210,33 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
     """A checkpoint's ``trainer_state.json``: step, position, RNG and any algorithm state."""
-    return json.loads((directory / "trainer_state.json").read_text())
+    path = directory / "trainer_state.json"
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"could not read {path}: not a JSON object")
+    return state
+
+
+def _position(state: dict[str, Any], directory: Path) -> Position:
+    try:
+        return Position(**state["position"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory / 'trainer_state.json'} has no valid 'position' ({exc})") from exc
 
 
 def read_position(directory: Path) -> Position:
     """Where the checkpoint's run stood in its data."""
-    return Position(**read_trainer_state(directory)["position"])
+    return _position(read_trainer_state(directory), directory)
 
 
 def load_training_state(directory: Path, optimizer: Any, scheduler: Any) -> Position:
     """Restore optimizer, scheduler and RNG from a checkpoint; return its position."""
     state = read_trainer_state(directory)
-    saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+    saved = _torch_load(directory / "optimizer.pt")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    restore_rng(state["rng"], torch.load(directory / "rng.pt", weights_only=True))
-    return Position(**state["position"])
+    restore_rng(state["rng"], _torch_load(directory / "rng.pt"))
+    return _position(state, directory)
