@@ -62,6 +62,8 @@ BUILTIN_PLUGINS = (
     "aligner.online.advantages.rloo",
     "aligner.online.advantages.reinforce_pp",
     "aligner.online.engines.hf",
+    "aligner.online.engines.openai_server",
+    "aligner.online.engines.vllm",
 )
 
 # registry kind -> registration hook name
