@@ -57,6 +57,8 @@ class GenerationEngine:
     """Base class of generation engines, with defaults for the optional members.
 
     A subclass sets ``name`` (and ``Options`` if it has settings) and implements ``generate``.
+    ``__init__`` must not connect, load or write anything: an engine is also built once, and thrown
+    away, while the config is validated. Do that work at the first ``generate``.
     """
 
     name: ClassVar[str] = ""
