@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from aligner.errors import PathError, os_error
+
 SUFFIX = ".safetensors"
 FORMAT_VERSION = "1"
 
@@ -100,22 +102,25 @@ class ReferenceCache:
         """Write an entry atomically (unique temp file + rename) and return its path."""
         from safetensors.torch import save_file
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {"fingerprints": fingerprints.to(torch.int64).contiguous().cpu(),
                    "logps": logps.to(torch.float32).contiguous().cpu(),
                    "num_tokens": num_tokens.to(torch.int64).contiguous().cpu()}
         metadata = {"key": key, "format": FORMAT_VERSION, "checksum": _tensor_checksum(tensors),
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "info": json.dumps(info or {}, sort_keys=True)}
-        handle, temporary = tempfile.mkstemp(prefix=f".tmp-{key[:16]}-", suffix=SUFFIX, dir=self.directory)
-        os.close(handle)
+        temporary = None
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=f".tmp-{key[:16]}-", suffix=SUFFIX, dir=self.directory)
+            os.close(handle)
             save_file(tensors, temporary, metadata=metadata)
             with open(temporary, "rb") as written:
                 os.fsync(written.fileno())
             os.replace(temporary, self.path(key))
+        except OSError as exc:  # a full disk, a read-only or misplaced cache directory
+            raise os_error(exc, self.directory, "could not write the reference cache") from exc
         finally:
-            if os.path.exists(temporary):
+            if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)
         return self.path(key)
 
@@ -126,6 +131,8 @@ class ReferenceCache:
             return True
         except FileNotFoundError:
             return False
+        except OSError as exc:  # read-only cache, a directory named like an entry
+            raise os_error(exc, self.path(key), "could not remove cache entry") from exc
 
     def keys(self) -> list[str]:
         """Keys of the entries present (complete files only; temporary files are skipped)."""
@@ -150,7 +157,14 @@ class ReferenceCache:
         """Delete every entry and stale temporary file; return how many entries were removed.
 
         Temporary files younger than an hour may belong to a run writing right now and are kept.
+        Something named like an entry that is not a file stops it before anything is removed.
         """
+        for key in self.keys():
+            path = self.path(key)
+            if not path.is_file():
+                what = "is a directory" if path.is_dir() else "is not a regular file"
+                raise PathError(f"{path}: {what}, not a cache entry; nothing was removed (move it out of the cache "
+                                "directory)")
         removed = sum(self.remove(key) for key in self.keys())
         if self.directory.is_dir():
             for leftover in self.directory.glob(f".tmp-*{SUFFIX}"):

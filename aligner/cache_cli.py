@@ -6,7 +6,7 @@ import argparse
 import json
 
 from aligner.cache import ReferenceCache
-from aligner.errors import ConfigError
+from aligner.errors import ConfigError, PathError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +30,10 @@ def _resolve(cache: ReferenceCache, prefix: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Handle ``aligner cache ...``."""
     cache = ReferenceCache(args.dir)
+    # A missing directory is an empty cache; a file in its place is a mistake that listing would hide.
+    if cache.directory.exists() and not cache.directory.is_dir():
+        raise PathError(f"{cache.directory}: is a file, not a directory (the cache directory, --dir or "
+                        "$ALIGNER_CACHE_DIR/reference)")
     if args.action == "clear":
         if args.key:
             cache.remove(_resolve(cache, args.key))

@@ -8,7 +8,9 @@ traceback. Anything else escaping is a bug in aligner or a plugin and keeps its 
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class AlignerError(Exception):
@@ -45,3 +47,44 @@ def suggest(name: str, candidates: Iterable[str]) -> str:
     swapped = [c for c in options if c != name and sorted(c) == sorted(name)]
     matches = swapped[:1] or difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+class PathError(AlignerError):
+    """A file or directory the user named cannot be read or written.
+
+    Missing, a file where a directory belongs (or the reverse), no permission, a read-only file
+    system, a full disk: the message names the path and says which, in one line.
+    """
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The nearest ancestor of ``path`` (or ``path`` itself) that exists as something other than a directory."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def os_error(exc: OSError, path: str | Path | None = None, doing: str = "") -> PathError:
+    """A one-line ``PathError`` for an ``OSError``: ``[doing ]PATH: what is wrong``.
+
+    ``path`` is the path the user gave (the OS may name a deeper one, or none: a failed write has
+    no file name); ``doing`` says what aligner was doing with it ("could not write"). Raise it
+    ``from exc`` so that ``--debug`` still shows the original error.
+    """
+    target = Path(path if path is not None else (exc.filename or "?"))
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOTDIR:
+        # "Not a directory" alone does not say which part of the path is the file in the way.
+        blocking = _blocking_file(target)
+        reason = f"{blocking} is a file, not a directory" if blocking else "not a directory"
+    elif exc.errno == errno.EEXIST and exc.filename and not Path(exc.filename).is_dir():
+        # mkdir over a file: the file in the way may be a parent of the path being written.
+        named = Path(exc.filename)
+        reason = "is a file, not a directory" if named == target else f"{named} is a file, not a directory"
+    elif exc.errno == errno.EISDIR:
+        reason = "is a directory, not a file"
+    elif exc.errno == errno.ENOENT:
+        reason = "no such file or directory"
+    prefix = f"{doing} " if doing else ""
+    return PathError(f"{prefix}{target}: {reason}")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
-from aligner.errors import ConfigError
+from aligner.errors import ConfigError, os_error
+
+ERRNO_PREFIX = re.compile(r"^\[Errno \d+\] ")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,18 +32,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def final_dir(run_dir: Path, stage: str | None) -> Path:
     """The directory holding the adapter to export."""
+    if not run_dir.is_dir():
+        what = "not a directory" if run_dir.exists() else "no such directory"
+        raise ConfigError(f"{run_dir}: {what} (export takes a run's output directory or a stage's final/)")
     if (run_dir / "adapter_config.json").is_file():
         return run_dir
     if stage is None:
+        from aligner.data.loading import read_text
+
         summary = run_dir / "summary.json"
-        if not summary.is_file():
+        if not summary.exists():
             raise ConfigError(f"{run_dir} has no summary.json; pass --stage or a final/ directory")
         try:
-            return Path(json.loads(summary.read_text())["final_model"])
+            source = Path(json.loads(read_text(summary))["final_model"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ConfigError(f"{summary} is not an aligner run summary (no 'final_model'); pass --stage, or the "
                               "adapter's final/ directory itself") from None
+        if not source.is_dir():
+            raise ConfigError(f"{source}: not found ('final_model' of {summary}); was the run moved? pass the "
+                              "stage's final/ directory itself")
+        return source
     return run_dir / stage / "final"
+
+
+def _check_target(target: Path) -> None:
+    """Refuse a target that cannot be a directory before anything slow (loading a model) or any copy."""
+    for candidate in (target, *target.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "" if candidate == target else f"{candidate} "
+                raise ConfigError(f"--output {target}: {where}is a file, not a directory")
+            return
 
 
 def _previous_stage_model(source: Path) -> str | None:
@@ -73,8 +95,17 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
     if not adapter_config.is_file():
         raise ConfigError(f"{source} holds no peft adapter (a full fine-tuning run's final/ is already a model)")
     target = Path(output) if output else run_dir / "export"
+    _check_target(target)
     if not merge:
-        shutil.copytree(source, target, dirs_exist_ok=True)
+        try:
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        except shutil.Error as exc:  # copytree copies what it can, then lists (src, dst, why) per failure
+            failed = exc.args[0][0] if exc.args and isinstance(exc.args[0], list) and exc.args[0] else None
+            # ``why`` is str(OSError): "[Errno 28] No space left on device"; the number says nothing to a user.
+            detail = f"{failed[1]}: {ERRNO_PREFIX.sub('', str(failed[2]))}" if failed else str(exc)
+            raise ConfigError(f"could not write {target}: {detail}") from exc
+        except OSError as exc:
+            raise os_error(exc, target, "could not write") from exc
         return target
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,9 +115,12 @@ def export(run_dir: str | Path, output: str | Path | None = None, merge: bool = 
         raise ConfigError(f"the adapter in {source} does not say which base model it was trained on; pass --base")
     model = AutoModelForCausalLM.from_pretrained(base)
     merged = PeftModel.from_pretrained(model, source).merge_and_unload()
-    merged.save_pretrained(target, safe_serialization=True)
-    if (source / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    try:
+        merged.save_pretrained(target, safe_serialization=True)
+        if (source / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    except OSError as exc:  # a full disk or a read-only target, met while writing
+        raise os_error(exc, target, "could not write") from exc
     return target
 
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError
 
 from aligner.config import ModelConfig, Strict, read_config_source, validation_error
-from aligner.errors import ConfigError
+from aligner.errors import ConfigError, DataError, os_error
 
 log = logging.getLogger("aligner")
 
@@ -78,14 +79,30 @@ def _resolve(value: str, base: Path, key: str) -> str:
 
 
 def _done_indices(*paths: Path) -> set[int]:
-    """Prompt indices already written (a torn last line from a crash is ignored)."""
+    """Prompt indices already written (a torn last line from a crash is ignored).
+
+    Read before anything is appended: a line that is not UTF-8 (other than a torn last one, which a
+    crash can cut inside a character) means the file is not this command's output, and is an error.
+    """
     done: set[int] = set()
     for path in paths:
         if not path.is_file():
             continue
-        for line in path.read_text().splitlines():
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise os_error(exc, path, "could not read") from exc
+        lines = raw.split(b"\n")
+        for number, line in enumerate(lines, start=1):
             try:
-                done.add(int(json.loads(line)["provenance"]["prompt_index"]))
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                if number == len(lines):  # torn: _drop_torn_line cuts it
+                    continue
+                raise DataError(f"{path}, line {number}: not UTF-8; it is appended to, so it must be the JSONL this "
+                                "command wrote (move it aside, or choose another 'output')") from None
+            try:
+                done.add(int(json.loads(text)["provenance"]["prompt_index"]))
             except (ValueError, KeyError, TypeError):
                 continue
     return done
@@ -95,9 +112,42 @@ def _drop_torn_line(path: Path) -> None:
     """Cut a last line left half-written by a crash, so appended rows start on a line of their own."""
     if not path.is_file():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+    try:
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+    except OSError as exc:
+        raise os_error(exc, path, "could not repair the torn last line of") from exc
+
+
+def _check_output(output: Path, ties_path: Path) -> None:
+    """Refuse an output that cannot be written as a file, before the model loads or anything is written."""
+    for path in (output, ties_path):
+        if path.is_dir():
+            raise ConfigError(f"'output' {output}: {path} is a directory, not a file")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"'output' {output}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"'output' {output}: {parent} is not writable")
+            return
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    """Append ``lines`` with one unbuffered write, so a full disk is reported here, naming ``path``.
+
+    Unbuffered: a buffered file would meet the error again when closed, after it was reported.
+    With no lines it only creates the file (both files exist once labelling starts, as before).
+    """
+    data = "".join(lines).encode()
+    try:
+        with path.open("ab", buffering=0) as handle:
+            written = 0
+            while written < len(data):
+                written += handle.write(data[written:])
+    except OSError as exc:
+        raise os_error(exc, path, "could not write") from exc
 
 
 def preference_of(scores: list[float], min_margin: float = 0.0) -> tuple[int, int] | None:
@@ -139,9 +189,10 @@ def label(config: LabelConfig) -> dict[str, int]:
     _, rows = load_validated(config.prompts, "prompt", config.split, config.max_prompts)
     output = Path(config.output)
     ties_path = output.with_name(output.name + ".ties.jsonl")
+    _check_output(output, ties_path)
+    done = _done_indices(output, ties_path)
     for path in (output, ties_path):
         _drop_torn_line(path)
-    done = _done_indices(output, ties_path)
     todo = [i for i in range(len(rows)) if i not in done]
     counts = {"labelled": 0, "ties": 0, "skipped": len(rows) - len(todo)}
     if counts["skipped"]:
@@ -158,39 +209,44 @@ def label(config: LabelConfig) -> dict[str, int]:
     import torch
 
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, output.parent, "could not create the directory of 'output'") from exc
+    for path in (output, ties_path):  # created (or found writable) before the first prompt is sampled
+        _append(path, [])
     k = config.num_completions
     provenance_base = {"judge": judge.name, "model": config.model.path or "tiny", "num_completions": k,
                        "temperature": config.temperature, "top_p": config.top_p,
                        "comparison": "pairwise" if config.pairwise else "pointwise"}
-    with output.open("a") as out, ties_path.open("a") as ties:
-        for begin in range(0, len(tokenized.examples), config.batch_size):
-            chunk = tokenized.examples[begin:begin + config.batch_size]
-            prompt_ids = [e["prompt_ids"] for e in chunk for _ in range(k)]
-            sampled = sample_completions(model, tokenizer, prompt_ids, max_new_tokens=config.max_new_tokens,
-                                         temperature=config.temperature, top_p=config.top_p,
-                                         batch_size=config.batch_size * k)
-            texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
-            if not config.pairwise:
-                flat = judge.score([e["prompt"] for e in chunk for _ in range(k)], texts)
-            for n, example in enumerate(chunk):
-                completions = texts[n * k:(n + 1) * k]
-                scores = (pairwise_wins(judge, example["prompt"], completions) if config.pairwise
-                          else [float(s) for s in flat[n * k:(n + 1) * k]])
-                index = todo[example["row_id"]]
-                provenance = {**provenance_base, "prompt_index": index, "scores": scores, "completions": completions}
-                choice = preference_of(scores, config.min_margin)
-                if choice is None:
-                    ties.write(json.dumps({"prompt": rows[index].data["prompt"], "provenance": provenance}) + "\n")
-                    counts["ties"] += 1
-                    continue
-                best, worst = choice
-                record = {"prompt": rows[index].data["prompt"], "chosen": completions[best],
-                          "rejected": completions[worst], "provenance": provenance}
-                out.write(json.dumps(record) + "\n")
-                counts["labelled"] += 1
-            # Flushed per chunk, so a crash loses at most the chunk being labelled.
-            out.flush()
-            ties.flush()
-            log.info("labelled %d / %d prompts", begin + len(chunk), len(tokenized.examples))
+    for begin in range(0, len(tokenized.examples), config.batch_size):
+        chunk = tokenized.examples[begin:begin + config.batch_size]
+        prompt_ids = [e["prompt_ids"] for e in chunk for _ in range(k)]
+        sampled = sample_completions(model, tokenizer, prompt_ids, max_new_tokens=config.max_new_tokens,
+                                     temperature=config.temperature, top_p=config.top_p,
+                                     batch_size=config.batch_size * k)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
+        if not config.pairwise:
+            flat = judge.score([e["prompt"] for e in chunk for _ in range(k)], texts)
+        labelled, tied = [], []
+        for n, example in enumerate(chunk):
+            completions = texts[n * k:(n + 1) * k]
+            scores = (pairwise_wins(judge, example["prompt"], completions) if config.pairwise
+                      else [float(s) for s in flat[n * k:(n + 1) * k]])
+            index = todo[example["row_id"]]
+            provenance = {**provenance_base, "prompt_index": index, "scores": scores, "completions": completions}
+            choice = preference_of(scores, config.min_margin)
+            if choice is None:
+                tied.append(json.dumps({"prompt": rows[index].data["prompt"], "provenance": provenance}) + "\n")
+                continue
+            best, worst = choice
+            record = {"prompt": rows[index].data["prompt"], "chosen": completions[best],
+                      "rejected": completions[worst], "provenance": provenance}
+            labelled.append(json.dumps(record) + "\n")
+        # Written per chunk, so a crash (or a full disk) loses at most the chunk being labelled.
+        _append(output, labelled)
+        counts["labelled"] += len(labelled)
+        _append(ties_path, tied)
+        counts["ties"] += len(tied)
+        log.info("labelled %d / %d prompts", begin + len(chunk), len(tokenized.examples))
     return counts

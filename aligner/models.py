@@ -33,7 +33,9 @@ def load_tokenizer(config: RunConfig) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(
                 source, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # transformers raises ValueError for a folder without tokenizer files ("Couldn't instantiate
+            # the backend tokenizer"), OSError for a missing one.
             raise ConfigError(f"could not load the tokenizer from '{source}' (tokenizer / model.path): {exc}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

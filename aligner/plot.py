@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from aligner.errors import ConfigError
+from aligner.errors import ConfigError, DataError, os_error
 
 # Panels drawn when the run logged them: (title, metric-name suffixes).
 PANELS = (
@@ -35,11 +35,29 @@ def panels_of(keys: set[str]) -> list[tuple[str, list[str]]]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of a run's ``metrics.jsonl``."""
+    """The records of a run's ``metrics.jsonl``; a damaged line is one error naming the file and line."""
+    from aligner.data.loading import read_text
+
+    if not run_dir.is_dir():
+        what = "not a directory" if run_dir.exists() else "no such directory"
+        raise ConfigError(f"{run_dir}: {what} (plot takes a run's output directory)")
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{run_dir} has no metrics.jsonl (is it an aligner run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        # Every record aligner writes has these two; without them there is no curve to put it on.
+        missing = [key for key in ("stage", "step") if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise DataError(f"{path}, line {number}: not a metrics record (no {' or '.join(map(repr, missing))})")
+        records.append(record)
+    return records
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -69,8 +87,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         figure.suptitle(f"{run_dir.name} / {stage}")
         figure.tight_layout()
         target = run_dir / "plots" / f"{stage}.png"
-        target.parent.mkdir(exist_ok=True)
-        figure.savefig(target, dpi=100)
-        plt.close(figure)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            figure.savefig(target, dpi=100)
+        except OSError as exc:  # a full disk, a read-only run directory, plots/ that is a file
+            raise os_error(exc, target, "could not write") from exc
+        finally:
+            plt.close(figure)
         written.append(target)
     return written

@@ -134,6 +134,10 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     every damaged file) when the stage has complete checkpoints but none is intact; nothing is
     changed then.
     """
+    folder = stage_dir / "checkpoints"
+    if folder.exists() and not folder.is_dir():
+        # Not "no checkpoint": training from step 0 would fail at its first save, after the work.
+        raise CheckpointError(f"--resume: {folder} is a file, not a checkpoint directory; move it aside")
     candidate, verdict, damaged = _newest_intact(stage_dir)
     if candidate is None:
         if damaged:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aligner.errors import os_error
+
 log = logging.getLogger("aligner")
 
 
@@ -31,8 +33,11 @@ class MetricsFile:
             return
         record = {"stage": stage, "step": step}
         record.update({k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk or a vanished folder: one located line, not a traceback
+            raise os_error(exc, self.path, "could not write the metrics to") from exc
 
 
 class Progress:

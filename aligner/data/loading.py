@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from aligner.data.formats import detect_format, validate_row
-from aligner.errors import DataError
+from aligner.errors import DataError, os_error
+
+# What ``datasets``' ``save_to_disk`` leaves in a folder: a Dataset's state, or a DatasetDict's index.
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 
 
 @dataclass
@@ -39,32 +42,59 @@ def _reject(error: DataError, location: str, errors: list[RejectedRow] | None) -
     errors.append(RejectedRow(location, str(error)))
 
 
+def _not_utf8(where: str, raw: bytes, exc: UnicodeDecodeError, line_start: int = 0) -> str:
+    """``WHERE: not UTF-8 (byte 0x.. at column N)``; ``raw``'s line with the bad byte starts at ``line_start``."""
+    return (f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start - line_start + 1}); "
+            "save the file as UTF-8")
+
+
+def read_text(path: str | Path) -> str:
+    """The whole of a UTF-8 text file, or one located error line.
+
+    A byte that is not UTF-8 is a ``DataError`` naming the file, line and column; a file that cannot
+    be read (missing, a directory, no permission, an I/O error) is a ``PathError`` naming it.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise os_error(exc, path, "could not read") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_number = raw.count(b"\n", 0, exc.start) + 1
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        raise DataError(_not_utf8(f"{path}, line {line_number}", raw, exc, line_start)) from None
+
+
 def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row]:
     rows = []
     # Bytes, decoded line by line: a byte that is not UTF-8 is a located error of its own line (the
     # text decoder would raise for the whole file, with no line). bytes.splitlines ends lines where
     # text mode's universal newlines do (\n, \r\n and a lone \r), so line numbers are unchanged.
-    with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle.read().splitlines(), start=1):
-            where = f"{path}, line {line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                _reject(DataError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                                  "save the file as UTF-8"), where, errors)
-                continue
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-            except json.JSONDecodeError as exc:
-                _reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
-                continue
-            if not isinstance(value, dict):
-                _reject(DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}"),
-                        where, errors)
-                continue
-            rows.append(Row(value, where))
+    try:
+        content = path.read_bytes()
+    except OSError as exc:  # permissions, an I/O error: one located line, like a bad row
+        raise DataError(str(os_error(exc, path, "could not read"))) from exc
+    for line_number, raw in enumerate(content.splitlines(), start=1):
+        where = f"{path}, line {line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _reject(DataError(_not_utf8(where, raw, exc)), where, errors)
+            continue
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
+        except json.JSONDecodeError as exc:
+            _reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
+            continue
+        if not isinstance(value, dict):
+            _reject(DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}"),
+                    where, errors)
+            continue
+        rows.append(Row(value, where))
     return rows
 
 
@@ -107,6 +137,9 @@ def read_rows(path: str | Path, split: str = "train", errors: list[RejectedRow] 
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if path.is_dir() and not any((path / name).is_file() for name in SAVED_DATASET_FILES):
+        # datasets would say "neither a `Dataset` directory nor a `DatasetDict` directory".
+        raise DataError(f"{path}: is a directory, not a data file (nor a folder written by datasets' save_to_disk)")
     if path.is_file() and path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, errors)
     return _read_with_datasets(path, split)
