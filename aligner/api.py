@@ -1,10 +1,16 @@
 """The Python API: ``aligner.train``. The CLI's ``train`` command is a thin layer over it.
 
 Setup order, and why:
-1. config validated and plugins resolved, 2. every stage's data read and validated: both cheap and
-   the likeliest to be wrong, so they fail before anything slow happens;
-3. tokenizer, then tokenization (needs the tokenizer, not the model);
-4. seeds, accelerator, and only then the model.
+1. config validated and plugins resolved (options, and what each plugin ``requires`` of the others),
+   2. every stage's data read and validated: both cheap and the likeliest to be wrong, so they fail
+   before anything slow happens;
+3. the output directory checked (creatable, writable, not an earlier run unless resuming or
+   overwriting): reads only, nothing written yet;
+4. tokenizer, then tokenization (needs the tokenizer, not the model);
+5. seeds, accelerator, the checkpoints a resume continues from (verified), and only then the model;
+6. only once all that passed: an earlier run removed (``--overwrite``) and ``config.yaml`` written.
+   A refused run changes nothing on disk; one that fails before writing anything else takes its
+   ``config.yaml`` back, so the corrected rerun is not told the directory "already holds a run".
 """
 
 from __future__ import annotations
@@ -12,15 +18,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
-from aligner.config import RunConfig, dump_config, load_config
+from aligner.config import RunConfig, dump_config, key_where, load_config
 from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, ConfigError
+from aligner.output_dir import check_output_dir, discard_if_untouched, start_run
 from aligner.plugins import call_hook, temporary_plugin
 from aligner.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.run import RunResult, RunState
@@ -30,8 +37,9 @@ log = logging.getLogger("aligner")
 
 
 def _is_chat(stage: PreparedStage) -> bool:
-    rows = stage.train_rows[:1]
-    return bool(rows) and isinstance(rows[0].data.get("prompt"), list)
+    # Either split: chat eval rows need a chat template as much as chat train rows do.
+    return any(bool(rows) and isinstance(rows[0].data.get("prompt"), list)
+               for rows in (stage.train_rows[:1], stage.eval_rows[:1]))
 
 
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
@@ -93,14 +101,30 @@ def _precision(requested: str) -> str:
     return "no"
 
 
-def _check_output_dir(out: Path, resuming: bool | str, overwrite: bool) -> None:
-    """Never silently replace an earlier run: resume it, overwrite it on request, or stop."""
-    if resuming or not (out / "config.yaml").exists():
-        return
-    if not overwrite:
-        raise ConfigError(f"output_dir {out} already holds a run; continue it with --resume (resume: true), "
-                          "replace it with --overwrite, or choose another output_dir")
-    shutil.rmtree(out)
+def _output_where(config: RunConfig, given: str | Path | None) -> str:
+    """Where ``output_dir`` came from, for errors: the argument (``--output-dir``) or the config's line."""
+    if given is not None:
+        return " (from --output-dir)"
+    return key_where(config, ("output_dir",))
+
+
+# stage name -> (its final model is intact, the checkpoint it continues from)
+ResumePlan = dict[str, tuple[bool, Path | None]]
+
+
+def _resume_plan(stages: list[PreparedStage], out: Path, accelerator: Any) -> ResumePlan:
+    """Verify, before the model loads and before ``config.yaml`` is rewritten, where each stage resumes.
+
+    A resume that cannot continue (no intact checkpoint of a stage) stops here with nothing changed.
+    The main process goes first: it is the one that sets damaged checkpoints aside, and the others
+    then find the same ones.
+    """
+    plan: ResumePlan = {}
+    with accelerator.main_process_first():
+        for stage in stages:
+            finished = stage_finished(out / stage.name)
+            plan[stage.name] = (finished, None if finished else latest_checkpoint(out / stage.name))
+    return plan
 
 
 def _restore_finished_stage(stage: PreparedStage, model: Any, out: Path) -> tuple[Any, dict[str, float]]:
@@ -123,21 +147,22 @@ def _report_failure(run: RunState, error: BaseException) -> None:
 
 
 def _train_stages(stages: list[PreparedStage], model: Any, config: RunConfig, tokenizer: Any, accelerator: Any,
-                  out: Path) -> dict[str, dict[str, float]]:
-    """Train (or, when resuming, load) every stage in turn; return each stage's final metrics."""
+                  out: Path, plan: ResumePlan) -> dict[str, dict[str, float]]:
+    """Train (or, when resuming, load) every stage in turn; return each stage's final metrics.
+
+    ``plan`` is the verified resume plan (empty for a fresh run)."""
     from accelerate.utils import set_seed
 
     from aligner.runner import train_stage
 
-    resuming = config.resume
     results: dict[str, dict[str, float]] = {}
     for stage in stages:
-        if resuming and stage_finished(out / stage.name):
+        finished, start = plan.get(stage.name, (False, None))
+        if finished:
             model, results[stage.name] = _restore_finished_stage(stage, model, out)
             continue
         run = RunState(config=config, output_dir=out, stage=stage, tokenizer=tokenizer, accelerator=accelerator)
         set_seed(config.seed + stage.index)
-        start = latest_checkpoint(out / stage.name) if resuming else None
         try:
             model, results[stage.name] = train_stage(run, model, resume_from=start)
         except BaseException as error:
@@ -174,27 +199,38 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     if len(kinds) > 1:
         raise ConfigError("a run's stages must all train the same kind of model (language model or reward model); "
                           "train the reward model in its own run, with model.path set to the earlier run's output")
+    out = Path(resolved.output_dir)
+    where = _output_where(resolved, output_dir)
+    # Only the main process writes; RANK is set by torchrun before any accelerator exists.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    check_output_dir(out, where, resolved.resume, overwrite, main_process=main_process)
+    # 'auto' resumes only a run that is there; a fresh run has nothing to verify or continue.
+    resuming = bool(resolved.resume) and (out / "config.yaml").is_file()
     tokenizer = load_tokenizer(resolved)
     for stage in stages:
         tokenize_stage(stage, tokenizer)
 
     accelerator = Accelerator(mixed_precision=_precision(resolved.precision), cpu=_multi_process_cpu())
-    out = Path(resolved.output_dir)
-    resuming = resolved.resume
-    if resuming is True and not (out / "config.yaml").exists():
-        raise ConfigError(f"--resume: {out} holds no run to resume")
-    if accelerator.is_main_process:
-        _check_output_dir(out, resuming, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(resolved, out / "config.yaml")
-    accelerator.wait_for_everyone()
+    plan = _resume_plan(stages, out, accelerator) if resuming else {}
     set_seed(resolved.seed)
     model = load_model(resolved.model, tokenizer, kinds.pop())
 
-    with contextlib.ExitStack() as registered:
-        for i, callback in enumerate(callbacks):
-            registered.enter_context(temporary_plugin(callback, name=f"callbacks[{i}]:{callback.name}"))
-        results = _train_stages(stages, model, resolved, tokenizer, accelerator, out)
+    # Every check passed and the model loaded: only now is an earlier run replaced and config.yaml written.
+    created = False
+    if accelerator.is_main_process:
+        created = start_run(out, where, replace=overwrite and not resuming,
+                            write_config=lambda path: dump_config(resolved, path))
+    accelerator.wait_for_everyone()
+    try:
+        with contextlib.ExitStack() as registered:
+            for i, callback in enumerate(callbacks):
+                registered.enter_context(temporary_plugin(callback, name=f"callbacks[{i}]:{callback.name}"))
+            results = _train_stages(stages, model, resolved, tokenizer, accelerator, out, plan)
+    except BaseException:
+        # A fresh run that wrote nothing but its config leaves no directory blocking the rerun.
+        if accelerator.is_main_process and not resuming and discard_if_untouched(out, created):
+            log.info("nothing was trained or written: removed %s again", out / "config.yaml")
+        raise
     final_dir = out / stages[-1].name / "final"
     if accelerator.is_main_process:
         summary = {"final_model": str(final_dir), "stages": results, "data": data_summary(stages)}

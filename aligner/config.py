@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aligner.data.loading import read_text
 from aligner.errors import ConfigError, suggest
 
 
@@ -230,6 +231,27 @@ class _Source:
                 return f" ({self.path}, line {self.lines[loc[:end]]})"
         return f" ({self.path})" if self.path else ""
 
+    def written(self, loc: tuple) -> bool | None:
+        """Whether ``loc`` (or a key below it) is in the file or an override; ``None`` for a dict config,
+        whose keys are not tracked."""
+        if self.path is None and not self.overridden:
+            return None
+        if any(key[:len(loc)] == loc or loc[:len(key)] == key for key in self.overridden):
+            return True
+        return any(key[:len(loc)] == loc for key in self.lines)
+
+
+def key_where(config: Any, loc: tuple) -> str:
+    """Where the key ``loc`` of a loaded run config was set (`` (file, line N)``, `` (from override
+    '...')``), or `` (not set: the default)`` when its file leaves it out, so an error never points
+    at the line of an enclosing section as if the key were there."""
+    source = getattr(config, "_source", None)
+    if source is None:
+        return ""
+    if source.written(loc) is False:
+        return " (not set: the default)"
+    return source.where(loc)
+
 
 def format_loc(loc: tuple) -> str:
     """``('stages', 0, 'train', 'lr')`` -> ``stages[0].train.lr``."""
@@ -349,9 +371,11 @@ def read_config_source(source: str | Path | dict,
         data, base_dir, origin = copy.deepcopy(source), Path.cwd(), _Source(None, None)
     else:
         path = Path(source)
-        if not path.is_file():
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a config file")
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
+        text = read_text(path)  # not UTF-8 (file, line) or unreadable (the OS's reason): one located line
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

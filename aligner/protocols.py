@@ -8,7 +8,7 @@ never in the middle of training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +25,39 @@ class Options(BaseModel):
     """Base class for a plugin's options: unknown keys are rejected with their path."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+# The stage keys of the plugins a ``Requires`` can name: ``losses`` means every loss of the stage.
+REQUIREMENT_ROLES = ("algorithm", "losses", "reference", "peft")
+
+
+@dataclass(frozen=True)
+class Requires:
+    """What a plugin needs of another plugin of its stage, declared in its ``requires`` class attribute.
+
+    ``role`` names the other plugin by its stage key (``"algorithm"``, ``"losses"`` for every loss,
+    ``"reference"`` or ``"peft"``); that plugin's class attribute ``flag`` must equal ``value``. An
+    absent attribute counts as ``default``; ``None`` means "not known", and such a plugin is not
+    refused here (plugins written before the flag existed keep working; the needing plugin may still
+    refuse at setup). ``what`` says in words what the flag means, ``hint`` how to fix the config; both
+    go into the error, which names the stage, both keys and their config lines. Checked when the
+    stage is prepared, before any file is written or any model is loaded.
+
+    Example: ``requires = (Requires("peft", "adds_adapters", what="adds adapters that can be switched
+    off"),)`` on a reference that runs the policy with its adapters disabled.
+    """
+
+    role: Literal["algorithm", "losses", "reference", "peft"]
+    flag: str
+    value: bool = True
+    default: bool | None = None
+    what: str = ""
+    hint: str = ""
+
+    def satisfied_by(self, other: Any) -> bool:
+        """Whether ``other`` (a plugin class or instance) has what is needed; unknown counts as yes."""
+        found = getattr(other, self.flag, self.default)
+        return found is None or bool(found) == self.value
 
 
 @dataclass
@@ -104,8 +137,12 @@ class Loss(Protocol):
     Optional class attributes: ``needs_token_logps`` (per-token values in ``policy``),
     ``needs_kl_completions`` (log-probs of completions rotated within the batch, for KL estimates),
     ``forward_kind`` (``"logprobs"``, the default, or ``"reward"`` for a scalar-score model; see
-    ``aligner.forward.FORWARDS``). Optional method ``check_stage(stage)``: called once the stage's
-    rows are validated, to warn about the data before training.
+    ``aligner.forward.FORWARDS``), ``preference_completions`` (which completions of a preference
+    pair it reads: ``("chosen", "rejected")`` by default; a loss that reads only ``("chosen",)``, like
+    ``sft``, lets a stage of such losses run preference rows as ``sft`` rows of their chosen
+    completion, so the rejected ones are never computed), ``requires`` (``Requires`` entries: what it
+    needs of the stage's other plugins; default none). Optional method ``check_stage(stage)``: called
+    once the stage's rows are validated, to warn about the data before training.
     """
 
     name: ClassVar[str]
@@ -141,7 +178,11 @@ class ReferenceContext:
 
 @runtime_checkable
 class ReferencePolicy(Protocol):
-    """Supplies reference log-probs. Instantiated as ``ReferenceClass(options)``."""
+    """Supplies reference log-probs. Instantiated as ``ReferenceClass(options)``.
+
+    Optional class attribute ``requires``: ``Requires`` entries saying what it needs of the stage's
+    other plugins (``disabled_adapter`` needs a PEFT backend with ``adds_adapters``); default none.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
@@ -169,7 +210,13 @@ class Judge(Protocol):
 
 @runtime_checkable
 class PeftBackend(Protocol):
-    """Decides which weights train. Instantiated as ``BackendClass(options)``."""
+    """Decides which weights train. Instantiated as ``BackendClass(options)``.
+
+    Optional class attributes: ``adds_adapters`` (``True`` when ``apply`` wraps the model in peft
+    adapters that ``disable_adapter()`` switches off, ``False`` when the weights themselves train;
+    absent: not known), read by references that need adapters and by ``reference: auto``;
+    ``requires`` (``Requires`` entries); default none.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[type[Options]]

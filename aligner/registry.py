@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from aligner.errors import PluginError, suggest
-from aligner.protocols import DATA_FORMATS, LIFECYCLE_HOOKS, REQUIRED_MEMBERS
+from aligner.protocols import DATA_FORMATS, LIFECYCLE_HOOKS, REQUIRED_MEMBERS, REQUIREMENT_ROLES, Requires
 
 # Required members that are values rather than methods.
 DATA_MEMBERS = frozenset({"name", "data_formats", "needs_reference", "needs_critic", "Options"})
@@ -71,6 +71,12 @@ class Registry:
                     f"{who} registered {self.kind} '{name}' with invalid data_formats {obj.data_formats!r}; "
                     f"valid formats: {', '.join(DATA_FORMATS)}"
                 )
+        # A malformed optional ``requires`` would otherwise surface only when a stage is prepared.
+        requires = getattr(obj, "requires", ())
+        if not isinstance(requires, tuple | list) or not all(
+                isinstance(r, Requires) and r.role in REQUIREMENT_ROLES and isinstance(r.flag, str) for r in requires):
+            raise PluginError(f"{who} registered {self.kind} '{name}' whose 'requires' is not a tuple of "
+                              f"aligner.protocols.Requires with a role among {', '.join(REQUIREMENT_ROLES)}")
         if self.kind == "callback" and not any(callable(getattr(obj, h, None)) for h in LIFECYCLE_HOOKS):
             raise PluginError(f"{who} registered callback '{name}' which implements none of the lifecycle hooks "
                               f"({', '.join(LIFECYCLE_HOOKS)}) as @hookimpl methods")

@@ -11,12 +11,19 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from aligner.config import PluginChoice, RunConfig, StageConfig, validate_plugin_options
+from aligner.config import (
+    PluginChoice,
+    RunConfig,
+    StageConfig,
+    format_loc,
+    key_where,
+    validate_plugin_options,
+)
 from aligner.data.loading import Row, load_validated
 from aligner.data.tokenize import TokenizedData
 from aligner.errors import ConfigError
 from aligner.plugins import get_registry
-from aligner.protocols import PROMPT_ONLY
+from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, Requires
 from aligner.references import choose_reference
 
 log = logging.getLogger("aligner")
@@ -90,7 +97,6 @@ def _eval_rewards(generate: Any, loc: tuple, config: RunConfig) -> Any:
     """The reward sources that score held-out generations: the one judge, or the listed ``rewards``."""
     from pydantic import ValidationError
 
-    from aligner.config import format_loc
     from aligner.errors import AlignerError
     from aligner.online.reward_sources import RewardSourceConfig, RewardSources
 
@@ -110,8 +116,6 @@ def _eval_rewards(generate: Any, loc: tuple, config: RunConfig) -> Any:
 
 def _refuse_algorithm_as_loss(choice: PluginChoice, loc: tuple, config: RunConfig) -> None:
     """``losses: [{name: ppo}]``: an algorithm named where a loss goes gets told where it belongs."""
-    from aligner.config import format_loc
-
     if choice.name in get_registry("loss") or choice.name not in get_registry("algorithm"):
         return
     source = getattr(config, "_source", None)
@@ -122,9 +126,74 @@ def _refuse_algorithm_as_loss(choice: PluginChoice, loc: tuple, config: RunConfi
 
 
 def _where(loc: tuple) -> str:
-    from aligner.config import format_loc
-
     return f"'{format_loc(loc)}'"
+
+
+# Per stage key a ``Requires`` can name: the registry kind, and how the error names what is needed.
+_ROLES = {"algorithm": ("algorithm", "an algorithm"), "losses": ("loss", "every loss to be one"),
+          "reference": ("reference policy", "a reference policy"), "peft": ("peft backend", "a PEFT backend")}
+
+
+def _stage_plugins(stage: PreparedStage) -> dict[str, list[tuple[Any, tuple]]]:
+    """The stage's plugin instances by stage key, each with its key path."""
+    base = ("stages", stage.index)
+    return {"algorithm": [(stage.algorithm, (*base, "algorithm"))],
+            "losses": [(loss, (*base, "losses", j)) for j, (loss, _) in enumerate(stage.losses)],
+            "reference": [(stage.reference, (*base, "reference"))],
+            "peft": [(stage.peft, (*base, "peft"))]}
+
+
+def _describe_plugin(stage: PreparedStage, role: str, plugin: Any, loc: tuple, config: RunConfig) -> str:
+    """``reference policy 'x' at 'stages[0].reference' (file, line N)``, saying when ``auto`` chose it."""
+    chosen = " (chosen by 'auto')" if role == "reference" and stage.config.reference.name == "auto" else ""
+    return f"{_ROLES[role][0]} '{plugin.name}'{chosen} at '{format_loc(loc)}'{key_where(config, loc)}"
+
+
+def _unmet(stage: PreparedStage, role: str, plugin: Any, loc: tuple, need: Requires, other: Any,
+           other_loc: tuple, config: RunConfig) -> ConfigError:
+    kind, noun = _ROLES[need.role]
+    found = getattr(other, need.flag, need.default)
+    text = (f"stage '{stage.name}': {_describe_plugin(stage, role, plugin, loc, config)} needs {noun} that "
+            f"{need.what or f'has {need.flag} = {need.value}'}, but {_describe_plugin(stage, need.role, other, other_loc, config)} "
+            f"does not ({need.flag}: {found})")
+    if need.hint:
+        text += f"; {need.hint}"
+    if need.role != "losses":
+        # Name the registered plugins that would do, plugins of other distributions included.
+        registry = get_registry(kind)
+        fits = [n for n in registry.names() if getattr(registry.get(n), need.flag, need.default) is not None
+                and need.satisfied_by(registry.get(n))]
+        if fits:
+            text += f" ({kind}s that do: {', '.join(fits)})"
+    return ConfigError(text)
+
+
+def check_requirements(stage: PreparedStage, config: RunConfig) -> None:
+    """Refuse a stage whose plugins cannot work together, by what each declares in ``requires``.
+
+    Runs when the stage is prepared: before any file is written or any model is loaded. The error
+    names the stage, both plugins' keys and where in the config each was set.
+    """
+    plugins = _stage_plugins(stage)
+    for role, entries in plugins.items():
+        for plugin, loc in entries:
+            for need in getattr(plugin, "requires", ()):
+                for other, other_loc in plugins[need.role]:
+                    if other is not plugin and not need.satisfied_by(other):
+                        raise _unmet(stage, role, plugin, loc, need, other, other_loc, config)
+
+
+def reads_only_chosen(losses: list[Any], algorithm: Any) -> bool:
+    """Whether a stage with these losses (instances or classes) reads only the chosen completion of a
+    preference pair, so its rows can run as ``sft`` rows (the algorithm must train on those too)."""
+    return bool(losses) and SFT in algorithm.data_formats and all(
+        SFT in loss.data_formats and tuple(getattr(loss, "preference_completions", ("chosen", "rejected"))) == ("chosen",)
+        for loss in losses)
+
+
+def chosen_as_sft(rows: list[Row]) -> list[Row]:
+    """Preference rows as ``sft`` rows of their prompt and chosen completion (same locations)."""
+    return [Row({"prompt": r.data["prompt"], "completion": r.data["chosen"]}, r.location) for r in rows]
 
 
 def _split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -164,10 +233,20 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
         train_rows, eval_rows = _split_eval(train_rows, stage.data.eval_fraction, config.seed)
     else:
         eval_rows = []
+    if data_format == PREFERENCE and reads_only_chosen([loss for loss, _ in losses], algorithm):
+        # Only chosen completions are trained on (SFT on a preference set): running the rejected ones
+        # too would double the compute and inflate tokens/s for nothing.
+        train_rows, eval_rows = chosen_as_sft(train_rows), chosen_as_sft(eval_rows)
+        data_format = SFT
+        log.info("stage '%s': its losses read only the chosen completions of the preference rows; they run as "
+                 "sft rows (prompt + chosen), the rejected completions are not computed", stage.name)
     needs_reference = algorithm.needs_reference(losses)
     scores_extra = any(getattr(loss, "needs_kl_completions", False) for loss, _ in losses)
+    # The backend first: whether it adds adapters decides what 'reference: auto' picks.
+    peft = instantiate("peft backend", stage.peft, (*base, "peft"), config)
     reference_name = choose_reference(stage.reference.name, needs_reference, data_format, stage.peft.name,
-                                      scores_extra_sequences=scores_extra)
+                                      scores_extra_sequences=scores_extra,
+                                      peft_adds_adapters=getattr(peft, "adds_adapters", None))
     if needs_reference and reference_name == "none":
         needing = [loss.name for loss, _ in losses if loss.needs_reference]
         raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but "
@@ -175,7 +254,6 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
                           f"need(s) reference log-probs ('stages[{index}].reference.name')")
     reference_choice = PluginChoice(name=reference_name, **stage.reference.options())
     reference = instantiate("reference policy", reference_choice, (*base, "reference"), config)
-    peft = instantiate("peft backend", stage.peft, (*base, "peft"), config)
     eval_rewards = None
     if stage.eval.generate is not None:
         eval_rewards = _eval_rewards(stage.eval.generate, (*base, "eval", "generate"), config)
@@ -184,6 +262,7 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
                               f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
     prepared = PreparedStage(index, stage, data_format, algorithm, losses, reference_name, reference, peft,
                              eval_rewards, train_rows, eval_rows)
+    check_requirements(prepared, config)
     algorithm.check_stage(prepared)
     # Losses may look at the validated data (class balance, batch size) and warn before any training.
     for loss, _ in losses:

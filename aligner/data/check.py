@@ -25,7 +25,7 @@ from aligner.data.loading import RejectedRow, Row, load_validated
 from aligner.data.templates import load_template
 from aligner.data.tokenize import TokenizedData, prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, DataError
-from aligner.protocols import PREFERENCE
+from aligner.protocols import PREFERENCE, SFT
 
 log = logging.getLogger("aligner")
 
@@ -55,6 +55,8 @@ class SplitReport:
     identical_pairs: int = 0
     in_train: int = 0
     problems: list[str] = field(default_factory=list)
+    # The format training runs the rows as, when not the file's own (sft for a stage of chosen-only losses).
+    trained_as: str | None = None
 
     @property
     def rows_read(self) -> int:
@@ -98,6 +100,7 @@ class SplitReport:
                            "max_length": self.max_length, "max_prompt_length": self.max_prompt_length},
             "token_lengths": self.lengths, "duplicates": self.duplicates, "identical_pairs": self.identical_pairs,
             "eval_rows_in_train": self.in_train, "problems": self.problems, "failed": self.failed,
+            "trained_as": self.trained_as,
         }
 
 
@@ -122,15 +125,18 @@ def _row_key(row: Row) -> str:
 
 def split_report(stage: str, split: str, source: str, data: DataConfig, data_format: str | None, rows: list[Row],
                  rejected: list[RejectedRow], tokenized: TokenizedData | None,
-                 train_keys: set[str] | None = None) -> SplitReport:
-    """Summarise one split from its valid rows, rejected rows and (if the template loaded) tokenization."""
+                 train_keys: set[str] | None = None, trained_as: str | None = None) -> SplitReport:
+    """Summarise one split from its valid rows, rejected rows and (if the template loaded) tokenization.
+
+    ``trained_as`` is the format training runs ``rows`` as when not ``data_format`` (the file's); the
+    rows are then already in that format."""
     # Unparseable lines are found while reading, invalid rows afterwards: list them in file order.
     ordered = sorted(rejected, key=lambda r: _position(r.location))
     report = SplitReport(stage, split, source, data_format, data.max_length, data.max_prompt_length,
-                         data.max_drop_fraction, rejected=ordered, valid=len(rows))
+                         data.max_drop_fraction, rejected=ordered, valid=len(rows), trained_as=trained_as)
     counts = Counter(_row_key(r) for r in rows)
     report.duplicates = sum(n - 1 for n in counts.values())
-    if data_format == PREFERENCE:
+    if (trained_as or data_format) == PREFERENCE:
         report.identical_pairs = sum(r.data["chosen"] == r.data["rejected"] for r in rows)
     if train_keys is not None:
         report.in_train = sum(_row_key(r) in train_keys for r in rows)
@@ -153,7 +159,9 @@ def _listed(items: list[str]) -> list[str]:
 def format_report(report: SplitReport) -> str:
     """The human-readable report of one split."""
     kept = "?" if report.kept is None else report.kept
-    lines = [f"stage '{report.stage}' {report.split} ({report.source}, {report.data_format or 'unknown'} format): "
+    trained = f", run as {report.trained_as} rows (chosen completions only)" if report.trained_as else ""
+    lines = [f"stage '{report.stage}' {report.split} ({report.source}, {report.data_format or 'unknown'} format"
+             f"{trained}): "
              f"{report.rows_read} rows read, {len(report.rejected)} rejected, {report.dropped_total} dropped, "
              f"{kept} kept"]
     lines += [f"  problem: {p}" for p in report.problems]
@@ -173,7 +181,7 @@ def format_report(report: SplitReport) -> str:
         lines.append(f"  truncation (max_length {report.max_length}, max_prompt_length {report.max_prompt_length}): "
                      f"touches {report.truncation_touches} rows, empties {report.truncation_empties}")
     extras = [f"{report.duplicates} duplicate rows"]
-    if report.data_format == PREFERENCE:
+    if (report.trained_as or report.data_format) == PREFERENCE:
         extras.append(f"{report.identical_pairs} identical chosen/rejected pairs")
     if report.split == "eval":
         extras.append(f"{report.in_train} rows also in train")
@@ -196,6 +204,23 @@ def format_reports(reports: list[SplitReport]) -> str:
 
 def _is_chat(rows: list[Row]) -> bool:
     return bool(rows) and isinstance(rows[0].data.get("prompt"), list)
+
+
+def _training_format(config: RunConfig, index: int, data_format: str) -> str:
+    """The format training runs the rows as: preference rows of a stage whose losses read only the
+    chosen completion run as sft rows (``aligner.stages.reads_only_chosen``)."""
+    from aligner.plugins import get_registry
+    from aligner.stages import reads_only_chosen
+
+    stage = config.stages[index]
+    if data_format != PREFERENCE:
+        return data_format
+    try:
+        algorithm = get_registry("algorithm").get(stage.algorithm.name)
+        losses = [get_registry("loss").get(choice.name) for choice in stage.losses]
+    except AlignerError:  # an unknown name is reported as a problem of its own
+        return data_format
+    return SFT if reads_only_chosen(losses, algorithm) else data_format
 
 
 def _format_problem(config: RunConfig, index: int, data_format: str) -> list[str]:
@@ -264,26 +289,36 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitRepo
         train_rows, eval_rows = _split_eval(train_rows, data.eval_fraction, config.seed)
         splits.append(("eval", f"{data.eval_fraction:g} of train held out", eval_rows, []))
     splits.insert(0, ("train", data.train, train_rows, rejected))
+    trained_as = _training_format(config, index, data_format)
+    if trained_as != data_format:
+        from aligner.stages import chosen_as_sft
+
+        splits = [(split, source, chosen_as_sft(rows), bad) for split, source, rows, bad in splits]
+    # What keeps every split from being tokenized is reported on every split, not on train alone
+    # (an eval split would otherwise say "? kept" with no reason).
+    every_split: list[str] = []
     template = None
     try:
-        template = load_template(data.template, tokenizer, chat_data=_is_chat(train_rows))
+        template = load_template(data.template, tokenizer,
+                                 chat_data=any(_is_chat(rows) for _, _, rows, _ in splits))
     except AlignerError as exc:
-        problems.append(str(exc))
+        every_split.append(f"stage '{stage.name}' ('stages[{index}].data.template'): {exc}")
     max_prompt_length = data.max_prompt_length
     try:
-        max_prompt_length = prompt_token_limit(data, data_format, _generation_tokens(config, index), stage.name, index)
+        max_prompt_length = prompt_token_limit(data, trained_as, _generation_tokens(config, index), stage.name, index)
     except AlignerError as exc:
-        problems.append(str(exc))
-    train_keys = {_row_key(r) for r in train_rows}
+        every_split.append(str(exc))
+    train_keys = {_row_key(r) for r in splits[0][2]}
     reports = []
     for split, source, rows, bad in splits:
-        tokenized = (tokenize_rows(rows, data_format, tokenizer, template, data.max_length, max_prompt_length)
+        tokenized = (tokenize_rows(rows, trained_as, tokenizer, template, data.max_length, max_prompt_length)
                      if template is not None else None)
         report = split_report(stage.name, split, source, data, data_format, rows, bad, tokenized,
-                              train_keys if split == "eval" else None)
+                              train_keys if split == "eval" else None,
+                              trained_as=trained_as if trained_as != data_format else None)
         report.max_prompt_length = max_prompt_length  # the limit in force (prompt-only data leaves room)
+        report.problems = (problems if split == "train" else []) + every_split
         reports.append(report)
-    reports[0].problems = problems
     return reports
 
 

@@ -2,7 +2,9 @@
 
 On preference data it trains on the chosen completions and on unpaired data on the desirable ones,
 so it can be added to any preference loss with a weight (RPO-style:
-``losses: [{name: dpo}, {name: sft, weight: 0.2}]``, or beside ``kto`` on unpaired rows).
+``losses: [{name: dpo}, {name: sft, weight: 0.2}]``, or beside ``kto`` on unpaired rows). A stage
+whose only loss is ``sft`` runs preference rows as prompt + chosen rows: the rejected completions
+are never computed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ class SFTLoss:
     name = "sft"
     data_formats = (SFT, PREFERENCE, UNPAIRED)
     needs_reference = False
+    # Only the chosen completion of a pair: a stage whose losses all say so runs preference rows as
+    # sft rows, so the rejected completions are never computed (aligner.stages.reads_only_chosen).
+    preference_completions = ("chosen",)
 
     class Options(Options):
         """SFT takes no options beyond its weight."""

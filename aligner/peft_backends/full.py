@@ -12,6 +12,7 @@ class FullFineTuning:
     """Leaves the model as it is with every parameter trainable."""
 
     name = "full"
+    adds_adapters = False  # the weights themselves train: there is nothing to switch off for a reference
 
     class Options(Options):
         """No options."""

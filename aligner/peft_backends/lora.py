@@ -15,6 +15,7 @@ class LoRABackend:
 
     name = "lora"
     default_dora = False
+    adds_adapters = True  # peft adapters: disable_adapter() gives back the base model (qlora and dora inherit it)
 
     class Options(Options):
         """LoRA hyper-parameters (peft's ``LoraConfig``)."""

@@ -77,6 +77,7 @@ class PeftMethodBackend:
     """Wraps the model with the named peft method; only the method's trainable weights train."""
 
     name = "peft"
+    adds_adapters = True  # every peft method wraps the model in a PeftModel, whose disable_adapter() works
 
     class Options(Options):
         """``method`` plus the options of that method's peft config class."""

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from aligner.cache import CorruptEntry, Entry, ReferenceCache
 from aligner.hookspecs import hookimpl
-from aligner.protocols import Options, ReferenceContext, SequenceLogProbs
+from aligner.protocols import Options, ReferenceContext, Requires, SequenceLogProbs
 from aligner.references.disabled_adapter import peft_model_of
 from aligner.tracking import Progress
 
@@ -94,6 +94,11 @@ class CachedReference:
     """Reference values from the on-disk cache, computed at setup where missing."""
 
     name = "cached"
+    # Values exist only for the dataset's own sequences: a loss that scores sequences made during
+    # training (KTO's mismatched pairs) would find none at its first batch, so it is refused up front.
+    requires = (Requires("losses", "needs_kl_completions", value=False, default=False,
+                         what="scores only the dataset's own sequences (it has values for no others)",
+                         hint="use reference 'auto', which picks 'frozen_copy' or 'disabled_adapter' for such a loss"),)
 
     class Options(Options):
         """Where the cache lives and how to fill it."""

@@ -13,7 +13,7 @@ import torch
 
 from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
-from aligner.protocols import Options, ReferenceContext, SequenceLogProbs
+from aligner.protocols import Options, ReferenceContext, Requires, SequenceLogProbs
 
 
 def peft_model_of(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -30,6 +30,12 @@ class DisabledAdapterReference:
     """Runs the policy's base model (adapters off) without gradient."""
 
     name = "disabled_adapter"
+    # Declared, not only checked in setup: a stage with full fine-tuning is refused before anything
+    # is written or loaded, naming both keys.
+    requires = (Requires("peft", "adds_adapters", what="adds adapters that can be switched off (this reference is "
+                         "the policy's base model with its adapters disabled)",
+                         hint="use a PEFT backend that adds adapters, or reference 'cached' or 'frozen_copy' with "
+                              "full fine-tuning"),)
 
     class Options(Options):
         """No options."""
@@ -42,6 +48,8 @@ class DisabledAdapterReference:
 
     def setup(self, context: ReferenceContext) -> None:
         """Check that the policy has adapters to switch off; keep a handle on it (not a copy)."""
+        # ``requires`` refuses built-in backends earlier; a plugin backend that does not declare
+        # ``adds_adapters`` is only found out here.
         if peft_model_of(context.policy) is None:
             raise ConfigError(
                 f"reference 'disabled_adapter' needs a PEFT backend (lora, qlora, dora, peft), but the stage's "
