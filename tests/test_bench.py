@@ -21,3 +21,16 @@ def test_benchmark_quick_run(tmp_path):
     assert len(numbers["aligner_losses"]) == numbers["steps"] == len(numbers["trl_precompute_losses"])
     assert numbers["warm_reference_passes"] == 0  # the warm run reads every reference value from the cache
     assert all(numbers[k] > 0 for k in ("floor_s", "aligner_cold_s", "aligner_warm_s", "trl_default_s"))
+
+
+def test_grpo_benchmark_quick_run(tmp_path):
+    """Both trainers generate exactly the same number of completions and tokens, and a ratio comes out."""
+    out = tmp_path / "grpo.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "grpo_vs_trl.py"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ratio aligner/TRL" in result.stdout
+    numbers = json.loads(out.read_text())
+    assert numbers["aligner"]["mean_length"] == numbers["trl"]["mean_length"] == numbers["spec"]["max_new_tokens"]
+    assert numbers["aligner"]["completions"] == numbers["trl"]["completions"] == 32  # 2 steps x 2 prompts x 8
+    assert numbers["ratio_completions_per_s"] > 0
