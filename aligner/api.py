@@ -185,6 +185,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     from accelerate.utils import set_seed
 
     from aligner.models import load_model, load_tokenizer
+    from aligner.threads import apply_threads
 
     resolved = load_config(config, overrides)
     if output_dir is not None:
@@ -214,6 +215,9 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     plan = _resume_plan(stages, out, accelerator) if resuming else {}
     set_seed(resolved.seed)
     model = load_model(resolved.model, tokenizer, kinds.pop())
+    # Before any training work, after every check (a refused run prints only its error): torch's own
+    # pool size oversubscribes shared CPUs.
+    apply_threads(resolved.threads)
 
     # Every check passed and the model loaded: only now is an earlier run replaced and config.yaml written.
     created = False

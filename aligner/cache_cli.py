@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from aligner.cache import ReferenceCache
 from aligner.errors import ConfigError, PathError
+
+if TYPE_CHECKING:  # aligner.cache imports torch: only when the command runs, so `aligner --help` stays fast
+    from aligner.cache import ReferenceCache
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +32,8 @@ def _resolve(cache: ReferenceCache, prefix: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Handle ``aligner cache ...``."""
+    from aligner.cache import ReferenceCache
+
     cache = ReferenceCache(args.dir)
     # A missing directory is an empty cache; a file in its place is a mistake that listing would hide.
     if cache.directory.exists() and not cache.directory.is_dir():

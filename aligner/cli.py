@@ -117,10 +117,24 @@ def setup_logging() -> None:
         pass
 
 
+def version() -> str:
+    """The installed distribution's version (``aligner-trainer``; the import package is ``aligner``)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return f"aligner-trainer {distribution_version('aligner-trainer')}"
+    except PackageNotFoundError:  # imported from a source tree that pip never installed
+        from aligner import __version__
+
+        return f"aligner-trainer {__version__} (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="aligner", description="Plugin-based alignment trainer.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model from a YAML config")
@@ -153,12 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--all", action="store_true", help="include the built-in plugins (shown when none else)")
     plugins.set_defaults(handler=_plugins)
 
-    from aligner import cache_cli, export, verify
+    from aligner import cache_cli, export, push, verify
 
     cache_cli.add_parser(sub)
     export.add_parser(sub)
     verify.add_parser(sub)
+    push.add_parser(sub)
     return parser
+
+
+def _is_override(arg: str) -> bool:
+    """``key.path=value``: an override, not a flag or a file (a path may hold '=', but not before a '/')."""
+    key, equals, _ = arg.partition("=")
+    return bool(equals) and bool(key) and not arg.startswith("-") and "/" not in key
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key.path=value`` overrides anywhere on the line, before or after flags.
+
+    argparse gives a ``nargs="*"`` positional only the values next to it, so
+    ``aligner train c.yaml --resume seed=1`` would leave ``seed=1`` unrecognised; such leftovers are
+    the command's overrides when it takes any, kept in the order written.
+    """
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if _is_override(a)]
+    unknown = [a for a in extra if not _is_override(a)]
+    if overrides and not hasattr(args, "overrides"):
+        unknown = extra  # this command takes no overrides: report them as argparse would
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    # Parsed before logging is set up: that imports transformers, which --help and --version never need.
+    args = parse_args(build_parser(), argv)
+    setup_logging()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

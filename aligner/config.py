@@ -12,10 +12,22 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from aligner.data.loading import read_text
 from aligner.errors import ConfigError, suggest
@@ -63,7 +75,11 @@ class ModelConfig(Strict):
     tiny: TinyModelConfig | None = None
     revision: str | None = None
     trust_remote_code: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "the weights' dtype; auto: bfloat16 on a CUDA GPU that supports it, float32 otherwise (CPU)"))
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="the attention kernel; default: transformers' choice for the model (sdpa where it "
+        "has it). flash_attention_2 needs a CUDA GPU, the flash-attn package and bfloat16/float16 weights")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -72,11 +88,150 @@ class ModelConfig(Strict):
         return self
 
 
+SourceFormat = Literal["sft", "preference", "unpaired", "prompt", "alpaca", "sharegpt", "openai", "hh-rlhf",
+                       "ultrafeedback"]
+
+
+class SourceConfig(Strict):
+    """One data source: a local file or folder, or a hub dataset id, with how to read its rows.
+
+    ``weight``/``fraction`` only mean something in a list of sources (a mixture; ``fraction`` also
+    subsamples a single source); ``aligner.data.sources.mixture_counts`` says how they become rows.
+    """
+
+    path: str = Field(description="a local file, a save_to_disk or dataset repo folder, or a hub dataset id")
+    split: str | None = Field(None, description="default: the data section's 'split'")
+    subset: str | None = Field(None, validation_alias=AliasChoices("subset", "name"),
+                               description="the dataset's configuration (datasets' 'name')")
+    revision: str | None = Field(None, description="hub datasets: a branch, tag or commit")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    format: SourceFormat | None = Field(None, description="a row format or a converter; default: detected")
+    columns: dict[str, str] = Field(default_factory=dict, description="{aligner name: source column}")
+    weight: float | None = Field(None, gt=0)
+    fraction: float | None = Field(None, gt=0)
+    # Set by ``load_config``: the config key of this source and where it was written (for errors),
+    # and the run's seed (mixtures are drawn with it).
+    _key: tuple = PrivateAttr(default=())
+    _where: Any = PrivateAttr(default=None)
+    _seed: int = PrivateAttr(default=0)
+    # An in-memory ``datasets.Dataset``/``DatasetDict`` handed to the Python API in place of a path.
+    _dataset: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _in_memory(cls, value: Any, handler: Any) -> Any:
+        """Take a ``datasets`` object where a path goes (``train: ds`` or ``{path: ds, weight: 2}``):
+        the source keeps the object and is named by a label in messages and the written config."""
+        if _is_dataset(value):
+            value = {"path": value}
+        if not (isinstance(value, dict) and _is_dataset(value.get("path"))):
+            return handler(value)
+        dataset = value["path"]
+        dataset = dataset.dataset if isinstance(dataset, _Held) else dataset
+        rows = (f"{len(dataset)} rows" if not hasattr(dataset, "keys")
+                else ", ".join(f"{name}: {len(part)} rows" for name, part in dataset.items()))
+        source = handler({**value, "path": f"<in-memory {type(dataset).__name__} ({rows})>"})
+        source._dataset = dataset
+        return source
+
+    @property
+    def dataset(self) -> Any:
+        """The in-memory ``datasets`` object this source reads, or ``None`` for a path or hub id."""
+        return self._dataset
+
+    @field_validator("columns")
+    @classmethod
+    def _named_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        for target, column in columns.items():
+            if not target.strip() or not column.strip():
+                raise ValueError(f"column names must not be empty (got {target!r}: {column!r})")
+        return columns
+
+    @property
+    def mixture_seed(self) -> int:
+        """The seed a mixture this source opens is drawn with (the run's)."""
+        return self._seed
+
+    def key_text(self, *sub: str) -> str:
+        """``'stages[0].data.train[1].columns.prompt' (file, line N)``: the key to fix for an error."""
+        loc = (*self._key, *sub)
+        if not self._key:
+            return f"'{self.path}'" + (f" ({'.'.join(sub)})" if sub else "")
+        where = self._where(loc) if self._where is not None else ""
+        return f"'{format_loc(loc)}'{where}"
+
+    def __str__(self) -> str:
+        extras = [f"{k} {v}" for k, v in (("subset", self.subset), ("split", self.split)) if v]
+        return self.path + (f" ({', '.join(extras)})" if extras else "")
+
+
+class _Held:
+    """An in-memory dataset inside a Python dump of the config: pydantic passes unknown objects through
+    unchanged, where it would turn a ``DatasetDict`` (a dict) into a plain dict."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __deepcopy__(self, memo: dict) -> _Held:
+        return self  # the dataset's Arrow tables are immutable: sharing them is what a copy means
+
+
+def _is_dataset(value: Any) -> bool:
+    """A ``datasets.Dataset`` or ``DatasetDict``, recognised without importing ``datasets`` for every config."""
+    return isinstance(value, _Held) or (type(value).__name__ in ("Dataset", "DatasetDict")
+                                        and type(value).__module__.startswith("datasets"))
+
+
+def _source_value(value: Any) -> Any:
+    """A source is a string (a path or hub id), a mapping (one source) or a list of mappings (a mixture).
+
+    Dispatched by hand rather than by a pydantic union so that an error inside a source is reported at
+    its own key (``train[1].columns``) instead of once per union member."""
+    if isinstance(value, SourceConfig | str):
+        return value
+    if isinstance(value, dict) or _is_dataset(value):
+        return SourceConfig.model_validate(value)
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("a list of sources must not be empty")
+        sources = _SOURCE_LIST.validate_python(value)
+        weighted = [s.weight is not None for s in sources]
+        fractioned = [s.fraction is not None for s in sources]
+        if any(weighted) and any(fractioned):
+            raise ValueError("give every source of a mixture a 'weight' (shares of the mixture) or a 'fraction' "
+                             "(of its own rows), not a mix of both")
+        if any(weighted) and not all(weighted):
+            missing = [i for i, w in enumerate(weighted) if not w]
+            raise ValueError(f"sources {missing} have no 'weight' while others do; give every source one")
+        return sources
+    raise ValueError("must be a path or hub id, a source mapping {path: ...} or a list of them (a mixture)")
+
+
+def _dump_source(value: Any, info: Any) -> Any:
+    if isinstance(value, SourceConfig):
+        dumped = value.model_dump(exclude_none=True, exclude_defaults=True)
+        # A Python dump (re-validated for overrides) keeps an in-memory dataset; a JSON/YAML one
+        # (the run's config.yaml) can only name it.
+        if value.dataset is not None and info.mode == "python":
+            dumped["path"] = _Held(value.dataset)
+        return dumped
+    if isinstance(value, list):
+        return [_dump_source(v, info) for v in value]
+    return value
+
+
+Source = Annotated[str | SourceConfig | list[SourceConfig], PlainValidator(_source_value),
+                   PlainSerializer(_dump_source)]
+
+
+_SOURCE_LIST = TypeAdapter(list[SourceConfig])
+
+
 class DataConfig(Strict):
     """Where a stage's rows come from and how they become tokens."""
 
-    train: str
-    eval: str | None = None
+    train: Source
+    eval: Source | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out split when no eval file")
     split: str = "train"
     format: Literal["sft", "preference", "unpaired", "prompt"] | None = None
@@ -110,6 +265,19 @@ class TrainConfig(Strict):
     log_every: int = Field(1, gt=0)
     max_nonfinite_steps: int = Field(3, gt=0, description=(
         "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute each decoder layer's activations in the backward pass instead of keeping them: less memory "
+        "(grows with layers x sequence length), about a third more compute; non-reentrant, works with LoRA"))
+    activation_offload: bool = Field(False, description=(
+        "with gradient_checkpointing: keep the checkpointed layers' inputs in pinned CPU memory instead of on "
+        "the GPU (less GPU memory at long context, a copy each way per layer); nothing to move on a CPU run"))
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> TrainConfig:
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise ValueError("'activation_offload' offloads what gradient checkpointing keeps: set "
+                             "'gradient_checkpointing: true' too")
+        return self
 
 
 class GenerationEvalConfig(Strict):
@@ -151,6 +319,9 @@ class StageConfig(Strict):
                                      "(and the preference loss of online_dpo)")
     reference: PluginChoice = PluginChoice(name="auto")
     peft: PluginChoice = PluginChoice(name="full")
+    optimizer: PluginChoice = Field(default_factory=lambda: PluginChoice(name="adamw"), description=(
+        "how the trainable weights are updated: adamw (default), adamw_8bit, lora_plus, lora_fa; the learning "
+        "rate and weight decay come from 'train'"))
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -167,6 +338,50 @@ class WandbConfig(Strict):
         "auto", description="auto: online with an API key, offline without (never waits for a login)")
 
 
+class TensorBoardConfig(Strict):
+    """TensorBoard tracking through accelerate's tracker integration (on when this section is present)."""
+
+    log_dir: str | None = Field(None, description="default: RUN_DIR/tensorboard")
+    name: str | None = Field(None, description="the run's folder under log_dir; default: the output directory's name")
+
+    @model_validator(mode="after")
+    def _writer_installed(self) -> TensorBoardConfig:
+        # Refused here rather than after the model loads: the writer is only imported at the first stage.
+        # accelerate's tracker writes with torch.utils.tensorboard (needs the tensorboard package) or tensorboardX.
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("TensorBoard logging needs the tensorboard package, which is not installed: "
+                             "pip install tensorboard")
+        return self
+
+
+class HubConfig(Strict):
+    """Push the final model to the Hugging Face Hub after the run. The token comes from the environment
+    (``HF_TOKEN``) or huggingface_hub's login, never from the config."""
+
+    push: bool = Field(False, description="push the last stage's final model when the run ends")
+    repo_id: str | None = Field(None, description="'name' or 'namespace/name' of the model repository")
+    private: bool = Field(True, description="create the repository private (an existing one keeps its visibility)")
+    revision: str | None = Field(None, description="branch to push to (created if missing); default: main")
+    commit_message: str | None = Field(None, description="default: 'aligner: <output directory name>'")
+    dry_run: bool = Field(False, description="write RUN_DIR/push-dry-run/ (files and card) instead of uploading")
+
+    @model_validator(mode="after")
+    def _push_needs_a_valid_repo(self) -> HubConfig:
+        if self.dry_run and not self.push:
+            raise ValueError("'dry_run' only applies with 'push: true'")
+        if self.push and not self.repo_id:
+            raise ValueError("'push: true' needs 'repo_id' ('name' or 'namespace/name')")
+        if self.repo_id is not None:
+            from aligner.push import repo_id_problem
+
+            problem = repo_id_problem(self.repo_id)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+
 class RunConfig(Strict):
     """A whole run: one model trained through one or more stages (e.g. SFT then DPO)."""
 
@@ -175,12 +390,25 @@ class RunConfig(Strict):
         False, description="continue from the last complete checkpoint; 'auto': only if there is one")
     seed: int = 0
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    threads: int | Literal["auto"] = Field("auto", description=(
+        "torch's CPU threads per process; auto: $OMP_NUM_THREADS if set, else the cores this process may use "
+        "(at most 8), 1 per process when several run (see aligner.threads)"))
     model: ModelConfig
     tokenizer: str | None = Field(None, description="'builtin', a directory or hub id; default: the model's")
     wandb: WandbConfig | None = None
+    tensorboard: TensorBoardConfig | None = None
+    hub: HubConfig | None = None
     callbacks: list[PluginChoice] = Field(
         default_factory=list, description="lifecycle plugins to switch on for the run: [{name: ..., <options>}]")
     stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads_positive_or_auto(cls, value: Any) -> Any:
+        # One message instead of pydantic's one-per-union-member.
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("expected a positive number of threads or 'auto'")
+        return value
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> RunConfig:
@@ -446,9 +674,51 @@ def _resolve_paths(config: RunConfig, base_dir: Path, origin: _Source) -> None:
     if config.tokenizer not in (None, "builtin") and _looks_local(config.tokenizer, base_dir):
         config.tokenizer = resolve(config.tokenizer, ("tokenizer",), must_exist=True)
     for i, stage in enumerate(config.stages):
-        stage.data.train = resolve(stage.data.train, ("stages", i, "data", "train"), must_exist=True)
+        stage.data.train = _resolve_source(stage.data.train, ("stages", i, "data", "train"), base_dir, origin,
+                                           config.seed, resolve)
         if stage.data.eval is not None:
-            stage.data.eval = resolve(stage.data.eval, ("stages", i, "data", "eval"), must_exist=True)
+            stage.data.eval = _resolve_source(stage.data.eval, ("stages", i, "data", "eval"), base_dir, origin,
+                                              config.seed, resolve)
+
+
+def _resolve_source(value: Any, loc: tuple, base_dir: Path, origin: _Source, seed: int, resolve: Any) -> Any:
+    """A data source with local paths made absolute (and checked), hub ids left as they are, and each
+    configured source told its key (for errors) and the run's seed (for mixtures)."""
+    from aligner.data.sources import looks_like_hub_id
+
+    if isinstance(value, list):
+        return [_resolve_source(v, (*loc, j), base_dir, origin, seed, resolve) for j, v in enumerate(value)]
+    if isinstance(value, SourceConfig) and value.dataset is not None:
+        value._key, value._where, value._seed = loc, origin.where, seed
+        return value
+    path_text = value if isinstance(value, str) else value.path
+    local = _looks_local(path_text, base_dir) or not looks_like_hub_id(path_text, bare_names=isinstance(value, SourceConfig))
+    if isinstance(value, str):
+        if local:
+            return resolve(value, loc, must_exist=True)
+        # A hub id given as a plain string: a configured source, so a load error can name the key.
+        value = SourceConfig(path=value)
+    elif local:
+        value.path = resolve(value.path, (*loc, "path"), must_exist=True)
+    elif value.path in PACKAGED_BUILDERS and value.data_files is not None:
+        # datasets reads a builder's data files relative to the working directory; recipes name them
+        # relative to the config file, like every other path.
+        value.data_files = _resolve_data_files(value.data_files, base_dir)
+    value._key, value._where, value._seed = loc, origin.where, seed
+    return value
+
+
+# datasets' builders for plain data files: ``{path: json, data_files: [...]}``.
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
+
+
+def _resolve_data_files(files: Any, base_dir: Path) -> Any:
+    if isinstance(files, dict):
+        return {split: _resolve_data_files(f, base_dir) for split, f in files.items()}
+    if isinstance(files, list):
+        return [_resolve_data_files(f, base_dir) for f in files]
+    path = Path(files).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
 
 
 def _looks_local(value: str, base_dir: Path) -> bool:

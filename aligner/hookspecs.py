@@ -111,6 +111,20 @@ def register_generation_engines(register: Register) -> None:
     """
 
 
+@hookspec
+def register_optimizers(register: Register) -> None:
+    """Register optimizer classes with ``register(OptimizerClass)``: how a stage's trainable weights are
+    updated (``adamw``, ``adamw_8bit``, ``lora_plus``, ``lora_fa``), chosen by a stage's
+    ``optimizer: {name: ..., <options>}`` (default ``adamw``).
+
+    An optimizer satisfies ``aligner.protocols.Optimizer``: a unique ``name``, an ``Options`` pydantic
+    model and ``build(context) -> torch.optim.Optimizer``, ``context`` being an
+    ``aligner.optimizers.OptimizerContext`` (the trainable named parameters, the module and the policy,
+    the stage's learning rate and weight decay). The stage runner keeps the schedule, clipping, the
+    non-finite guard and checkpointing of the optimizer's ``state_dict``.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifecycle hooks: observe and extend a run. ``run`` is the live ``aligner.run.RunState``; a
 # hook may read it, add metrics to the dict it is given, or set ``run.should_stop = True``.

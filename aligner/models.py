@@ -3,16 +3,57 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 
-from aligner.config import ModelConfig, RunConfig, TinyModelConfig
+from aligner.config import ModelConfig, RunConfig, TinyModelConfig, TrainConfig
 from aligner.errors import ConfigError
 
 log = logging.getLogger("aligner")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype of ``model.dtype``; ``auto`` is bfloat16 on a CUDA GPU that has it, float32 otherwise.
+
+    float32 on CPU because CPU bfloat16 matrix products are slower than float32 ones on most CPUs
+    and lose precision for nothing; on a bf16 GPU half the memory and the fast kernels are the point.
+    """
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_attn_implementation(config: ModelConfig, dtype: torch.dtype) -> None:
+    """Refuse an attention implementation this machine cannot run, before the model loads.
+
+    transformers' own errors for these come late (at the first forward) or name a package without the
+    key; this names ``model.attn_implementation`` and what to change.
+    """
+    import importlib.util
+
+    choice = config.attn_implementation
+    if choice == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and none is available "
+                              "here; use sdpa (or leave the key out)")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
+                              "not installed: pip install flash-attn --no-build-isolation (or use sdpa)")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ConfigError(f"model.attn_implementation: flash_attention_2 runs in bfloat16 or float16, but "
+                              f"model.dtype gives {str(dtype).removeprefix('torch.')}; set model.dtype: auto or "
+                              "bfloat16")
+
+
+def _attention_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """``attn_implementation`` for transformers, only when set: unset keeps transformers' per-model default."""
+    return {} if config.attn_implementation is None else {"attn_implementation": config.attn_implementation}
 
 
 def load_tokenizer(config: RunConfig) -> Any:
@@ -66,33 +107,51 @@ def _tiny_llama_config(spec: TinyModelConfig, tokenizer: Any, **extra: Any) -> A
     )
 
 
-def build_tiny_model(spec: TinyModelConfig, tokenizer: Any, dtype: torch.dtype) -> torch.nn.Module:
+def build_tiny_model(spec: TinyModelConfig, tokenizer: Any, dtype: torch.dtype,
+                     attn_implementation: str | None = None) -> torch.nn.Module:
     """A randomly initialised Llama-style causal LM of the given size (seeded by the caller)."""
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM(_tiny_llama_config(spec, tokenizer)).to(dtype)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return LlamaForCausalLM(_tiny_llama_config(spec, tokenizer, **extra)).to(dtype)
 
 
-def build_tiny_reward_model(spec: TinyModelConfig, tokenizer: Any, dtype: torch.dtype) -> torch.nn.Module:
+def build_tiny_reward_model(spec: TinyModelConfig, tokenizer: Any, dtype: torch.dtype,
+                            attn_implementation: str | None = None) -> torch.nn.Module:
     """A randomly initialised Llama-style model with a one-output score head (seeded by the caller)."""
     from transformers import LlamaForSequenceClassification
 
-    return LlamaForSequenceClassification(_tiny_llama_config(spec, tokenizer, num_labels=1)).to(dtype)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return LlamaForSequenceClassification(_tiny_llama_config(spec, tokenizer, num_labels=1, **extra)).to(dtype)
 
 
 def _from_pretrained(auto_class: Any, config: ModelConfig, dtype: torch.dtype, what: str, **extra: Any) -> Any:
     try:
         return auto_class.from_pretrained(config.path, revision=config.revision,
-                                          trust_remote_code=config.trust_remote_code, dtype=dtype, **extra)
+                                          trust_remote_code=config.trust_remote_code, dtype=dtype,
+                                          **_attention_kwargs(config), **extra)
     except (OSError, ValueError) as exc:
+        if config.attn_implementation is not None and "attn" in str(exc).lower():
+            # e.g. an architecture without sdpa or flex support: the key to change, not the loader's wording
+            raise ConfigError(f"model.attn_implementation: {config.attn_implementation} does not work for "
+                              f"'{config.path}': {exc}") from None
         raise ConfigError(f"could not load {what} from '{config.path}' (model.path): {exc}") from None
 
 
+def _model_dtype(config: ModelConfig) -> torch.dtype:
+    """The resolved ``model.dtype``, after checking the attention implementation can run in it."""
+    dtype = resolve_dtype(config.dtype)
+    check_attn_implementation(config, dtype)
+    if config.dtype == "auto" and os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        log.info("model dtype: %s (model.dtype: auto)", str(dtype).removeprefix("torch."))
+    return dtype
+
+
 def load_causal_lm(config: ModelConfig, tokenizer: Any) -> torch.nn.Module:
-    """The causal LM to train, in the configured dtype."""
-    dtype = DTYPES[config.dtype]
+    """The causal LM to train, in the configured dtype and attention implementation."""
+    dtype = _model_dtype(config)
     if config.tiny is not None:
-        return build_tiny_model(config.tiny, tokenizer, dtype)
+        return build_tiny_model(config.tiny, tokenizer, dtype, config.attn_implementation)
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, config, dtype, "a causal LM")
@@ -108,9 +167,9 @@ def load_reward_model(config: ModelConfig, tokenizer: Any) -> torch.nn.Module:
     head; a reward-model checkpoint loads whole. ``pad_token_id`` is set from the tokenizer, since the
     model scores the last non-padding token of each sequence.
     """
-    dtype = DTYPES[config.dtype]
+    dtype = _model_dtype(config)
     if config.tiny is not None:
-        return build_tiny_reward_model(config.tiny, tokenizer, dtype)
+        return build_tiny_reward_model(config.tiny, tokenizer, dtype, config.attn_implementation)
     from transformers import AutoModelForSequenceClassification
 
     model = _from_pretrained(AutoModelForSequenceClassification, config, dtype, "a reward model", num_labels=1)
@@ -128,3 +187,51 @@ MODEL_LOADERS = {"logprobs": load_causal_lm, "reward": load_reward_model}
 def load_model(config: ModelConfig, tokenizer: Any, forward_kind: str = "logprobs") -> torch.nn.Module:
     """The model to train, in the configured dtype, with the head the stages' losses need."""
     return MODEL_LOADERS[forward_kind](config, tokenizer)
+
+
+def _transformers_model(model: torch.nn.Module) -> Any:
+    """The outermost transformers model in ``model`` (itself, or the one inside a peft or accelerate wrapper)."""
+    from transformers import PreTrainedModel
+
+    found = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} contains no transformers model to switch checkpointing on")
+    return found
+
+
+def apply_training_switches(model: torch.nn.Module, train: TrainConfig) -> None:
+    """Apply a stage's ``train`` switches that change how ``model`` computes (not what): call it once per
+    stage, after the PEFT backend wrapped the model and before ``accelerator.prepare``."""
+    # On a CPU run the saved inputs are in host memory already (and torch has no pinned allocator
+    # without an accelerator): offloading is skipped, and the log says so.
+    offload = train.activation_offload and torch.accelerator.is_available()
+    set_gradient_checkpointing(model, train.gradient_checkpointing, offload=offload)
+    if train.gradient_checkpointing and os.environ.get("RANK", "0") == "0":  # once per stage, not per process
+        note = {(True, True): ", inputs offloaded to CPU", (True, False): "; activation_offload: nothing to offload "
+                "without an accelerator"}.get((train.activation_offload, offload), "")
+        log.info("gradient checkpointing: on (non-reentrant%s)", note)
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool, offload: bool = False) -> None:
+    """Switch gradient (activation) checkpointing of ``model``'s decoder layers on or off, for a stage.
+
+    Call it after the PEFT backend wrapped the model: LoRA leaves the embeddings frozen, and
+    transformers then makes the embedding output require grad so gradients reach the adapters in
+    checkpointed layers. Non-reentrant checkpointing (``use_reentrant=False``): the variant torch
+    recommends, which handles inputs that need no grad, keyword arguments and ``no_grad`` passes
+    (reference log-probs) correctly. Off is applied too, since one model runs through every stage.
+    Checkpointing acts only in training mode with gradients: evaluation, sampling (``model.eval()``) and
+    ``no_grad`` passes are unchanged. ``offload`` keeps the inputs each checkpointed layer saves in
+    pinned CPU memory (transformers' ``save_on_cpu``); on a CPU-only run they are there already.
+    """
+    inner = _transformers_model(model)
+    if enabled:
+        if not inner.supports_gradient_checkpointing:
+            raise ConfigError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              offload=offload)
+    elif inner.is_activation_checkpointing:
+        inner.activation_checkpointing_disable()
+        # transformers drops its embedding-output hook on disable only for peft's own adapters
+        if getattr(inner, "_require_grads_hooks", None):
+            inner.disable_input_require_grads()

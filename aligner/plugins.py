@@ -49,6 +49,8 @@ BUILTIN_PLUGINS = (
     "aligner.peft_backends.qlora",
     "aligner.peft_backends.peft_generic",
     "aligner.trackers.wandb_tracker",
+    "aligner.trackers.tensorboard_tracker",
+    "aligner.push",
     "aligner.callbacks.early_stopping",
     "aligner.callbacks.extra_metrics",
     "aligner.algorithms.offline",
@@ -64,6 +66,10 @@ BUILTIN_PLUGINS = (
     "aligner.online.engines.hf",
     "aligner.online.engines.openai_server",
     "aligner.online.engines.vllm",
+    "aligner.optimizers.adamw",
+    "aligner.optimizers.adamw_8bit",
+    "aligner.optimizers.lora_plus",
+    "aligner.optimizers.lora_fa",
 )
 
 # registry kind -> registration hook name
@@ -76,6 +82,7 @@ REGISTRATION_HOOKS = {
     "algorithm": "register_algorithms",
     "advantage estimator": "register_advantage_estimators",
     "generation engine": "register_generation_engines",
+    "optimizer": "register_optimizers",
 }
 
 
@@ -256,7 +263,7 @@ def get_registries() -> dict[str, Registry]:
 
 def get_registry(kind: str) -> Registry:
     """One registry: ``"loss"``, ``"reference policy"``, ``"judge"``, ``"peft backend"``, ``"callback"``,
-    ``"algorithm"``, ``"advantage estimator"`` or ``"generation engine"``."""
+    ``"algorithm"``, ``"advantage estimator"``, ``"generation engine"`` or ``"optimizer"``."""
     return get_registries()[kind]
 
 

@@ -347,6 +347,30 @@ class GenerationEngine(Protocol):
         ...
 
 
+@runtime_checkable
+class Optimizer(Protocol):
+    """Builds the ``torch.optim.Optimizer`` of a stage. Instantiated as ``OptimizerClass(options)``, once
+    per stage, from the stage's ``optimizer: {name: ..., <options>}`` (default ``adamw``).
+
+    ``build(context)`` gets an ``aligner.optimizers.OptimizerContext``: the trainable named parameters
+    of the module the algorithm trains, that module, the PEFT-wrapped policy (for methods that need
+    its structure, such as LoRA+ grouping A and B matrices), and the stage's ``train.learning_rate``
+    and ``train.weight_decay``. It may freeze parameters (LoRA-FA freezes A): the runner re-reads what
+    requires grad afterwards. The runner owns everything else: the LR schedule (every param group's
+    ``lr`` is scaled by it), gradient clipping, the non-finite guard and checkpointing; the optimizer's
+    ``state_dict``/``load_state_dict`` must round-trip its state for an exact resume.
+    Optional method ``check_stage(stage)``: refuse (``ConfigError`` naming the key) a stage this
+    optimizer cannot train, when the stage is prepared, before any model loads.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]]
+
+    def build(self, context: Any) -> torch.optim.Optimizer:
+        """The optimizer over ``context.named_parameters``."""
+        ...
+
+
 # Lifecycle hooks a callback may implement (``aligner.hookspecs``); it must implement one.
 LIFECYCLE_HOOKS = ("on_run_start", "on_step_end", "on_evaluate", "on_checkpoint_saved", "on_run_end",
                    "on_run_failed")
@@ -362,4 +386,5 @@ REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
                   "train_step", "evaluate", "state_dict", "load_state_dict", "load_weights", "policy_of", "close"),
     "advantage estimator": ("name", "needs_critic", "Options", "estimate"),
     "generation engine": ("name", "Options", "check_stage", "generate", "close"),
+    "optimizer": ("name", "Options", "build"),
 }

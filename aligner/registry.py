@@ -16,7 +16,8 @@ DATA_MEMBERS = frozenset({"name", "data_formats", "needs_reference", "needs_crit
 # The protocol class in aligner.protocols that documents each kind.
 PROTOCOL_NAMES = {"loss": "Loss", "reference policy": "ReferencePolicy", "judge": "Judge",
                   "peft backend": "PeftBackend", "callback": "Callback", "algorithm": "Algorithm",
-                  "advantage estimator": "AdvantageEstimator", "generation engine": "GenerationEngine"}
+                  "advantage estimator": "AdvantageEstimator", "generation engine": "GenerationEngine",
+                  "optimizer": "Optimizer"}
 
 # Members that are values for one kind but methods for another (a loss's ``needs_reference`` is a
 # flag; an algorithm's is a method of its losses).

@@ -4,8 +4,8 @@ A stage runs in four visible phases:
 
 1. setup: wrap the model with the PEFT backend, build the reference (it must see the policy
    *before* any update, also when resuming), let the algorithm build what trains and its data
-   stream, then the optimizer over trainable weights only and the LR schedule; when resuming,
-   load the checkpoint's weights, training state and the algorithm's own state;
+   stream, then the optimizer (the stage's optimizer plugin, over trainable weights only) and the LR
+   schedule; when resuming, load the checkpoint's weights, training state and the algorithm's own state;
 2. evaluate at the start, so every held-out metric has a "before";
 3. train: the algorithm's ``train_step`` (micro-batches of weighted losses, or rollouts and
    updates), each update through ``StepServices.update`` (non-finite guard, clipping, optimizer
@@ -39,6 +39,7 @@ from aligner.errors import Interrupted
 from aligner.guards import NonFiniteGuard
 from aligner.logprobs import completion_logprobs
 from aligner.model_card import write_model_card
+from aligner.models import apply_training_switches
 from aligner.plugins import call_hook
 from aligner.protocols import ReferenceContext
 from aligner.run import RunState
@@ -53,6 +54,7 @@ def _setup(run: RunState, model: torch.nn.Module, position: resume.Position):
 
     stage, train, algorithm = run.stage, run.stage.config.train, run.stage.algorithm
     model = stage.peft.apply(model)
+    apply_training_switches(model, stage.config.train)  # gradient checkpointing (and activation offload)
     model.train()
     # The reference is set up from the policy before the first update; a frozen copy taken later
     # (or after loading a resumed checkpoint) would be a copy of an already-trained model.
@@ -62,10 +64,10 @@ def _setup(run: RunState, model: torch.nn.Module, position: resume.Position):
         collate_fn=stage_collate(stage, run.tokenizer.pad_token_id)))
     plan = algorithm.setup(AlgorithmContext(run=run, policy=model, position=position))
     module = plan.module
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    if not trainable:
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
         raise RuntimeError(f"stage '{stage.name}': the PEFT backend '{stage.peft.name}' left no trainable weights")
-    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = _build_optimizer(run, module, model, named)
     run.total_steps = train.max_steps or max(1, math.ceil(train.epochs * plan.steps_per_epoch))
     updates = run.total_steps * plan.updates_per_step
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=int(train.warmup_ratio * updates),
@@ -76,6 +78,24 @@ def _setup(run: RunState, model: torch.nn.Module, position: resume.Position):
     # FSDP replaces parameters when it wraps the model: clip the prepared model's ones.
     trainable = [p for p in module.parameters() if p.requires_grad]
     return module, optimizer, scheduler, trainable
+
+
+def _build_optimizer(run: RunState, module: torch.nn.Module, policy: torch.nn.Module,
+                     named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """The stage's optimizer plugin (``stages[i].optimizer``, default ``adamw``) over the trainable weights."""
+    from aligner.errors import PluginError
+    from aligner.optimizers import OptimizerContext
+
+    stage, train = run.stage, run.stage.config.train
+    optimizer = stage.optimizer.build(OptimizerContext(
+        named_parameters=named, module=module, policy=policy, learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay, stage=stage))
+    # Checked here, not left to fail in the schedule or the first step: the runner steps, schedules
+    # and checkpoints it as a torch optimizer.
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise PluginError(f"optimizer '{stage.optimizer.name}' of stage '{stage.name}' built a "
+                          f"{type(optimizer).__name__}, not a torch.optim.Optimizer")
+    return optimizer
 
 
 def _gathered_weights(run: RunState, model: torch.nn.Module) -> dict | None:

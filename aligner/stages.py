@@ -46,6 +46,7 @@ class PreparedStage:
     eval_rows: list[Row]
     train_data: TokenizedData | None = None
     eval_data: TokenizedData | None = None
+    optimizer: Any = None  # the optimizer plugin (``stages[i].optimizer``); set by ``prepare_stage``
 
     @property
     def name(self) -> str:
@@ -260,10 +261,14 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
         if not eval_rows:
             raise ConfigError(f"stage '{stage.name}': eval.generate needs held-out prompts; set "
                               f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
+    optimizer = instantiate("optimizer", stage.optimizer, (*base, "optimizer"), config)
     prepared = PreparedStage(index, stage, data_format, algorithm, losses, reference_name, reference, peft,
-                             eval_rewards, train_rows, eval_rows)
+                             eval_rewards, train_rows, eval_rows, optimizer=optimizer)
     check_requirements(prepared, config)
     algorithm.check_stage(prepared)
+    check_optimizer = getattr(optimizer, "check_stage", None)  # optional: refuse a stage it cannot train
+    if check_optimizer is not None:
+        check_optimizer(prepared)
     # Losses may look at the validated data (class balance, batch size) and warn before any training.
     for loss, _ in losses:
         check = getattr(loss, "check_stage", None)

@@ -36,6 +36,7 @@ HOOK_TESTS = {
     "register_advantage_estimators":
         "tests.test_online_algorithms::test_register_advantage_estimators_adds_an_estimator_an_algorithm_uses",
     "register_generation_engines": "tests.test_generation::test_register_generation_engines_adds_an_engine_a_stage_samples_with",
+    "register_optimizers": "tests.test_optimizers::test_register_optimizers_adds_an_optimizer_a_stage_trains_with",
     "on_run_start": "tests.test_hooks::test_on_run_start_is_called_once_after_setup_before_any_step",
     "on_step_end": "tests.test_hooks::test_on_step_end_is_called_after_every_step_and_added_metrics_are_logged",
     "on_evaluate": "tests.test_hooks::test_on_evaluate_is_called_at_start_every_n_steps_and_at_end",
@@ -71,7 +72,7 @@ def documented_signatures() -> dict[str, str]:
 
 def test_hookspecs_are_what_pluggy_sees():
     pluggy_names = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "aligner_spec")}
-    assert set(hookspec_signatures()) == pluggy_names and len(pluggy_names) == 14
+    assert set(hookspec_signatures()) == pluggy_names and len(pluggy_names) == 15
 
 
 def test_every_hook_is_documented_with_its_exact_signature():

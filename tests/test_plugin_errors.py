@@ -176,6 +176,13 @@ class _EngineWithoutGenerate:
         pass
 
 
+class _OptimizerWithoutBuild:
+    name = "idle_optimizer"
+
+    class Options(Options):
+        pass
+
+
 @pytest.mark.parametrize(("kind_hook", "obj", "message"), [
     ("register_algorithms", _AlgorithmWithoutStep,
      "plugin 'incomplete' (registered at run time) registered algorithm 'idle' which lacks required member(s): "
@@ -189,6 +196,9 @@ class _EngineWithoutGenerate:
      "plugin 'incomplete' (registered at run time) registered generation engine 'silent' which lacks required "
      "member(s): check_stage, generate, close (see aligner.protocols.GenerationEngine; subclass "
      "aligner.online.engines.GenerationEngine for the defaults)"),
+    ("register_optimizers", _OptimizerWithoutBuild,
+     "plugin 'incomplete' (registered at run time) registered optimizer 'idle_optimizer' which lacks required "
+     "member(s): build (see aligner.protocols.Optimizer)"),
     ("register_losses", _NoCompute,
      "plugin 'incomplete' (registered at run time) registered loss 'half_done' which lacks required member(s): "
      "compute (see aligner.protocols.Loss)"),

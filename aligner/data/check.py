@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from aligner.config import DataConfig, RunConfig, load_config
-from aligner.data.loading import RejectedRow, Row, load_validated
+from aligner.data.loading import RejectedRow, Row, SourceReport, load_validated
+from aligner.data.sources import source_label
 from aligner.data.templates import load_template
 from aligner.data.tokenize import TokenizedData, prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, DataError
@@ -57,6 +58,8 @@ class SplitReport:
     problems: list[str] = field(default_factory=list)
     # The format training runs the rows as, when not the file's own (sft for a stage of chosen-only losses).
     trained_as: str | None = None
+    # Each source of the split: its layout (converter) and how many of its rows were read, valid and used.
+    sources: list[SourceReport] = field(default_factory=list)
 
     @property
     def rows_read(self) -> int:
@@ -101,6 +104,9 @@ class SplitReport:
             "token_lengths": self.lengths, "duplicates": self.duplicates, "identical_pairs": self.identical_pairs,
             "eval_rows_in_train": self.in_train, "problems": self.problems, "failed": self.failed,
             "trained_as": self.trained_as,
+            "sources": [{"source": s.label, "layout": s.layout, "format": s.data_format, "rows": s.rows_read,
+                         "rejected": s.rejected, "valid": s.valid, "used": s.used, "weight": s.weight,
+                         "fraction": s.fraction} for s in self.sources],
         }
 
 
@@ -164,6 +170,10 @@ def format_report(report: SplitReport) -> str:
              f"{trained}): "
              f"{report.rows_read} rows read, {len(report.rejected)} rejected, {report.dropped_total} dropped, "
              f"{kept} kept"]
+    # One source that is the split itself in aligner's own format says nothing new; anything else does.
+    if len(report.sources) > 1 or any(s.layout != "native" or s.used != s.valid for s in report.sources):
+        lines.append("  sources:")
+        lines += [f"    {s.describe()}" for s in report.sources]
     lines += [f"  problem: {p}" for p in report.problems]
     if report.rejected:
         lines.append("  rejected rows:")
@@ -270,10 +280,14 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitRepo
     stage = config.stages[index]
     data = stage.data
     rejected: list[RejectedRow] = []
+    train_sources: list[SourceReport] = []
+    eval_sources: list[SourceReport] = []
     try:
-        data_format, train_rows = load_validated(data.train, data.format, data.split, data.max_rows, rejected)
+        data_format, train_rows = load_validated(data.train, data.format, data.split, data.max_rows, rejected,
+                                                 sources=train_sources)
     except DataError as exc:
-        report = SplitReport(stage.name, "train", data.train, data.format, rejected=rejected, problems=[str(exc)])
+        report = SplitReport(stage.name, "train", source_label(data.train), data.format, rejected=rejected,
+                             problems=[str(exc)], sources=train_sources)
         return [report]
     problems = _format_problem(config, index, data_format)
     splits: list[tuple[str, str, list[Row], list[RejectedRow]]] = []
@@ -281,14 +295,15 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitRepo
     eval_rejected: list[RejectedRow] = []
     if data.eval is not None:
         try:
-            _, eval_rows = load_validated(data.eval, data_format, data.split, collect_errors=eval_rejected)
+            _, eval_rows = load_validated(data.eval, data_format, data.split, collect_errors=eval_rejected,
+                                          sources=eval_sources)
         except DataError as exc:
             problems.append(str(exc))
-        splits.append(("eval", data.eval, eval_rows, eval_rejected))
+        splits.append(("eval", source_label(data.eval), eval_rows, eval_rejected))
     elif data.eval_fraction > 0:
         train_rows, eval_rows = _split_eval(train_rows, data.eval_fraction, config.seed)
         splits.append(("eval", f"{data.eval_fraction:g} of train held out", eval_rows, []))
-    splits.insert(0, ("train", data.train, train_rows, rejected))
+    splits.insert(0, ("train", source_label(data.train), train_rows, rejected))
     trained_as = _training_format(config, index, data_format)
     if trained_as != data_format:
         from aligner.stages import chosen_as_sft
@@ -317,6 +332,7 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitRepo
                               train_keys if split == "eval" else None,
                               trained_as=trained_as if trained_as != data_format else None)
         report.max_prompt_length = max_prompt_length  # the limit in force (prompt-only data leaves room)
+        report.sources = train_sources if split == "train" else eval_sources
         report.problems = (problems if split == "train" else []) + every_split
         reports.append(report)
     return reports
@@ -339,7 +355,9 @@ def enforce_drop_limit(stage: str, split: str, data: DataConfig, data_format: st
     """
     if not rows or sum(tokenized.dropped.values()) / len(rows) <= data.max_drop_fraction:
         return
-    report = split_report(stage, split, str(data.train if split == "train" else (data.eval or f"held out from {data.train}")), data, data_format,
+    train = source_label(data.train)
+    source = train if split == "train" else source_label(data.eval) if data.eval else f"held out from {train}"
+    report = split_report(stage, split, source, data, data_format,
                           rows, [], tokenized)
     log.error("%s", format_report(report))
     reasons = ", ".join(f"{n} {why}" for why, n in report.dropped.most_common())

@@ -6,6 +6,9 @@
 - ``unpaired``: ``prompt`` + ``completion`` + boolean ``label`` (desirable or not).
 - ``prompt``: ``prompt`` alone.
 
+Dataset layouts that are not these (Alpaca, ShareGPT, HH-RLHF strings, ...) are rewritten into them
+first by ``aligner.data.converters``.
+
 Text fields are strings, or lists of ``{"role", "content"}`` messages for chat data.
 """
 
@@ -81,7 +84,8 @@ def _implicit_prompt(row: dict[str, Any], location: str) -> dict[str, Any]:
     chosen = _check_text(row.get("chosen"), "chosen", location)
     rejected = _check_text(row.get("rejected"), "rejected", location)
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise DataError(f"{location}: missing field 'prompt' (only chat-format chosen/rejected can omit it)")
+        raise DataError(f"{location}: missing field 'prompt' (only chat-format chosen/rejected, or hh-rlhf "
+                        "dialogues holding '\\n\\nAssistant:', can omit it)")
     split = extract_prompt({"chosen": chosen, "rejected": rejected})
     if not split["prompt"]:
         raise DataError(f"{location}: 'chosen' and 'rejected' share no prompt turns and there is no 'prompt' field")
@@ -106,6 +110,8 @@ def validate_row(row: dict[str, Any], data_format: str, location: str) -> dict[s
             # Empty completions are allowed through validation and dropped (and counted) after
             # tokenization, together with rows that truncation empties.
             clean[field] = _check_text(row[field], field, location, allow_empty=field != "prompt")
+            if field != "prompt":
+                _check_completion_turns(clean[field], field, location)
     if data_format == PREFERENCE and row.get("margin") is not None:
         clean["margin"] = _check_margin(row["margin"], location)
     if data_format == PROMPT_ONLY:
@@ -113,6 +119,16 @@ def validate_row(row: dict[str, Any], data_format: str, location: str) -> dict[s
         # ...) to their reward functions.
         clean.update({k: v for k, v in row.items() if k not in clean})
     return clean
+
+
+def _check_completion_turns(value: Any, field: str, location: str) -> None:
+    """A chat completion is the assistant's reply: one that opens with a user or system turn almost
+    always repeats the prompt (the UltraFeedback layout), and training on it would teach the model to
+    write the user's turn, so it is refused rather than trained."""
+    if isinstance(value, list) and value and value[0]["role"] in ("user", "system"):
+        raise DataError(f"{location}: field '{field}' starts with a {value[0]['role']} message; a completion is the "
+                        "assistant's reply (if the chat repeats the prompt turn first, set the source's "
+                        "'format: ultrafeedback' to remove it)")
 
 
 def _check_margin(value: Any, location: str) -> float:

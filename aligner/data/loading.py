@@ -1,176 +1,232 @@
-"""Reading rows from local files and validating them before anything is trained.
+"""From a configured source to validated rows: read, map columns, convert the layout, validate, mix.
 
-JSON Lines files are parsed here line by line rather than by ``datasets`` so that every error can
-name the exact line (``datasets`` reports a pyarrow schema error for the whole file). CSV, Parquet,
-JSON arrays and ``save_to_disk`` folders go through ``datasets``; their rows are located by index.
+``load_validated`` is the one entry point. For each source (``aligner.data.sources``) it reads the
+raw rows, renames columns by the source's ``columns:`` mapping, rewrites rows of a known layout
+(``aligner.data.converters``: Alpaca, ShareGPT, ...) and validates them against aligner's row formats
+(``aligner.data.formats``). Several sources are then drawn into one mixture. Every error names the
+config key it comes from and the source and line/row of the row.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aligner.data.converters import CONVERTERS, ROW_FORMATS, detect_converter
 from aligner.data.formats import detect_format, validate_row
-from aligner.errors import DataError, os_error
+from aligner.data.sources import (
+    SAVED_DATASET_FILES,
+    FolderSource,
+    RejectedRow,
+    Row,
+    is_repo_folder,
+    is_saved_dataset,
+    key_text,
+    load_dataset_source,
+    looks_like_hub_id,
+    mix,
+    mixture_counts,
+    read_in_memory,
+    read_rows,
+    read_text,
+    reject,
+)
+from aligner.errors import DataError
 
-# What ``datasets``' ``save_to_disk`` leaves in a folder: a Dataset's state, or a DatasetDict's index.
-SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
+__all__ = ["SAVED_DATASET_FILES", "RejectedRow", "Row", "SourceReport", "load_validated", "read_rows", "read_text"]
 
 
 @dataclass
-class Row:
-    """One validated row and where it came from (for error messages)."""
+class SourceReport:
+    """What one source contributed: for ``aligner data check``."""
 
-    data: dict[str, Any]
-    location: str
+    label: str
+    layout: str  # the converter, or "native" for rows already in aligner's format
+    data_format: str | None
+    rows_read: int = 0
+    valid: int = 0
+    used: int = 0
+    rejected: int = 0
+    weight: float | None = None
+    fraction: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
-
-@dataclass
-class RejectedRow:
-    """A row that failed to parse or validate, with the located reason (``file, line N: why``)."""
-
-    location: str
-    message: str
-
-
-def _reject(error: DataError, location: str, errors: list[RejectedRow] | None) -> None:
-    """Collect ``error`` when collecting, else raise it (the training path stops at the first bad row)."""
-    if errors is None:
-        raise error
-    errors.append(RejectedRow(location, str(error)))
-
-
-def _not_utf8(where: str, raw: bytes, exc: UnicodeDecodeError, line_start: int = 0) -> str:
-    """``WHERE: not UTF-8 (byte 0x.. at column N)``; ``raw``'s line with the bad byte starts at ``line_start``."""
-    return (f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start - line_start + 1}); "
-            "save the file as UTF-8")
+    def describe(self) -> str:
+        """``label: layout -> format, N rows read, M valid, K used``."""
+        share = (f", weight {self.weight:g}" if self.weight is not None else
+                 f", fraction {self.fraction:g}" if self.fraction is not None else "")
+        layout = self.layout if self.layout != "native" else "aligner's own fields"
+        return (f"{self.label}: {layout} -> {self.data_format or '?'} rows{share}; {self.rows_read} read, "
+                f"{self.rejected} rejected, {self.valid} valid, {self.used} used")
 
 
-def read_text(path: str | Path) -> str:
-    """The whole of a UTF-8 text file, or one located error line.
-
-    A byte that is not UTF-8 is a ``DataError`` naming the file, line and column; a file that cannot
-    be read (missing, a directory, no permission, an I/O error) is a ``PathError`` naming it.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise os_error(exc, path, "could not read") from exc
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_number = raw.count(b"\n", 0, exc.start) + 1
-        line_start = raw.rfind(b"\n", 0, exc.start) + 1
-        raise DataError(_not_utf8(f"{path}, line {line_number}", raw, exc, line_start)) from None
-
-
-def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row]:
-    rows = []
-    # Bytes, decoded line by line: a byte that is not UTF-8 is a located error of its own line (the
-    # text decoder would raise for the whole file, with no line). bytes.splitlines ends lines where
-    # text mode's universal newlines do (\n, \r\n and a lone \r), so line numbers are unchanged.
-    try:
-        content = path.read_bytes()
-    except OSError as exc:  # permissions, an I/O error: one located line, like a bad row
-        raise DataError(str(os_error(exc, path, "could not read"))) from exc
-    for line_number, raw in enumerate(content.splitlines(), start=1):
-        where = f"{path}, line {line_number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            _reject(DataError(_not_utf8(where, raw, exc)), where, errors)
-            continue
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-        except json.JSONDecodeError as exc:
-            _reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
-            continue
-        if not isinstance(value, dict):
-            _reject(DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}"),
-                    where, errors)
-            continue
-        rows.append(Row(value, where))
-    return rows
+def _read_source(source: Any, split: str, errors: list[RejectedRow] | None,
+                 max_rows: int | None) -> tuple[str, list[Row]]:
+    """The raw rows of one source (a path, or a configured source) and its label for locations."""
+    if isinstance(source, str | Path):
+        if is_repo_folder(Path(source)):
+            return load_dataset_source(FolderSource(str(source)), split, max_rows)
+        return str(source), read_rows(source, split, errors, max_rows)
+    split = source.split or split
+    if getattr(source, "dataset", None) is not None:
+        return read_in_memory(source, split, max_rows)
+    path = Path(source.path)
+    if path.exists() and (path.is_file() or is_saved_dataset(path)) and source.data_files is None:
+        if source.subset:
+            raise DataError(f"{key_text(source, 'subset')}: {path} is a single dataset; 'subset' only applies "
+                            "to dataset repo folders and hub ids")
+        return str(path), read_rows(path, split, errors, max_rows)
+    if path.exists() or looks_like_hub_id(source.path):
+        return load_dataset_source(source, split, max_rows)
+    raise DataError(f"{key_text(source)}: data file not found: {path}")
 
 
-def _read_with_datasets(path: Path, split: str) -> list[Row]:
-    import datasets
-
-    suffix = path.suffix.lower()
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DataError(f"{path}: no split '{split}'; splits: {', '.join(loaded)}")
-                loaded = loaded[split]
-            first_line, unit = 0, "row"
-        elif suffix == ".csv":
-            loaded = datasets.load_dataset("csv", data_files=str(path), split="train")
-            first_line, unit = 2, "line"  # line 1 is the header
-        elif suffix == ".parquet":
-            loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
-            first_line, unit = 0, "row"
-        elif suffix == ".json":
-            loaded = datasets.load_dataset("json", data_files=str(path), split="train")
-            first_line, unit = 0, "item"
-        else:
-            raise DataError(f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json, .csv, .parquet "
-                            "or a datasets save_to_disk folder")
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise DataError(f"{path}: could not be read: {type(exc).__name__}: {exc}") from None
-    return [Row(dict(r), f"{path}, {unit} {i + first_line}") for i, r in enumerate(loaded.to_list())]
+def map_columns(row: dict[str, Any], columns: dict[str, str], source: Any, location: str) -> dict[str, Any]:
+    """``row`` with each ``columns`` entry ``{aligner_name: source_column}`` applied: the source column's
+    value moves to the aligner name (the source column is dropped unless another entry reads it)."""
+    mapped = dict(row)
+    read = set(columns.values())
+    for target, column in columns.items():
+        if column not in row:
+            raise DataError(f"{location}: no column '{column}' (mapped to '{target}' by "
+                            f"{key_text(source, 'columns', target)}); columns: {', '.join(sorted(row))}")
+        mapped[target] = row[column]
+    for column in read - set(columns):
+        mapped.pop(column, None)
+    return mapped
 
 
-def read_rows(path: str | Path, split: str = "train", errors: list[RejectedRow] | None = None) -> list[Row]:
-    """All rows of a local data file or ``save_to_disk`` folder, each with its location.
-
-    With an ``errors`` list, unparseable JSON Lines are collected there instead of raising.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir() and not any((path / name).is_file() for name in SAVED_DATASET_FILES):
-        # datasets would say "neither a `Dataset` directory nor a `DatasetDict` directory".
-        raise DataError(f"{path}: is a directory, not a data file (nor a folder written by datasets' save_to_disk)")
-    if path.is_file() and path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path, errors)
-    return _read_with_datasets(path, split)
+def _check_mapping(first: dict[str, Any], columns: dict[str, str], source: Any, label: str) -> None:
+    """A mapping that names a column the source does not have is a config error, reported once (with
+    the key to fix) rather than once per row."""
+    for target, column in columns.items():
+        if column not in first:
+            raise DataError(f"{key_text(source, 'columns', target)}: {label} has no column '{column}'"
+                            f"; its columns: {', '.join(sorted(first))}")
 
 
-def load_validated(path: str | Path, data_format: str | None, split: str = "train",
-                   max_rows: int | None = None,
-                   collect_errors: list[RejectedRow] | None = None) -> tuple[str, list[Row]]:
-    """Read and validate every row; return the data format and the rows.
+def _declared_layout(source: Any, data_format: str | None) -> tuple[str | None, str | None]:
+    """The converter and row format a source's ``format`` key names (``None`` where it leaves them to
+    detection); a converter whose rows are not the split's format is an error of that key."""
+    declared = getattr(source, "format", None)
+    if declared in CONVERTERS:
+        produced = CONVERTERS[declared].data_format
+        # A prompt-only stage takes the prompts of any layout; otherwise the formats must agree.
+        if data_format not in (None, produced, "prompt"):
+            raise DataError(f"{key_text(source, 'format')}: {declared} rows are {produced} rows, but this data "
+                            f"is read as {data_format} rows")
+        return declared, data_format or produced
+    if declared in ROW_FORMATS:
+        if data_format not in (None, declared):
+            raise DataError(f"{key_text(source, 'format')}: {declared} rows, but this data is read as "
+                            f"{data_format} rows")
+        return None, declared
+    return None, data_format
 
-    By default the first invalid row stops everything with a ``DataError`` naming its file, line
-    and field. With a ``collect_errors`` list (``aligner data check``), every bad row is appended
-    there and left out, so one pass reports all of them. A file with no rows at all still raises.
-    """
-    rows = read_rows(path, split, collect_errors)
+
+def _detected_layout(row: dict[str, Any], data_format: str | None, location: str) -> tuple[str | None, str]:
+    """The converter and row format the first row's fields call for. A detected layout whose rows are
+    not the requested format is not used: the rows are then validated as that format, as written."""
+    converter = detect_converter(row)
+    if converter is not None and data_format in (None, CONVERTERS[converter].data_format, "prompt"):
+        return converter, data_format or CONVERTERS[converter].data_format
+    return None, data_format or detect_format(row, location)
+
+
+def _load_one(source: Any, data_format: str | None, split: str, max_rows: int | None,
+              errors: list[RejectedRow] | None, report: SourceReport | None) -> tuple[str, list[Row]]:
+    """Read, map, convert and validate the rows of one source."""
+    collected: list[RejectedRow] | None = [] if errors is not None else None
+    label, rows = _read_source(source, split, collected, max_rows)
     if max_rows is not None:
         rows = rows[:max_rows]
+    if report is not None:
+        report.label = label
     if not rows:
-        unreadable = f" ({len(collect_errors)} unreadable lines)" if collect_errors else ""
-        raise DataError(f"{path}: no rows{unreadable}")
-    fmt = data_format
+        unreadable = f" ({len(collected)} unreadable lines)" if collected else ""
+        if collected and errors is not None:
+            errors.extend(collected)
+        raise DataError(f"{label}: no rows{unreadable}")
+    columns = dict(getattr(source, "columns", None) or {})
+    if columns:
+        _check_mapping(rows[0].data, columns, source, label)
+    converter, fmt = _declared_layout(source, data_format)
+    decided = converter is not None or fmt is not None and getattr(source, "format", None) is not None
     valid = []
     for row in rows:
         try:
-            # The format is guessed from the first row that is a usable object.
-            fmt = fmt or detect_format(row.data, row.location)
-            row.data = validate_row(row.data, fmt, row.location)
+            data = map_columns(row.data, columns, source, row.location) if columns else row.data
+            # The layout is decided by the first row that is a usable object.
+            if not decided:
+                converter, fmt = _detected_layout(data, fmt, row.location)
+                decided = True
+            if converter is not None:
+                data = CONVERTERS[converter].convert(data, row.location)
+            row.data = validate_row(data, fmt, row.location)  # type: ignore[arg-type]
         except DataError as exc:
-            _reject(exc, row.location, collect_errors)
+            reject(exc, row.location, collected)
             continue
         valid.append(row)
+    if errors is not None and collected is not None:
+        errors.extend(collected)
+    if report is not None:
+        report.layout, report.data_format = converter or "native", fmt
+        report.rows_read, report.valid, report.rejected = len(rows), len(valid), len(collected or [])
+        report.used = len(valid)
     if fmt is None:
-        raise DataError(f"{path}: no row has a recognisable format")
+        raise DataError(f"{label}: no row has a recognisable format")
     return fmt, valid
+
+
+def load_validated(source: Any, data_format: str | None, split: str = "train",
+                   max_rows: int | None = None, collect_errors: list[RejectedRow] | None = None,
+                   seed: int | None = None, sources: list[SourceReport] | None = None) -> tuple[str, list[Row]]:
+    """Read and validate every row of ``source``; return the data format and the rows.
+
+    ``source`` is a path (str or Path), a configured source (``aligner.config.SourceConfig``) or a
+    list of them (a mixture, drawn with ``seed``; by default the run's seed the config stored on its
+    sources). By default the first invalid row stops everything with a ``DataError`` naming its
+    source, line and field. With a ``collect_errors`` list (``aligner data check``), every bad row is
+    appended there and left out, so one pass reports all of them. A source with no rows at all still
+    raises. ``sources``, when given, receives one ``SourceReport`` per source.
+    """
+    entries = list(source) if isinstance(source, list | tuple) else [source]
+    if not entries:
+        raise DataError("no data sources given")
+    mixture = len(entries) > 1 or getattr(entries[0], "fraction", None) is not None
+    fmt = data_format
+    parts = []
+    for entry in entries:
+        report = SourceReport(str(entry), "native", None, weight=getattr(entry, "weight", None),
+                              fraction=getattr(entry, "fraction", None))
+        if sources is not None:
+            sources.append(report)
+        # A mixture's max_rows applies to the mixture, not to each source.
+        # Each source is read as the requested format (or its own, detected): a mismatch between
+        # sources is then reported as such, rather than as a missing field of the later source.
+        entry_fmt, rows = _load_one(entry, data_format, split, None if mixture else max_rows, collect_errors, report)
+        if fmt is not None and entry_fmt != fmt:
+            layout = f" ({report.layout} layout)" if report.layout != "native" else ""
+            raise DataError(f"{key_text(entry)}: holds {entry_fmt} rows{layout}, but the sources before it hold "
+                            f"{fmt} rows; every source of a split must give rows of one format")
+        fmt = entry_fmt
+        parts.append(rows)
+    if not mixture:
+        return fmt, parts[0]  # type: ignore[return-value]
+    weights = [getattr(e, "weight", None) for e in entries]
+    fractions = [getattr(e, "fraction", None) for e in entries]
+    counts = mixture_counts([len(p) for p in parts],
+                            weights=[w if w is not None else 1.0 for w in weights] if any(w is not None for w in weights) else None,
+                            fractions=[f if f is not None else 1.0 for f in fractions] if any(f is not None for f in fractions) else None)
+    if sources is not None:
+        for report, count in zip(sources[-len(entries):], counts, strict=True):
+            report.used = count
+    if seed is None:
+        seed = getattr(entries[0], "mixture_seed", 0)
+    rows = mix(parts, counts, seed)
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    if not rows:
+        raise DataError(f"{key_text(entries[0])}: the mixture has no rows")
+    return fmt, rows  # type: ignore[return-value]

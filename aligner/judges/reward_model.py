@@ -61,9 +61,10 @@ class RewardModelJudge:
 
     def encode(self, prompt: str, completion: str) -> list[int]:
         """Token ids of one rendered (prompt, completion), with BOS as training adds it, cut from the left."""
-        encode = self.tokenizer
-        ids = encode(self.template.prompt_text(prompt), add_special_tokens=False)["input_ids"]
-        ids += encode(self.template.completion_text(completion), add_special_tokens=False)["input_ids"]
+        # One text, as training tokenizes it (aligner.data.tokenize): tokenized apart, a prompt's
+        # trailing space would become a token the model never saw (a lone "▁" under sentencepiece).
+        text = self.template.prompt_text(prompt) + self.template.completion_text(completion)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]

@@ -1,0 +1,324 @@
+"""Where rows come from: local files and folders, hub datasets, and mixtures of several sources.
+
+A source is what ``data.train`` / ``data.eval`` name: a string (a local path, or a hub id
+``org/name``), a mapping (``path`` plus ``split``, ``subset``, ``revision``, ``data_files``, ...;
+``aligner.config.SourceConfig``) or a list of mappings (a mixture). This module only reads raw rows
+and draws mixtures; column mapping, format conversion and validation are ``aligner.data.loading``'s.
+
+JSON Lines files are parsed here line by line rather than by ``datasets`` so that every error can
+name the exact line (``datasets`` reports a pyarrow schema error for the whole file). CSV, Parquet,
+JSON arrays, ``save_to_disk`` folders, folders laid out like a hub dataset repo and hub ids go
+through ``datasets``; their rows are located by index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aligner.errors import DataError, os_error
+
+# What ``datasets``' ``save_to_disk`` leaves in a folder: a Dataset's state, or a DatasetDict's index.
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
+# Suffixes that make a missing name a missing local file rather than a hub id.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".tsv", ".yaml", ".yml")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass
+class Row:
+    """One validated row and where it came from (for error messages)."""
+
+    data: dict[str, Any]
+    location: str
+
+
+@dataclass
+class RejectedRow:
+    """A row that failed to parse or validate, with the located reason (``file, line N: why``)."""
+
+    location: str
+    message: str
+
+
+def reject(error: DataError, location: str, errors: list[RejectedRow] | None) -> None:
+    """Collect ``error`` when collecting, else raise it (the training path stops at the first bad row)."""
+    if errors is None:
+        raise error
+    errors.append(RejectedRow(location, str(error)))
+
+
+def looks_like_hub_id(value: str, bare_names: bool = True) -> bool:
+    """Whether a name that is not a local path can be a hub dataset id (``org/name``; ``name`` too when
+    ``bare_names``). Anything with a data-file suffix, a leading ``.``/``/``/``~`` or two slashes is a
+    path, so a missing ``train.jsonl`` stays a "file not found" error."""
+    if not _HUB_ID.match(value) or value.lower().endswith(DATA_FILE_SUFFIXES):
+        return False
+    return bare_names or "/" in value
+
+
+def key_text(source: Any, *sub: str) -> str:
+    """``'stages[0].data.train[1].columns.prompt' (file, line N)`` for a configured source, or the
+    source's own text when it was not read from a config (a plain path handed to the loader)."""
+    describe = getattr(source, "key_text", None)
+    return describe(*sub) if describe is not None else f"'{source}'"
+
+
+def _not_utf8(where: str, raw: bytes, exc: UnicodeDecodeError, line_start: int = 0) -> str:
+    """``WHERE: not UTF-8 (byte 0x.. at column N)``; ``raw``'s line with the bad byte starts at ``line_start``."""
+    return (f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start - line_start + 1}); "
+            "save the file as UTF-8")
+
+
+def read_text(path: str | Path) -> str:
+    """The whole of a UTF-8 text file, or one located error line.
+
+    A byte that is not UTF-8 is a ``DataError`` naming the file, line and column; a file that cannot
+    be read (missing, a directory, no permission, an I/O error) is a ``PathError`` naming it.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise os_error(exc, path, "could not read") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_number = raw.count(b"\n", 0, exc.start) + 1
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        raise DataError(_not_utf8(f"{path}, line {line_number}", raw, exc, line_start)) from None
+
+
+def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row]:
+    rows = []
+    # Bytes, decoded line by line: a byte that is not UTF-8 is a located error of its own line (the
+    # text decoder would raise for the whole file, with no line). bytes.splitlines ends lines where
+    # text mode's universal newlines do (\n, \r\n and a lone \r), so line numbers are unchanged.
+    try:
+        content = path.read_bytes()
+    except OSError as exc:  # permissions, an I/O error: one located line, like a bad row
+        raise DataError(str(os_error(exc, path, "could not read"))) from exc
+    for line_number, raw in enumerate(content.splitlines(), start=1):
+        where = f"{path}, line {line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            reject(DataError(_not_utf8(where, raw, exc)), where, errors)
+            continue
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
+        except json.JSONDecodeError as exc:
+            reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
+            continue
+        if not isinstance(value, dict):
+            reject(DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}"),
+                   where, errors)
+            continue
+        rows.append(Row(value, where))
+    return rows
+
+
+def _located(loaded: Any, label: str, unit: str = "row", first: int = 0, max_rows: int | None = None) -> list[Row]:
+    """A ``datasets.Dataset``'s rows as located ``Row``s; only the first ``max_rows`` are materialised."""
+    if max_rows is not None and len(loaded) > max_rows:
+        loaded = loaded.select(range(max_rows))
+    return [Row(dict(r), f"{label}, {unit} {i + first}") for i, r in enumerate(loaded.to_list())]
+
+
+def _pick_split(loaded: Any, split: str, label: str, key: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{label}: no split '{split}'{key}; splits: {', '.join(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def _read_with_datasets(path: Path, split: str, max_rows: int | None = None) -> list[Row]:
+    import datasets
+
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            loaded = _pick_split(datasets.load_from_disk(str(path)), split, str(path), "")
+            first_line, unit = 0, "row"
+        elif suffix == ".csv":
+            loaded = datasets.load_dataset("csv", data_files=str(path), split="train")
+            first_line, unit = 2, "line"  # line 1 is the header
+        elif suffix == ".parquet":
+            loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            first_line, unit = 0, "row"
+        elif suffix == ".json":
+            loaded = datasets.load_dataset("json", data_files=str(path), split="train")
+            first_line, unit = 0, "item"
+        else:
+            raise DataError(f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json, .csv, .parquet, "
+                            "a datasets save_to_disk folder, a folder of data files or a hub dataset id")
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for unreadable files
+        raise DataError(f"{path}: could not be read: {type(exc).__name__}: {exc}") from None
+    return _located(loaded, str(path), unit, first_line, max_rows)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
+    return path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES)
+
+
+def read_rows(path: str | Path, split: str = "train", errors: list[RejectedRow] | None = None,
+              max_rows: int | None = None) -> list[Row]:
+    """All rows of a local data file or ``save_to_disk`` folder, each with its location.
+
+    With an ``errors`` list, unparseable JSON Lines are collected there instead of raising.
+    ``max_rows`` lets ``datasets``-read files materialise only the rows that are used.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir() and not is_saved_dataset(path):
+        # datasets would say "neither a `Dataset` directory nor a `DatasetDict` directory".
+        raise DataError(f"{path}: is a directory, not a data file (nor a folder written by datasets' save_to_disk)")
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path, errors)
+    return _read_with_datasets(path, split, max_rows)
+
+
+def read_in_memory(source: Any, split: str, max_rows: int | None = None) -> tuple[str, list[Row]]:
+    """Rows of an in-memory ``datasets.Dataset`` (or the ``split`` of a ``DatasetDict``) handed to the
+    Python API, located as ``<label>, row N``."""
+    dataset = source.dataset
+    label = source.path
+    if hasattr(dataset, "keys"):  # a DatasetDict
+        if split not in dataset:
+            raise DataError(f"{key_text(source, 'split')}: the in-memory DatasetDict has no split '{split}'; "
+                            f"splits: {', '.join(dataset)}")
+        dataset, label = dataset[split], f"<in-memory dataset[{split}]>"
+    else:
+        label = "<in-memory dataset>"
+    return label, _located(dataset, label, max_rows=max_rows)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")
+
+
+def load_dataset_source(source: Any, split: str, max_rows: int | None = None) -> tuple[str, list[Row]]:
+    """Rows of a folder laid out like a hub dataset repo (data files, optionally a README with configs)
+    or of a hub dataset id, read by ``datasets.load_dataset`` with the source's ``split``, ``subset``,
+    ``revision`` and ``data_files``. Returns the source's label (used in row locations) and its rows."""
+    import datasets
+
+    path = source.path
+    split = source.split or split
+    label = f"{path}[{split}]" if not source.subset else f"{path}[{source.subset}/{split}]"
+    local = Path(path).is_dir()
+    kwargs: dict[str, Any] = {"split": split}
+    if source.subset:
+        kwargs["name"] = source.subset
+    if source.revision and not local:
+        kwargs["revision"] = source.revision
+    if source.data_files is not None:
+        kwargs["data_files"] = source.data_files
+    try:
+        loaded = datasets.load_dataset(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets and the hub client raise many types
+        raise DataError(_load_failure(source, path, split, local, exc)) from None
+    return label, _located(loaded, label, max_rows=max_rows)
+
+
+def _load_failure(source: Any, path: str, split: str, local: bool, exc: Exception) -> str:
+    """One line saying why ``datasets.load_dataset`` failed, naming the config key to change."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    if "Unknown split" in text or "Bad split" in text:
+        return f"{key_text(source, 'split')}: {path} has no split '{split}' ({str(exc).strip()})"
+    if source.subset and ("BuilderConfig" in text or "config name" in text.lower()):
+        return f"{key_text(source, 'subset')}: {path} has no subset '{source.subset}' ({text})"
+    if not local and _hub_offline():
+        return (f"{key_text(source)}: hub dataset '{path}' is not in the local cache and the hub is offline "
+                "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): download it once with network access, or point "
+                f"'path' at a local copy (a file, a save_to_disk folder or a dataset repo folder) ({text})")
+    where = "local dataset folder" if local else "hub dataset"
+    return f"{key_text(source)}: {where} '{path}' could not be loaded: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures
+# ---------------------------------------------------------------------------------------------
+
+
+def mixture_counts(sizes: list[int], weights: list[float] | None = None,
+                   fractions: list[float] | None = None) -> list[int]:
+    """How many rows each source contributes to a mixture.
+
+    - ``fractions``: ``round(fraction * rows)`` of each source (above 1, whole copies plus a sample).
+    - ``weights``: each source's share of the mixture is ``weight / sum(weights)``; the mixture is the
+      largest one in which no source repeats a row, so the source that runs out first at its share
+      is used whole and the others are sampled down to their shares.
+    - neither: every row of every source.
+    """
+    if fractions is not None:
+        return [round(f * n) for f, n in zip(fractions, sizes, strict=True)]
+    if weights is None:
+        return list(sizes)
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    size = min(n / s for n, s in zip(sizes, shares, strict=True))
+    return [min(n, round(s * size)) for n, s in zip(sizes, shares, strict=True)]
+
+
+def draw(rows: list[Row], count: int, rng: random.Random) -> list[Row]:
+    """``count`` rows of ``rows`` drawn without repeats (whole copies first when ``count`` exceeds them)."""
+    copies, rest = divmod(count, len(rows)) if rows else (0, 0)
+    picked = rows * copies
+    picked += [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
+    return picked
+
+
+def mix(parts: list[list[Row]], counts: list[int], seed: int) -> list[Row]:
+    """Draw ``counts[i]`` rows of ``parts[i]`` and shuffle them together; the same seed gives the same
+    mixture (each source draws from its own generator, so one source's size does not change another's
+    sample)."""
+    mixed: list[Row] = []
+    for index, (rows, count) in enumerate(zip(parts, counts, strict=True)):
+        mixed += draw(rows, count, random.Random(f"{seed}:source:{index}"))
+    random.Random(f"{seed}:mixture").shuffle(mixed)
+    return mixed
+
+
+@dataclass
+class FolderSource:
+    """A dataset repo folder named by a plain string (``data.train: data/my_dataset``): read like a
+    configured source with nothing but its path."""
+
+    path: str
+    split: str | None = None
+    subset: str | None = None
+    revision: str | None = None
+    data_files: Any = None
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def is_repo_folder(path: Path) -> bool:
+    """A folder to read with ``datasets.load_dataset``: not a ``save_to_disk`` folder, and not named
+    like a data file (a folder called ``train.jsonl`` is a mistake to report, not a dataset)."""
+    return path.is_dir() and not is_saved_dataset(path) and not path.name.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def source_label(source: Any) -> str:
+    """A short text for a configured source in reports: its path or hub id, or a mixture's members."""
+    if isinstance(source, list | tuple):
+        return f"mixture of {len(source)} sources: " + " + ".join(source_label(s) for s in source)
+    return str(source)
