@@ -39,7 +39,7 @@ MANIFEST_VERSION = 1
 LEGACY_MARKER = "ok"  # what the marker held before it carried a manifest
 SET_ASIDE_PREFIX = "damaged-"  # damaged checkpoints skipped by resume are renamed to damaged-<name>
 _CHUNK = 4 << 20  # hash in 4 MiB reads: constant memory whatever the file size
-_STEP = re.compile(r"step-(\d+)")
+STEP_NAME = re.compile(r"step-(\d+)")  # a step checkpoint's folder name
 
 
 class CheckpointError(AlignerError):
@@ -121,7 +121,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     # Only ``step-<digits>``: a stray ``step-best`` (or anything a user puts there) must not crash readers.
-    found = [p for p in directory.glob("step-*") if _STEP.fullmatch(p.name) and (p / MARKER).is_file()]
+    found = [p for p in directory.glob("step-*") if STEP_NAME.fullmatch(p.name) and (p / MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -328,7 +328,7 @@ def check_structure(directory: Path, note: str = "") -> Verification:
     names = _files(directory)
     damage = []
     required = ["trainer_state.json"]
-    if _STEP.fullmatch(directory.name.removeprefix(SET_ASIDE_PREFIX).split(".")[0]):
+    if STEP_NAME.fullmatch(directory.name.removeprefix(SET_ASIDE_PREFIX).split(".")[0]):
         required += ["optimizer.pt", "rng.pt"]  # what an exact resume reads besides the weights
     damage += [Damage(directory / name, "missing") for name in required if name not in names]
     if not any(name.endswith(".safetensors") and "/" not in name for name in names):

@@ -178,7 +178,7 @@ def label(config: LabelConfig) -> dict[str, int]:
     from aligner.data.tokenize import tokenize_rows
     from aligner.models import load_model, load_tokenizer
     from aligner.online.rewards import build_judge
-    from aligner.online.sampler import sample_completions
+    from aligner.online.sampler import sample
 
     try:
         judge = build_judge(config.judge)
@@ -221,10 +221,10 @@ def label(config: LabelConfig) -> dict[str, int]:
                        "comparison": "pairwise" if config.pairwise else "pointwise"}
     for begin in range(0, len(tokenized.examples), config.batch_size):
         chunk = tokenized.examples[begin:begin + config.batch_size]
-        prompt_ids = [e["prompt_ids"] for e in chunk for _ in range(k)]
-        sampled = sample_completions(model, tokenizer, prompt_ids, max_new_tokens=config.max_new_tokens,
-                                     temperature=config.temperature, top_p=config.top_p,
-                                     batch_size=config.batch_size * k)
+        # Each prompt prefilled once for its k answers (prompt-major, as the loop below reads them).
+        sampled = sample(model, tokenizer, [e["prompt_ids"] for e in chunk], samples_per_prompt=k,
+                         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                         batch_size=config.batch_size * k).completions
         texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
         if not config.pairwise:
             flat = judge.score([e["prompt"] for e in chunk for _ in range(k)], texts)

@@ -117,6 +117,19 @@ def redact(value: Any) -> Any:
     return value
 
 
+def publishable(value: Any) -> Any:
+    """``redact(value)`` with absolute local paths cut to their last component: a published card must
+    not show the trainer's directory layout (``/home/alice/data/train.jsonl`` -> ``train.jsonl``)."""
+    value = redact(value)
+    if isinstance(value, dict):
+        return {k: publishable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [publishable(v) for v in value]
+    if isinstance(value, str) and value.startswith(("/", "~")):
+        return Path(value).name or value
+    return value
+
+
 def scrub_environment_secrets(text: str) -> str:
     """Replace the value of any secret-named environment variable (``HF_TOKEN``, ``WANDB_API_KEY``, ...)
     found in ``text``: the card is published, and a value can reach it through a plugin option."""
@@ -174,7 +187,7 @@ def model_card_text(config: RunConfig, stage: Any, metrics: dict[str, float], lo
         for i, s in enumerate(trained))
     earlier = _earlier_metrics(config, stage.index)
     earlier_text = "".join(f"\n### Stage `{name}`\n\n{_metrics_table(values)}" for name, values in earlier.items())
-    run_config = yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False)
+    run_config = yaml.safe_dump(publishable(config.model_dump(mode="json")), sort_keys=False)
     loader = "from peft import AutoPeftModelForCausalLM as Model" if adapter else \
         "from transformers import AutoModelForCausalLM as Model"
     title = f"{Path(config.output_dir).name} / {stage.name}"

@@ -228,10 +228,21 @@ def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool, offload: b
     if enabled:
         if not inner.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
-        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              offload=offload)
-    elif inner.is_activation_checkpointing:
-        inner.activation_checkpointing_disable()
-        # transformers drops its embedding-output hook on disable only for peft's own adapters
-        if getattr(inner, "_require_grads_hooks", None):
-            inner.disable_input_require_grads()
+        if hasattr(inner, "activation_checkpointing_enable"):
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                                  offload=offload)
+        else:  # transformers before the activation_checkpointing_* names (no offload there)
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(inner, "activation_checkpointing_enable"):
+        if inner.is_activation_checkpointing:
+            inner.activation_checkpointing_disable()
+            _drop_input_require_grads(inner)
+    elif inner.is_gradient_checkpointing:
+        inner.gradient_checkpointing_disable()
+        _drop_input_require_grads(inner)
+
+
+def _drop_input_require_grads(inner: torch.nn.Module) -> None:
+    # transformers drops its embedding-output hook on disable only for peft's own adapters
+    if getattr(inner, "_require_grads_hooks", None):
+        inner.disable_input_require_grads()

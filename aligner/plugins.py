@@ -267,7 +267,7 @@ def get_registry(kind: str) -> Registry:
     return get_registries()[kind]
 
 
-def instantiate(kind: str, choice: Any, label: str, example: str) -> Any:
+def build_from_mapping(kind: str, choice: Any, label: str, example: str) -> Any:
     """Build a plugin of ``kind`` from a config mapping ``{name: ..., **options}``.
 
     Every problem is a ``ValueError`` whose message names the bad key as ``<label>.<key>`` (the

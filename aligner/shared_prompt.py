@@ -197,7 +197,21 @@ def group_packing(batch: dict[str, Any], decoder: torch.nn.Module) -> RowPacking
     before = completion.cumsum(0) - completion  # completion tokens of all earlier rows
     packing = RowPacking(pack=pack, slot=index - first_row, shift=before - before[first_row],
                          prompt_lengths=prompt_lengths, lengths=lengths)
-    return packing if _fits(packing, decoder) else None
+    return packing if _fits(packing, decoder) and _attention_pays_off(packing, batch) else None
+
+
+def _attention_pays_off(packing: RowPacking, batch: dict[str, Any]) -> bool:
+    """Whether the packed rows' attention (and mask) is no larger than the batch's own.
+
+    Packing always runs fewer tokens through the linear layers, but attention, and the dense 4D mask
+    it needs, grow with the square of a row's width: a group of many long completions under a short
+    prompt packs into one very wide row. Packing is used only where ``packs x width^2`` does not
+    exceed ``rows x batch width^2``, so it can never cost more attention or mask memory than the
+    unpacked layout.
+    """
+    packed_width = int(packing.totals().max())
+    rows, width = batch["input_ids"].shape
+    return packing.packs * packed_width**2 <= rows * width**2
 
 
 def pack_rows(batch: dict[str, Any], decoder: torch.nn.Module, packing: RowPacking) -> PackedRows:

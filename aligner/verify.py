@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aligner.checkpoint import MARKER, SET_ASIDE_PREFIX, Verification, verify_checkpoint
-from aligner.errors import ConfigError
+from aligner.checkpoint import MARKER, SET_ASIDE_PREFIX, STEP_NAME, Verification, verify_checkpoint
+from aligner.errors import ConfigError, os_error
 
-_STEP = re.compile(r"step-(\d+)")
 _FINAL = "final"
+
+
+def _listing(directory: Path) -> list[Path]:
+    """The entries of ``directory``; a folder that cannot be read is one located line, not a traceback."""
+    try:
+        return list(directory.iterdir())
+    except OSError as exc:
+        raise os_error(exc, directory, "could not list") from exc
 
 
 @dataclass
@@ -38,7 +44,7 @@ class StageReport:
         final = by_name.get(_FINAL)
         if final is not None and final.usable:
             return "final", final.directory
-        steps = [v for v in self.entries if _STEP.fullmatch(v.directory.name) and v.status != "incomplete"]
+        steps = [v for v in self.entries if STEP_NAME.fullmatch(v.directory.name) and v.status != "incomplete"]
         usable = [v for v in steps if v.usable]
         if usable:
             return "checkpoint", usable[-1].directory
@@ -62,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _step_number(path: Path) -> int:
-    found = re.search(r"step-(\d+)", path.name)
+    found = STEP_NAME.search(path.name)
     return int(found.group(1)) if found else -1
 
 
@@ -87,18 +93,18 @@ def verify_stage(stage_dir: Path, name: str | None = None) -> StageReport:
     """Verify every checkpoint, final model and leftover directory of one stage."""
     report = StageReport(name if name is not None else stage_dir.name, stage_dir)
     checkpoints = stage_dir / "checkpoints"
-    children = sorted(checkpoints.iterdir(), key=lambda p: (_step_number(p), p.name)) if checkpoints.is_dir() else []
+    children = sorted(_listing(checkpoints), key=lambda p: (_step_number(p), p.name)) if checkpoints.is_dir() else []
     for child in children:
         if not child.is_dir():
             continue
-        if _STEP.fullmatch(child.name):
+        if STEP_NAME.fullmatch(child.name):
             report.entries.append(verify_checkpoint(child))
         elif (leftover := _leftover(child)) is not None:
             report.entries.append(leftover)
     final = stage_dir / _FINAL
     if final.is_dir():
         report.entries.append(verify_checkpoint(final))
-    for child in sorted(stage_dir.iterdir()):
+    for child in sorted(_listing(stage_dir)):
         left_by_final = child.name in (f".tmp-{_FINAL}", f".old-{_FINAL}") or child.name.startswith(
             f"{SET_ASIDE_PREFIX}{_FINAL}")
         if left_by_final and child.is_dir() and (leftover := _leftover(child)) is not None:
@@ -125,12 +131,12 @@ def verify_run(run_dir: Path) -> list[StageReport]:
     """Verify everything under a run directory, a stage directory or a single checkpoint directory."""
     if not run_dir.is_dir():
         raise ConfigError(f"aligner verify: {run_dir} is not a directory")
-    if (run_dir / MARKER).is_file() or _STEP.fullmatch(run_dir.name):  # one checkpoint
+    if (run_dir / MARKER).is_file() or STEP_NAME.fullmatch(run_dir.name):  # one checkpoint
         return [StageReport(None, run_dir.parent, [verify_checkpoint(run_dir)])]
     if _is_stage(run_dir):
         return [verify_stage(run_dir)]
     order = _stage_order(run_dir)
-    stages = sorted((p for p in run_dir.iterdir() if _is_stage(p)),
+    stages = sorted((p for p in _listing(run_dir) if _is_stage(p)),
                     key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     if not stages and not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"aligner verify: {run_dir} holds no aligner run (no config.yaml, and no stage directory "

@@ -205,12 +205,14 @@ def test_with_several_processes_one_pushes_and_all_request_its_adapter(server, m
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank["now"])
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
-    shared: dict[str, str] = {}
+    sent: list = []  # what process 0 broadcast, in order; each process reads the broadcasts in turn
+    received = {0: 0, 1: 0}
 
     def broadcast_object_list(objects, src):
         if rank["now"] == src:
-            shared["tag"] = objects[0]
-        objects[0] = shared["tag"]
+            sent.append(objects[0])
+        objects[0] = sent[received[rank["now"]]]
+        received[rank["now"]] += 1
 
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
     policy = lora_policy(model_dir)

@@ -192,3 +192,14 @@ def test_group_packing_falls_back_where_pair_packing_does():
     model.config.sliding_window = None
     model.config._attn_implementation = "flash_attention_2"  # takes no arbitrary mask
     assert group_packing(batch, decoder) is None and forward_layout(model, batch)[1] == batch["input_ids"].numel()
+
+
+def test_a_group_is_not_packed_when_its_packed_row_would_cost_more_attention():
+    """A short prompt with many long completions packs into one row wider than the whole batch's
+    attention: 1 x (2 + 6 x 20)^2 > 6 x 22^2, so the rows run as they are (same values)."""
+    model = _model()
+    wide = _rollout([(2, [20] * 6)])
+    assert group_packing(wide, decoder_and_head(model)[0]) is None
+    _assert_same(model, wide, None)
+    narrow = _rollout([(12, [2] * 6)])  # 1 x 24^2 <= 6 x 14^2: packed
+    assert group_packing(narrow, decoder_and_head(model)[0]) is not None

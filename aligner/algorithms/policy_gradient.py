@@ -103,9 +103,9 @@ class PolicyGradientOptions(RolloutOptions):
 
 def build_estimator(choice: dict[str, Any]) -> Any:
     """Instantiate an advantage estimator from ``{name: ..., **options}``; a ``ValueError`` names the bad key."""
-    from aligner.plugins import instantiate
+    from aligner.plugins import build_from_mapping
 
-    return instantiate("advantage estimator", choice, "estimator", "{name: group_relative}")
+    return build_from_mapping("advantage estimator", choice, "estimator", "{name: group_relative}")
 
 
 def _check_estimator_groups(estimator: Any, group_size: int, stage: str, where: str) -> None:
@@ -263,6 +263,8 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             kl = kl_per_token(current, reference, mask, o.kl_estimator)
             if o.kl_in == "reward":
                 token_rewards = -o.kl_coef * kl
+        # Laid out on the completion tokens themselves, before a placeholder's mask is emptied.
+        generator_logps = rollout.token_generator_logps(mask)
         placeholder = metrics.pop("placeholder", False)
         if placeholder:  # its rows count nowhere: not in batch statistics, not in the loss
             mask = torch.zeros_like(mask)
@@ -283,7 +285,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             metrics["kl"] = kl.sum(-1).mean()
         return {"old_logps": old, "reference_logps": reference, "advantages": estimated.advantages,
                 "loss_mask": loss_mask, "sequence_advantages": masked_mean_rows(estimated.advantages, mask),
-                "generator_logps": rollout.token_generator_logps(mask)}
+                "generator_logps": generator_logps}
 
 
 def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any], rows: torch.Tensor,

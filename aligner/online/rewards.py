@@ -10,9 +10,9 @@ import torch
 
 def build_judge(choice: dict[str, Any]) -> Any:
     """Instantiate a judge from ``{name: ..., **options}``; a ``ValueError`` names the bad key."""
-    from aligner.plugins import instantiate
+    from aligner.plugins import build_from_mapping
 
-    return instantiate("judge", choice, "judge", "{name: rule, regex: '...'}")
+    return build_from_mapping("judge", choice, "judge", "{name: rule, regex: '...'}")
 
 
 def adjust_scores(scores: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, *, length_penalty: float,

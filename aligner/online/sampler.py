@@ -121,11 +121,20 @@ def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
+def cut_after_eos(ids: list[int], logps: list[float], eos: int | None) -> tuple[list[int], list[float]]:
+    """A completion up to and including its first ``eos``, with its log-probs (every engine returns
+    completions cut this way; decoding, or a server that ignores stop tokens, may have gone on)."""
+    if eos is not None and eos in ids:
+        end = ids.index(eos) + 1
+        return ids[:end], logps[:end]
+    return ids, logps
+
+
 def _append_cut(result: Samples, tokens: list[list[int]], logps: list[list[float]], eos: int) -> None:
     for row, values in zip(tokens, logps, strict=True):
-        end = row.index(eos) + 1 if eos in row else len(row)
-        result.completions.append(row[:end])
-        result.logprobs.append(values[:end])
+        completion, completion_logps = cut_after_eos(row, values, eos)
+        result.completions.append(completion)
+        result.logprobs.append(completion_logps)
 
 
 def _cache_argument(model: torch.nn.Module) -> str | None:
@@ -152,6 +161,10 @@ def _decode_batch(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
         else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
     cache, logits = _returned_cache(out), out.logits[:, -1]
+    if not hasattr(cache, "batch_repeat_interleave"):
+        # A legacy tuple cache (some remote-code models) cannot be repeated per sample: generate() instead.
+        return _generate_batch(model, ids, mask, repeats, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, eos=eos, pad=pad)
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         logits, mask = logits.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)

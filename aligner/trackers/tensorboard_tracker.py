@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from aligner.hookspecs import hookimpl
+from aligner.model_card import redact
 
 log = logging.getLogger("aligner")
 
@@ -87,7 +88,7 @@ class TensorBoardTracking:
         if run.stage.index == 0 and run.step == 0:
             # Not again on resume: an event at step 0 after later ones makes TensorBoard discard those
             # as orphans of a restart. Four spaces keep the YAML a code block (text renders as markdown).
-            config = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
+            config = yaml.safe_dump(redact(run.config.model_dump(mode="json")), sort_keys=False)
             self.tracker.writer.add_text("config", "\n".join("    " + line for line in config.splitlines()), 0)
         log.info("TensorBoard logs in %s", log_dir / name)
 

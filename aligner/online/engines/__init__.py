@@ -81,6 +81,6 @@ class GenerationEngine:
 
 def build_engine(choice: dict[str, Any]) -> GenerationEngine:
     """Instantiate an engine from ``{name: ..., **options}``; a ``ValueError`` names the bad key."""
-    from aligner.plugins import instantiate
+    from aligner.plugins import build_from_mapping
 
-    return instantiate("generation engine", choice, "engine", "{name: hf}")
+    return build_from_mapping("generation engine", choice, "engine", "{name: hf}")

@@ -37,10 +37,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from aligner.errors import AlignerError, ConfigError
+from aligner.errors import AlignerError, ConfigError, os_error
 from aligner.hookspecs import hookimpl
 from aligner.online.engines import GenerationEngine, GenerationRequest, Generations
 from aligner.online.engines.weights import is_quantized, lora_problem, save_adapter, save_full
+from aligner.online.sampler import cut_after_eos
 from aligner.protocols import Options
 
 log = logging.getLogger("aligner")
@@ -86,14 +87,6 @@ def _token_id(token: Any) -> int:
     raise ServerAnswerError(
         f"the server returned token text ({str(token)[:40]!r}), not token ids: aligner needs ids, e.g. vLLM "
         "with 'return_tokens_as_token_ids' (sent by default; keep the server's OpenAI API at vLLM 0.6 or later)")
-
-
-def cut_after_eos(ids: list[int], logps: list[float], eos: int | None) -> tuple[list[int], list[float]]:
-    """The completion up to and including its first ``eos`` (a server that ignores stop tokens may go on)."""
-    if eos is not None and eos in ids:
-        end = ids.index(eos) + 1
-        return ids[:end], logps[:end]
-    return ids, logps
 
 
 class OpenAIServerEngine(GenerationEngine):
@@ -282,14 +275,29 @@ class OpenAIServerEngine(GenerationEngine):
             tag = [self._run_tag]
             torch.distributed.broadcast_object_list(tag, src=0)
             self._run_tag = tag[0]
-        # Every process holds the same weights: one of them writes and pushes them, the others wait for it.
+        if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in policy.parameters()):
+            # Sharded weights (FSDP, ZeRO-3): process 0 alone holds only its shard of them.
+            raise self._error(self.root, f"weight_sync '{self.options.weight_sync}' cannot push sharded weights "
+                                         "(FSDP/DeepSpeed ZeRO-3); train under DDP or use weight_sync: none")
+        # Every process holds the same weights: one of them writes and pushes them, the others wait for its
+        # outcome, so that a failed push stops every process with the same message instead of a hang.
+        failure = None
         if not distributed or torch.distributed.get_rank() == 0:
-            if self.options.weight_sync == "lora":
-                self._push_adapter(policy, version)
-            else:
-                self._push_full(policy, version)
+            try:
+                if self.options.weight_sync == "lora":
+                    self._push_adapter(policy, version)
+                else:
+                    self._push_full(policy, version)
+            except AlignerError as exc:
+                failure = str(exc)
+            except OSError as exc:
+                failure = str(os_error(exc, self._weights_dir, "could not write the weights for the server to"))
         if distributed:
-            torch.distributed.barrier()
+            outcome = [failure]
+            torch.distributed.broadcast_object_list(outcome, src=0)
+            failure = outcome[0]
+        if failure is not None:
+            raise AlignerError(failure)
         if self.options.weight_sync == "lora":
             self._adapter = self._adapter_name(version)
         self._synced = version

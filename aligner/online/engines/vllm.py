@@ -32,8 +32,8 @@ from pydantic import Field
 from aligner.errors import AlignerError, ConfigError
 from aligner.hookspecs import hookimpl
 from aligner.online.engines import GenerationEngine, GenerationRequest, Generations
-from aligner.online.engines.openai_server import cut_after_eos
 from aligner.online.engines.weights import full_weights, lora_problem, save_adapter, save_full
+from aligner.online.sampler import cut_after_eos
 from aligner.protocols import Options
 
 INSTALL_HINT = "pip install 'aligner-trainer[vllm]'"
@@ -81,9 +81,13 @@ class VLLMEngine(GenerationEngine):
             raise ConfigError(f"stage '{stage.name}': the generation engine 'vllm' ({where}) runs in one training "
                               f"process only; with several, serve the model (vllm serve) and use openai_server")
         peft = getattr(stage, "peft", None)
-        if self.options.weight_sync == "lora" and getattr(peft, "name", stage.config.peft.name) in ("full", "dora"):
+        peft_name = getattr(peft, "name", stage.config.peft.name)
+        if self.options.weight_sync == "lora" and peft_name in ("full", "dora"):
             raise ConfigError(f"stage '{stage.name}': '{where[1:-1]}.weight_sync' is 'lora' but the stage trains no "
                               f"plain LoRA adapter ('stages[{stage.index}].peft'): use weight_sync: weights")
+        if self.options.weight_sync == "weights" and peft_name == "qlora":
+            raise ConfigError(f"stage '{stage.name}': '{where[1:-1]}.weight_sync' is 'weights', but a qlora base is "
+                              f"4-bit and cannot be loaded into vLLM as plain weights: use weight_sync: lora")
 
     def generate(self, policy: torch.nn.Module, tokenizer: Any, request: GenerationRequest) -> Generations:
         """Refresh vLLM's weights if the policy changed, then sample every prompt's group in one call."""
@@ -103,8 +107,12 @@ class VLLMEngine(GenerationEngine):
 
         sampling = params(None) if request.seed is None else \
             [params(request.seed + i) for i in range(len(request.prompt_ids))]
-        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in request.prompt_ids], sampling,
-                               use_tqdm=False, lora_request=self._lora)
+        try:
+            outputs = llm.generate([{"prompt_token_ids": list(p)} for p in request.prompt_ids], sampling,
+                                   use_tqdm=False, lora_request=self._lora)
+        finally:
+            if self.options.enable_sleep_mode:
+                llm.sleep(level=1)  # also after a failed rollout: its GPU memory goes back to training
         result = Generations([], [])
         for output in outputs:  # in prompt order; a prompt's samples by index
             for completion in sorted(output.outputs, key=lambda c: c.index):
@@ -113,8 +121,6 @@ class VLLMEngine(GenerationEngine):
                 ids, logps = cut_after_eos(ids, logps, eos)
                 result.completion_ids.append(ids)
                 result.logprobs.append(logps)
-        if self.options.enable_sleep_mode:
-            llm.sleep(level=1)
         return result
 
     def _engine(self, policy: torch.nn.Module, tokenizer: Any, version: int) -> Any:
