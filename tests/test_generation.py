@@ -211,3 +211,12 @@ def test_rollout_samples_record_what_the_engine_returned(tmp_path):
     rows = [json.loads(line) for line in (result.output_dir / "grpo" / "samples" / "rollout-step-1.jsonl")
             .read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["prompt"] == rows[1]["prompt"] != rows[2]["prompt"]
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "online_dpo"}, {"name": "ppo", "ppo_epochs": 1, "mini_batch_size": 4}])
+def test_every_online_algorithm_logs_the_trainer_generator_gap(tmp_path, algorithm):
+    config = online_config(tmp_path, algorithm, steps=1, batch_size=4)
+    if algorithm["name"] == "online_dpo":
+        config["stages"][0]["losses"] = [{"name": "dpo"}]
+    (step,) = train_steps(aligner.train(config))
+    assert 0 <= step["rollout/logp_diff"] < 1e-4  # the hf engine: the trainer scores what it sampled

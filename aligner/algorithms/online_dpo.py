@@ -23,6 +23,7 @@ from aligner.errors import AlignerError, ConfigError
 from aligner.forward import compute_losses, move_to
 from aligner.hookspecs import hookimpl
 from aligner.logprobs import completion_logprobs
+from aligner.online.policy_loss import logp_gap
 from aligner.online.rollout import Rollout, generate_rollout, shard, write_samples
 from aligner.protocols import PREFERENCE
 
@@ -82,12 +83,14 @@ class OnlineDPO(OnlineAlgorithm):
         # Losses are means over a process's pairs; weighting by its share makes the DDP average the
         # mean over every pair of every process.
         share = local * step.num_processes / max(global_pairs, 1.0)
+        # Measured on the policy that sampled the rollout, before this step's update moves it.
+        rollout_metrics = self._rollout_metrics(step, rollout, pairs)
         with step.micro_batch():
             loss, metrics = compute_losses(step.model, stage, batch)
             step.backward(loss * share, observed=loss, batch=batch)
         update = step.update()
         metrics = dict(metrics) if local else {k: torch.zeros(()) for k in metrics}
-        metrics.update(self._rollout_metrics(step, rollout, pairs))
+        metrics.update(rollout_metrics)
         metrics["pairs"] = local / max(len(rollout.row_ids) // 2, 1)
         metrics["prompt_batches"] = float(draws)
         if update.grad_norm is not None:
@@ -135,11 +138,14 @@ class OnlineDPO(OnlineAlgorithm):
             "response_length": rollout.lengths.float().mean(),
             **self.rewards.metrics(rollout.sources),
         }
+        batch = rollout.batch(step.run.tokenizer.pad_token_id)
+        with step.accelerator.autocast():
+            policy = completion_logprobs(step.model, batch, token_level=True)
+        # The trainer's log-probs of the sampled tokens against the engine's own (as the GRPO family logs).
+        gap = logp_gap(policy.token_logps, rollout.token_generator_logps(policy.mask), policy.mask)
+        metrics.update({f"rollout/{k}": v for k, v in gap.items()})
         if self.needs_reference(step.run.stage.losses):
-            batch = rollout.batch(step.run.tokenizer.pad_token_id)
-            with step.accelerator.autocast():
-                policy = completion_logprobs(step.model, batch).logps
-            metrics["kl"] = (policy - step.run.stage.reference.logprobs(batch).logps).mean()
+            metrics["kl"] = (policy.logps - step.run.stage.reference.logprobs(batch).logps).mean()
         return metrics
 
 
