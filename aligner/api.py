@@ -119,12 +119,38 @@ def _resume_plan(stages: list[PreparedStage], out: Path, accelerator: Any) -> Re
     The main process goes first: it is the one that sets damaged checkpoints aside, and the others
     then find the same ones.
     """
-    plan: ResumePlan = {}
-    with accelerator.main_process_first():
+    def plan() -> ResumePlan:
+        result: ResumePlan = {}
         for stage in stages:
             finished = stage_finished(out / stage.name)
-            plan[stage.name] = (finished, None if finished else latest_checkpoint(out / stage.name))
-    return plan
+            result[stage.name] = (finished, None if finished else latest_checkpoint(out / stage.name))
+        return result
+
+    return _on_main_then_shared(accelerator, plan)
+
+
+def _on_main_then_shared(accelerator: Any, compute: Any) -> Any:
+    """Run ``compute`` on the main process only and hand its result, or its error, to every process.
+
+    An error raised on one process while the others wait at a collective would hang the run under
+    launchers that do not tear the group down: here every process raises it together.
+    """
+    outcome: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [compute(), None]
+        except Exception as exc:  # handed on below, then raised on every process
+            outcome = [None, exc]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        error = outcome[1]
+        if accelerator.is_main_process or isinstance(error, AlignerError):
+            raise error
+        raise AlignerError(f"stopped: the main process failed: {error}")
+    return outcome[0]
 
 
 def _restore_finished_stage(stage: PreparedStage, model: Any, out: Path) -> tuple[Any, dict[str, float]]:
@@ -220,10 +246,9 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     apply_threads(resolved.threads)
 
     # Every check passed and the model loaded: only now is an earlier run replaced and config.yaml written.
-    created = False
-    if accelerator.is_main_process:
-        created = start_run(out, where, replace=overwrite and not resuming,
-                            write_config=lambda path: dump_config(resolved, path))
+    created = bool(_on_main_then_shared(accelerator, lambda: start_run(
+        out, where, replace=overwrite and not resuming, write_config=lambda path: dump_config(resolved, path))))
+    created = created and accelerator.is_main_process
     accelerator.wait_for_everyone()
     try:
         with contextlib.ExitStack() as registered:
