@@ -7,9 +7,13 @@ precision, the log-prob code's version), so an entry is never stale: a changed i
 
 Integrity: the entry's metadata carries a SHA-256 of its tensor bytes; an entry whose file is
 truncated, unparsable or whose checksum does not match is reported as corrupt and never used.
+An entry may hold only some of its key's sequences (the cached reference scores what a run uses;
+a later run adds what it needs by writing the entry again, old values and new); a value under a
+key is the same whichever run computed it.
+
 Concurrency: an entry is written to a unique temporary file in the same directory and moved into
-place with ``os.replace`` (atomic on POSIX), and equal keys mean equal contents, so two runs that
-write the same entry at once both leave a complete, identical file; readers never see a partial one.
+place with ``os.replace`` (atomic on POSIX), so two runs that write the same entry at once leave a
+complete, correct file (the last writer's sequences); readers never see a partial one.
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ def _data_check(args: argparse.Namespace) -> int:
 
     # Library chatter while plugins and data load goes to stderr: stdout is the report (valid --json).
     with contextlib.redirect_stdout(sys.stderr):
-        reports = check_data(args.config, args.overrides)
+        # Unset, check_data's own default (SHOW_TOKENS) applies: the number lives in one place.
+        shown = {} if args.show_tokens is None else {"show_tokens": max(args.show_tokens, 0)}
+        reports = check_data(args.config, args.overrides, **shown)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
@@ -156,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", help="path to a YAML config")
     check.add_argument("overrides", nargs="*", help="key.path=value overrides")
     check.add_argument("--json", action="store_true", help="print JSON")
+    check.add_argument("--show-tokens", type=int, default=None, metavar="N",
+                       help="show the first N rows of each source as tokens, prompt and trained marked "
+                            "(default 2; 0: none)")
     check.set_defaults(handler=_data_check)
     label = sub.add_parser("label", help="sample k completions per prompt and have a judge label preferences")
     label.add_argument("config", help="path to a label YAML config (see aligner.label)")
@@ -171,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache_cli.add_parser(sub)
     export.add_parser(sub)
+    __import__("aligner.generate").generate.add_parser(sub)  # generate: sample, switching named adapters
     verify.add_parser(sub)
     push.add_parser(sub)
+    __import__("aligner.constitutional.cli").constitutional.cli.add_parsers(sub)  # revise, constitutional
     return parser
 
 

@@ -48,6 +48,7 @@ BUILTIN_PLUGINS = (
     "aligner.peft_backends.lora",
     "aligner.peft_backends.qlora",
     "aligner.peft_backends.peft_generic",
+    "aligner.peft_backends.bitfit",
     "aligner.trackers.wandb_tracker",
     "aligner.trackers.tensorboard_tracker",
     "aligner.push",

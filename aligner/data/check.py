@@ -3,7 +3,9 @@
 For every stage and split it reports the rows read, the rows rejected and why (file and line), the
 token-length distribution, what truncation would do, the rows training would drop (empty
 completions, identical chosen/rejected pairs, rows truncation empties), duplicates, and eval rows
-that also occur in train. Nothing here loads a model: only the tokenizer.
+that also occur in train. Nothing here loads a model: only the tokenizer. For the first rows of
+each source (``--show-tokens N``, 2 by default) it shows the tokens as training sees them, which are
+prompt (context only) and which are trained on (``token_views``).
 
 Training uses the same report: when a split would lose more than ``data.max_drop_fraction`` of its
 rows, the run stops before the model is loaded and logs this report (``enforce_drop_limit``).
@@ -24,14 +26,88 @@ from aligner.config import DataConfig, RunConfig, load_config
 from aligner.data.loading import RejectedRow, Row, SourceReport, load_validated
 from aligner.data.sources import source_label
 from aligner.data.templates import load_template
-from aligner.data.tokenize import TokenizedData, prompt_token_limit, tokenize_rows
+from aligner.data.tokenize import COMPLETION_FIELDS, TokenizedData, prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, DataError
 from aligner.protocols import PREFERENCE, SFT
 
 log = logging.getLogger("aligner")
 
+SHOW_TOKENS = 2  # rows per source whose tokens the report shows, unless --show-tokens says otherwise
 TRUNCATION_REASONS = ("no completion tokens left after truncation", "chosen and rejected identical after truncation")
 SHOWN = 20  # located rows listed per kind before "... and N more"
+
+
+@dataclass
+class TokenView:
+    """One tokenized sequence of a row: each token's text and whether the loss trains on it."""
+
+    location: str
+    source: str
+    # The completion field the sequence ends with ("completion", "chosen", "rejected"); None for a
+    # prompt-only row, whose completions are generated during training.
+    completion: str | None
+    tokens: list[tuple[int, str, bool]] = field(default_factory=list)  # (id, decoded text, trained)
+    dropped: str | None = None  # why training drops the row (then there are no tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form: exact token strings, each with its ``trained`` flag."""
+        return {"location": self.location, "source": self.source, "completion": self.completion,
+                "dropped": self.dropped,
+                "tokens": [{"id": i, "text": text, "trained": trained} for i, text, trained in self.tokens]}
+
+    def render(self) -> str:
+        """``location field: [prompt|tokens]trained|tokens``: prompt tokens bracketed, ``|`` between tokens.
+
+        Nothing is put between ``]`` and the first trained token, so a space that token starts with
+        (a prompt's separating space merged into the completion's first word) stays visible."""
+        what = self.completion or "prompt"
+        if self.dropped is not None:
+            return f"{self.location} ({what}): dropped, {self.dropped}"
+        prompt = "|".join(_visible(text) for _, text, trained in self.tokens if not trained)
+        trained = "|".join(_visible(text) for _, text, trained in self.tokens if trained)
+        note = "" if self.completion else "  (prompt only: completions are generated in training)"
+        return f"{self.location} {what}: [{prompt}]{trained}" + note
+
+
+def _visible(text: str) -> str:
+    # Line breaks and tabs inside a token would break the one-line-per-sequence layout.
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _source_of(location: str) -> str:
+    """The source part of a row location (``file, line 3`` -> ``file``)."""
+    return location.rsplit(", ", 1)[0]
+
+
+def token_views(rows: list[Row], tokenized: TokenizedData, tokenizer: Any, per_source: int) -> list[TokenView]:
+    """The sequences of the first ``per_source`` rows of each source, as training tokenized them.
+
+    Preference rows give two views (chosen, rejected), sft/unpaired rows one, prompt-only rows one
+    with no trained token. The ids are the tokenized examples' own, so what is shown is what trains.
+    """
+    if per_source <= 0:
+        return []
+    fields = COMPLETION_FIELDS[tokenized.data_format]
+    examples = {e["row_id"]: e for e in tokenized.examples}
+    dropped = dict(tokenized.dropped_rows)
+    shown: Counter = Counter()
+    views: list[TokenView] = []
+    for row_id, row in enumerate(rows):
+        source = _source_of(row.location)
+        if shown[source] >= per_source:
+            continue
+        shown[source] += 1
+        example = examples.get(row_id)
+        for name in fields or (None,):
+            view = TokenView(row.location, source, name)
+            if example is None:
+                view.dropped = dropped.get(row.location, "not tokenized")
+            else:
+                completion = example[f"{name}_ids"] if name else []
+                view.tokens = ([(i, tokenizer.decode([i]), False) for i in example["prompt_ids"]]
+                               + [(i, tokenizer.decode([i]), True) for i in completion])
+            views.append(view)
+    return views
 
 
 @dataclass
@@ -60,6 +136,8 @@ class SplitReport:
     trained_as: str | None = None
     # Each source of the split: its layout (converter) and how many of its rows were read, valid and used.
     sources: list[SourceReport] = field(default_factory=list)
+    # The first rows of each source as tokens, prompt and trained marked (``token_views``).
+    token_views: list[TokenView] = field(default_factory=list)
 
     @property
     def rows_read(self) -> int:
@@ -107,6 +185,7 @@ class SplitReport:
             "sources": [{"source": s.label, "layout": s.layout, "format": s.data_format, "rows": s.rows_read,
                          "rejected": s.rejected, "valid": s.valid, "used": s.used, "weight": s.weight,
                          "fraction": s.fraction} for s in self.sources],
+            "token_views": [v.to_dict() for v in self.token_views],
         }
 
 
@@ -196,6 +275,11 @@ def format_report(report: SplitReport) -> str:
     if report.split == "eval":
         extras.append(f"{report.in_train} rows also in train")
     lines.append("  " + ", ".join(extras))
+    if report.token_views:
+        per_source = Counter(source for source, _ in {(v.source, v.location) for v in report.token_views})
+        lines.append(f"  tokens of the first {max(per_source.values())} rows of each source "
+                     "([...] is prompt, not trained on; what follows is trained on; | between tokens):")
+        lines += [f"    {v.render()}" for v in report.token_views]
     return "\n".join(lines)
 
 
@@ -273,8 +357,8 @@ def _generation_tokens(config: RunConfig, index: int) -> int:
         return 0
 
 
-def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitReport]:
-    """Reports for the train and eval splits of one stage."""
+def check_stage(config: RunConfig, index: int, tokenizer: Any, show_tokens: int = SHOW_TOKENS) -> list[SplitReport]:
+    """Reports for the train and eval splits of one stage (``show_tokens`` rows per source shown as tokens)."""
     from aligner.stages import _split_eval
 
     stage = config.stages[index]
@@ -334,17 +418,23 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any) -> list[SplitRepo
         report.max_prompt_length = max_prompt_length  # the limit in force (prompt-only data leaves room)
         report.sources = train_sources if split == "train" else eval_sources
         report.problems = (problems if split == "train" else []) + every_split
+        if tokenized is not None:
+            report.token_views = token_views(rows, tokenized, tokenizer, show_tokens)
         reports.append(report)
     return reports
 
 
-def check_data(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> list[SplitReport]:
-    """Check the data of every stage of ``config`` (tokenizer loaded, no model); one report per split."""
+def check_data(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
+               show_tokens: int = SHOW_TOKENS) -> list[SplitReport]:
+    """Check the data of every stage of ``config`` (tokenizer loaded, no model); one report per split.
+
+    ``show_tokens``: rows per source of each split shown token by token (0: none)."""
     from aligner.models import load_tokenizer
 
     resolved = load_config(config, overrides)
     tokenizer = load_tokenizer(resolved)
-    return [report for i in range(len(resolved.stages)) for report in check_stage(resolved, i, tokenizer)]
+    return [report for i in range(len(resolved.stages))
+            for report in check_stage(resolved, i, tokenizer, show_tokens)]
 
 
 def enforce_drop_limit(stage: str, split: str, data: DataConfig, data_format: str, rows: list[Row],

@@ -112,10 +112,14 @@ class PeftMethodBackend:
     def release(self, model: torch.nn.Module) -> torch.nn.Module:
         """After the stage: merge mergeable adapters into the model for the next stage.
 
-        Prompt-learning methods (prefix/prompt/P-tuning) add virtual tokens that cannot be merged;
-        the wrapped model is returned as it is (fine for the last stage of a run).
+        Prompt-learning methods (prefix/prompt/P-tuning) add virtual tokens, and the adaption prompt
+        (LLaMA-Adapter) adds gated attention prompts: neither has a weight delta to merge, so the
+        wrapped model is returned as it is (fine for the last stage of a run).
         """
-        if getattr(model.peft_config[model.active_adapter], "is_prompt_learning", False):
+        prompt_learning = getattr(model.peft_config[model.active_adapter], "is_prompt_learning", False)
+        # Asked of the tuner, not the PeftModel: PeftModel forwards unknown attributes to it, and the
+        # adaption prompt's tuner has no merge_and_unload (calling it was an AttributeError at stage end).
+        if prompt_learning or not callable(getattr(model.base_model, "merge_and_unload", None)):
             log.warning("peft method '%s' cannot be merged; a following stage trains on top of it",
                         self.options.method)
             return model

@@ -1,15 +1,27 @@
-"""``cached``: reference log-probs computed once, before training, and kept in a disk cache.
+"""``cached``: reference log-probs computed before training and kept in a disk cache.
 
 At setup the reference model (the policy before any update; with a PEFT backend its base model,
-adapters disabled) scores every train and eval sequence of the stage once, with a progress bar,
-and the values go to a content-addressed cache (``aligner.cache``). During training and evaluation
-the reference "pass" is a table lookup by sequence fingerprint: no reference model in memory, no
-reference forward pass. A second run on the same model and data (a sweep over beta, a rerun)
-finds the entries and does no reference forward pass at all.
+adapters disabled) scores the stage's sequences, with a progress bar, and the values go to a
+content-addressed cache (``aligner.cache``). During training and evaluation the reference "pass" is
+a table lookup by sequence fingerprint: no reference model in memory, no reference forward pass. A
+second run on the same model and data (a sweep over beta, a rerun) finds the entries and does no
+reference forward pass at all.
+
+What is scored (``fill``). Every sequence of a split is placed in one fixed *plan*: the split's
+sequences sorted by length and cut into batches (little padding). With ``fill: used`` (the default)
+only the plan's batches that hold a train row the run will draw are scored: the rows of the first
+``max_steps`` (plus ``train.max_nonfinite_steps`` spare steps, for updates the non-finite guard
+skips) steps of the same seeded, length-grouped batch order the offline algorithm trains in. A
+short run of a large dataset so scores a small part of it, not the whole split. The values are
+bit-identical to a full pass's: each scored batch is the very batch the full pass would run (same
+rows, same padding). The entry of a split holds whatever has been scored so far; a later run that
+needs more scores only the missing batches and adds them. The eval split, a resumed run and
+algorithms other than ``offline`` are scored whole (``fill: all`` always is).
 
 The cache key covers: a SHA-256 of the reference weights' bytes (names, dtypes, shapes, values),
-the token ids of every sequence (so template, truncation and max length are covered), the
-completion boundaries, the model and autocast dtypes, and the log-prob code's version.
+the token ids of every sequence of the split (so template, truncation and max length are covered),
+the completion boundaries, the plan (layout and batch size), the model and autocast dtypes, and the
+log-prob code's version.
 """
 
 from __future__ import annotations
@@ -17,7 +29,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from typing import Any
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
@@ -71,7 +86,8 @@ def _single_sequences(data: Any, context: ReferenceContext):
 
     Values are cached per sequence, so the reference pass need not keep a pair's chosen and rejected
     sequences in one batch (which pads the shorter one to the longer): sorting every sequence by its
-    own length leaves almost no padding. ``None`` where this does not apply.
+    own length leaves almost no padding. ``None`` where this does not apply. Each batch comes with
+    the indices of the examples its sequences belong to.
     """
     from aligner.data.batching import LengthGroupedBatches, collate
     from aligner.protocols import PREFERENCE
@@ -81,13 +97,61 @@ def _single_sequences(data: Any, context: ReferenceContext):
         return None
     sequences = [{"prompt_ids": e["prompt_ids"], "completion_ids": e[field], "row_id": e["row_id"]}
                  for field in ("chosen_ids", "rejected_ids") for e in data.examples]
+    count = len(data.examples)
 
-    def batches(size: int) -> list[dict[str, Any]]:
+    def batches(size: int) -> list[tuple[dict[str, Any], list[int]]]:
         lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in sequences]
         order = LengthGroupedBatches(lengths, size, seed=0, shuffle=False, window_batches=len(sequences))
-        return [collate([sequences[i] for i in indices], data_format="sft", pad_token_id=pad) for indices in order]
+        # Sequence i is the chosen (i < count) or rejected completion of example i % count.
+        return [(collate([sequences[i] for i in indices], data_format="sft", pad_token_id=pad),
+                 [i % count for i in indices]) for indices in order]
 
     return batches
+
+
+def used_examples(stage: Any, data: Any, context: ReferenceContext, spare_steps: int) -> set[int] | None:
+    """Indices of the train examples a fresh run of the offline algorithm draws; ``None``: all of them.
+
+    The batches are the offline algorithm's own (``aligner.algorithms.offline``): length-grouped with
+    the stage's seed, ``gradient_accumulation_steps`` micro-batches per step on each process, every
+    process taking every n-th batch of one global order. ``spare_steps`` more steps are covered for
+    steps the non-finite guard skips (their batches are used up but the step does not count).
+    """
+    from aligner.data.batching import LengthGroupedBatches, stage_lengths
+
+    train = stage.config.train
+    if getattr(stage.algorithm, "name", None) != "offline":
+        return None  # another algorithm's batch order is its own: score everything
+    processes = PartialState().num_processes
+    sampler = LengthGroupedBatches(stage_lengths(stage, data), train.batch_size, seed=_stage_seed(context),
+                                   group_by_length=train.group_by_length)
+    per_step = train.gradient_accumulation_steps * processes
+    steps = train.max_steps or math.ceil(train.epochs * -(-len(sampler) // per_step))
+    drawn = (steps + spare_steps) * per_step
+    if drawn >= len(sampler):
+        return None  # the run reaches the end of the first epoch: every row
+    sampler.set_epoch(0)
+    return {i for batch in sampler.batches()[:drawn] for i in batch}
+
+
+def _stage_seed(context: ReferenceContext) -> int:
+    """The seed of the stage's data order: the run's seed + the stage's index.
+
+    ``ReferenceContext`` does not carry it; the trainer seeds every stage with exactly that
+    (``set_seed(config.seed + stage.index)`` in ``aligner.api``) just before its setup, and nothing
+    reseeds torch in between. Were that to change, the first lookup would find no value and stop the
+    run at its first step with an error naming ``fill: all``, never train on wrong values.
+    """
+    return torch.initial_seed()
+
+
+def _resuming(context: ReferenceContext) -> bool:
+    """Whether the stage already has checkpoints: a resumed run continues from one, at a data position
+    this setup does not see, so its rows cannot be told in advance."""
+    if not context.run_dir or context.stage is None:
+        return False
+    checkpoints = Path(context.run_dir) / context.stage.name / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
 class CachedReference:
@@ -106,6 +170,9 @@ class CachedReference:
         dir: str | None = Field(None, description="cache directory; default $ALIGNER_CACHE_DIR/reference or "
                                                   "~/.cache/aligner/reference")
         batch_size: int | None = Field(None, gt=0, description="batch size for filling it; default: the stage's")
+        fill: Literal["used", "all"] = Field("used", description=(
+            "used: score only the train rows the run will draw (a short run of a large dataset does not wait "
+            "for a whole pass; later runs add what they need); all: score every train and eval row at setup"))
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()
@@ -113,10 +180,12 @@ class CachedReference:
         self.table: dict[int, tuple[float, int]] = {}
         self.forward_passes = 0  # reference forward passes this run (0 on a full cache hit)
         self.keys: dict[str, str] = {}
+        # Per split, the row ids whose sequences this run scored (a forward pass, not a cache hit).
+        self.scored_rows: dict[str, set[int]] = {}
 
     # -- setup: look up or compute every split ------------------------------------------------------
     def setup(self, context: ReferenceContext) -> None:
-        """Load or compute the reference values of every train and eval sequence of the stage."""
+        """Load the reference values of the stage's sequences from the cache; score those missing."""
         stage = context.stage
         if stage is None or context.collate_fn is None:
             raise RuntimeError("reference 'cached' needs the stage's tokenized data in its ReferenceContext")
@@ -129,21 +198,31 @@ class CachedReference:
                 continue
             batch_size = self.options.batch_size or (stage.config.train.batch_size if split == "train"
                                                      else stage.config.eval.batch_size)
-            batches = self._batches(data, batch_size, context)
-            fingerprints = [f for batch in batches for f in sequence_fingerprints(batch)]
-            key = self._key(model_key, dtype, context, fingerprints)
+            layout, plan = self._plan(data, batch_size, context)
+            per_batch = [sequence_fingerprints(batch) for batch, _ in plan]
+            fingerprints = [f for batch in per_batch for f in batch]
+            key = self._key(model_key, dtype, context, fingerprints, f"{layout}:{batch_size}")
             self.keys[split] = key
+            needed = None
+            if split == "train" and self.options.fill == "used" and not _resuming(context):
+                needed = used_examples(stage, data, context, stage.config.train.max_nonfinite_steps)
             # With several processes the main one computes and writes the entry while the others
             # wait, then they read it: one reference pass per run, not one per process.
             with PartialState().main_process_first():
                 entry = self._load(key)
-                if entry is None:
-                    entry = self._compute(key, batches, fingerprints, context, stage, split, model_key)
+                have = set(entry.fingerprints.tolist()) if entry is not None else set()
+                todo = [i for i, (_, members) in enumerate(plan)
+                        if (needed is None or needed.intersection(members)) and not have.issuperset(per_batch[i])]
+                if todo:
+                    entry = self._compute(key, plan, per_batch, todo, entry, context, stage, split, model_key,
+                                          len(data.examples) if needed is None else len(needed), len(fingerprints))
                 else:
                     log.info("stage '%s' %s: reference log-probs from the cache (%s...)", stage.name, split, key[:12])
             self._add(entry)
 
-    def _batches(self, data: Any, batch_size: int, context: ReferenceContext) -> list[dict[str, Any]]:
+    def _plan(self, data: Any, batch_size: int,
+              context: ReferenceContext) -> tuple[str, list[tuple[dict[str, Any], list[int]]]]:
+        """The split's fixed batches (each with its examples' indices) and the layout's name."""
         from aligner.data.batching import LengthGroupedBatches
         from aligner.logprobs import can_share_prompts
         from aligner.protocols import PREFERENCE
@@ -154,18 +233,21 @@ class CachedReference:
                   and can_share_prompts(context.policy))
         single = None if shared else _single_sequences(data, context)
         if single is not None:
-            return single(2 * batch_size)
+            return "single", single(2 * batch_size)
         # Sorted by length over the whole split (no shuffling here), so batches pad as little as possible.
         order = LengthGroupedBatches(data.lengths(shared_prompt=bool(shared)), batch_size, seed=0, shuffle=False,
                                      window_batches=len(data.examples))
-        return [context.collate_fn([data.examples[i] for i in indices]) for indices in order]
+        layout = "shared" if shared else "rows"
+        return layout, [(context.collate_fn([data.examples[i] for i in indices]), list(indices)) for indices in order]
 
     @staticmethod
-    def _key(model_key: str, dtype: str, context: ReferenceContext, fingerprints: list[int]) -> str:
+    def _key(model_key: str, dtype: str, context: ReferenceContext, fingerprints: list[int], plan: str) -> str:
         digest = hashlib.sha256()
         precision = getattr(context.autocast, "__self__", None)
         precision = getattr(precision, "mixed_precision", "no")
-        digest.update(f"{LOGPROBS_VERSION};{model_key};{dtype};autocast={precision};".encode())
+        # The plan is in the key because an entry can be filled by several runs: every value in it must
+        # come from the same batches (padding changes the last bits), whichever run scored it.
+        digest.update(f"{LOGPROBS_VERSION};{model_key};{dtype};autocast={precision};plan={plan};".encode())
         digest.update(torch.tensor(sorted(fingerprints), dtype=torch.int64).numpy().tobytes())
         return digest.hexdigest()
 
@@ -177,40 +259,60 @@ class CachedReference:
             self.cache.remove(key)
             return None
 
-    def _compute(self, key: str, batches: list[dict[str, Any]], fingerprints: list[int], context: ReferenceContext,
-                 stage: Any, split: str, model_key: str) -> Entry:
+    def _compute(self, key: str, plan: list[tuple[dict[str, Any], list[int]]], per_batch: list[list[int]],
+                 todo: list[int], entry: Entry | None, context: ReferenceContext, stage: Any, split: str,
+                 model_key: str, rows: int, total: int) -> Entry:
+        """Score the plan's batches ``todo``, add them to ``entry`` (what the cache held) and save it."""
         model = context.policy
         peft_model = peft_model_of(model)
         was_training = model.training
+        sequences = sum(len(per_batch[i]) for i in todo)
+        examples = len(getattr(stage, f"{split}_data").examples)
+        why = (f"the batches holding the {rows} of {examples} rows the run's steps draw (with "
+               f"train.max_nonfinite_steps={stage.config.train.max_nonfinite_steps} spare steps)"
+               if rows < examples else f"all {examples} rows")
+        log.info("stage '%s' %s: scoring reference log-probs of %d of the split's %d sequences in %d batches: %s",
+                 stage.name, split, sequences, total, len(todo), why)
         # Deterministic values (no dropout); a 4-bit base is guarded against eval-mode repacking
         # by its PEFT backend (aligner.peft_backends.quantization).
         model.eval()
         # Setup runs before accelerate places the model, so batches go where its weights are now.
         device = next(model.parameters()).device
-        logps, counts = [], []
-        progress = Progress(f"{stage.name} reference log-probs ({split})", len(batches))
+        logps, counts, scored = [], [], self.scored_rows.setdefault(split, set())
+        progress = Progress(f"{stage.name} reference log-probs ({split})", len(todo))
         try:
             with torch.no_grad():
-                for done, batch in enumerate(batches, 1):
+                for done, index in enumerate(todo, 1):
+                    started = time.perf_counter()
+                    batch = plan[index][0]
                     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                     disabled = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
                     autocast = context.autocast() if context.autocast is not None else contextlib.nullcontext()
                     with disabled, autocast:
                         result = context.logprobs_fn(model, moved)
                     self.forward_passes += 1
+                    scored.update(batch["row_ids"].tolist())
                     logps.append(result.logps.float().cpu())
                     counts.append(result.num_tokens.cpu())
+                    if done == 1 and len(todo) > 1:
+                        seconds = (time.perf_counter() - started) * len(todo)
+                        log.info("stage '%s' %s: the reference pass will take about %s (from its first batch)",
+                                 stage.name, split, _duration(seconds))
                     progress.update(done)
         finally:
             progress.close()
             model.train(was_training)
-        info = {"stage": stage.name, "split": split, "weights": model_key[:16], "sequences": len(fingerprints),
-                "data": str(getattr(stage.config.data, split, "") or "")}
-        path = self.cache.save(key, torch.tensor(fingerprints, dtype=torch.int64), torch.cat(logps),
-                               torch.cat(counts), info)
-        log.info("stage '%s' %s: cached reference log-probs of %d sequences in %s", stage.name, split,
-                 len(fingerprints), path)
-        return Entry(key, torch.tensor(fingerprints, dtype=torch.int64), torch.cat(logps), torch.cat(counts), {})
+        new = torch.tensor([f for i in todo for f in per_batch[i]], dtype=torch.int64)
+        parts = [entry] if entry is not None else []
+        fingerprints = torch.cat([e.fingerprints for e in parts] + [new])
+        values = torch.cat([e.logps for e in parts] + logps)
+        tokens = torch.cat([e.num_tokens for e in parts] + counts)
+        info = {"stage": stage.name, "split": split, "weights": model_key[:16], "sequences": int(fingerprints.numel()),
+                "of": total, "data": str(getattr(stage.config.data, split, "") or "")}
+        path = self.cache.save(key, fingerprints, values, tokens, info)
+        log.info("stage '%s' %s: cached reference log-probs of %d sequences in %s (%d of %d sequences of the "
+                 "split now cached)", stage.name, split, sequences, path, fingerprints.numel(), total)
+        return Entry(key, fingerprints, values, tokens, {})
 
     def _add(self, entry: Entry) -> None:
         for fingerprint, value, count in zip(entry.fingerprints.tolist(), entry.logps.tolist(),
@@ -226,12 +328,22 @@ class CachedReference:
             if found is None:
                 raise RuntimeError(
                     "reference 'cached' has no value for a sequence of this batch: it was not among the "
-                    "stage's train/eval sequences at setup (a loss that scores extra sequences needs "
-                    "reference 'frozen_copy' or 'disabled_adapter')")
+                    "sequences scored at setup (a loss that scores extra sequences needs reference "
+                    "'frozen_copy' or 'disabled_adapter'; a run that drew more batches than its steps, as "
+                    "when many steps were skipped for non-finite values, needs reference option 'fill: all')")
             values.append(found[0])
         device = batch["input_ids"].device
         return SequenceLogProbs(torch.tensor(values, dtype=torch.float32, device=device),
                                 batch["completion_mask"].sum(-1))
+
+
+def _duration(seconds: float) -> str:
+    """``under a second``, ``42s``, ``3.5 min`` or ``1.2 h``."""
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 @hookimpl

@@ -1,0 +1,68 @@
+"""What ``aligner revise CONFIG`` reads.
+
+::
+
+    # aligner revise configs/constitutional/revise.yaml
+    output: runs/constitutional/revisions.jsonl
+    model: {path: ../../runs/constitutional_base/sft/final}
+    tokenizer: builtin
+    prompts: ../../aligner/quickstart/data/prompts_train.jsonl
+    constitution: ../../aligner/assets/constitution.yaml
+    rounds: 2
+
+Relative ``prompts``, ``constitution`` and ``model.path`` follow the config file, as in ``aligner label``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+
+from aligner.config import ModelConfig, Strict, read_config_source, validation_error
+from aligner.constitutional.constitution import BUNDLED
+from aligner.label import _resolve
+
+
+class ReviseConfig(Strict):
+    """The model that answers, critiques and revises; the prompts; the constitution; sampling settings."""
+
+    output: str = Field(description="the SFT JSONL to write (appended to; resumable)")
+    model: ModelConfig
+    tokenizer: str | None = Field(None, description="'builtin', a directory; default: the model's")
+    prompts: str = Field(description="prompt-only rows (JSONL, or anything aligner reads)")
+    split: str = "train"
+    max_prompts: int | None = Field(None, gt=0)
+    template: str = Field("plain", description="the data template the answers (and the SFT rows) use")
+    constitution: str = Field(str(BUNDLED), description="YAML with 'principles' (name, critique, revision)")
+    rounds: int = Field(1, ge=1, description="critique-and-revision rounds, each with a principle drawn at random")
+    critique_template: str = Field("critique", description="few-shot critique prompt: a shipped name or a YAML path")
+    revision_template: str = Field("revision", description="few-shot revision prompt: a shipped name or a YAML path")
+    reviser: str | None = Field(None, description=(
+        "'module:function' (prompt, answer, principle) -> (critique, revision) used instead of the model for "
+        "critiques and revisions (a rule stand-in for models too small to critique); default: the model"))
+    max_prompt_length: int = Field(256, gt=0, description="answer prompts are cut from the left to this")
+    max_context_length: int = Field(448, gt=0, description="critique/revision prompts are cut from the left to this")
+    max_new_tokens: int = Field(32, gt=0, description="per answer, critique and revision")
+    temperature: float = Field(1.0, ge=0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, gt=0, description="prompts per chunk (written together)")
+    seed: int = 0
+
+
+def load_revise_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> ReviseConfig:
+    """Validate a revise config (YAML path or dict); relative paths follow the file."""
+    data, base, origin = read_config_source(source, overrides)
+    try:
+        config = ReviseConfig.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, origin, root=ReviseConfig) from None
+    config.prompts = _resolve(config.prompts, base, "prompts")
+    config.constitution = _resolve(config.constitution, base, "constitution")
+    for key in ("critique_template", "revision_template"):
+        value = getattr(config, key)
+        if value.endswith((".yaml", ".yml")):
+            setattr(config, key, _resolve(value, base, key))
+    if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
+        config.model.path = _resolve(config.model.path, base, "model.path")
+    return config
