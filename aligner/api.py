@@ -85,10 +85,38 @@ def _multi_process_cpu() -> bool:
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     sharded = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                if os.environ.get(flag, "").lower() in ("1", "true")]
-    if multi_cpu and sharded and int(os.environ.get("RANK", "0")) == 0:
+    if multi_cpu and sharded and not _fsdp2_requested() and int(os.environ.get("RANK", "0")) == 0:
         log.warning("%s needs GPUs: on CPUs the %s processes run as data parallel over gloo, each holding the "
-                    "whole model", sharded[0], os.environ["WORLD_SIZE"])
+                    "whole model (FSDP2, fsdp_version: 2, does run on CPUs)", sharded[0], os.environ["WORLD_SIZE"])
     return multi_cpu
+
+
+def _fsdp2_requested() -> bool:
+    """Whether the launch asks for FSDP2 (accelerate's FSDP config with ``fsdp_version: 2``)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and os.environ.get("FSDP_VERSION") == "2"
+
+
+def _accelerator(precision: str) -> Any:
+    """The run's ``Accelerator``; FSDP2 is switched on for processes on CPUs too.
+
+    accelerate turns FSDP on for GPU processes only, but torch's FSDP2 (``fully_shard``) runs on gloo:
+    with several CPU processes and an FSDP2 config, the model and optimizer are sharded as on GPUs
+    (tests/test_fsdp.py trains, kills, resumes and compares such a run).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    multi_cpu = _multi_process_cpu()
+    accelerator = Accelerator(mixed_precision=_precision(precision), cpu=multi_cpu)
+    if multi_cpu and _fsdp2_requested():
+        # Both shared states: AcceleratorState copies PartialState's fields whenever it is built again.
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    return accelerator
 
 
 def _precision(requested: str) -> str:
@@ -207,7 +235,6 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     ``resume``) continues an interrupted run from its last complete checkpoint: finished stages
     are loaded, not retrained. ``overwrite`` replaces an earlier run in ``output_dir``.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from aligner.models import load_model, load_tokenizer
@@ -237,7 +264,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     for stage in stages:
         tokenize_stage(stage, tokenizer)
 
-    accelerator = Accelerator(mixed_precision=_precision(resolved.precision), cpu=_multi_process_cpu())
+    accelerator = _accelerator(resolved.precision)
     plan = _resume_plan(stages, out, accelerator) if resuming else {}
     set_seed(resolved.seed)
     model = load_model(resolved.model, tokenizer, kinds.pop())

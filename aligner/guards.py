@@ -74,7 +74,10 @@ class NonFiniteGuard:
         loss_ok = torch.stack([torch.isfinite(x).all() for x in self._losses]).all()
         # One fused norm over all gradients: NaN/inf anywhere makes it non-finite (and a norm that
         # overflows would make clipping useless too). Per-tensor isfinite().all() is ~15x slower on CPU.
-        grad_ok = torch.isfinite(get_total_norm(grads)).to(loss_ok.device) if grads else loss_ok.new_tensor(True)
+        norm = get_total_norm(grads) if grads else None
+        if norm is not None and hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()  # FSDP2's gradients are shards (DTensors): their norm is completed across processes
+        grad_ok = torch.isfinite(norm).to(loss_ok.device) if norm is not None else loss_ok.new_tensor(True)
         flags = torch.stack([loss_ok, grad_ok]).float()
         if accelerator is not None and accelerator.num_processes > 1:
             # Every process must take the same decision, or their weights would drift apart.

@@ -5,7 +5,9 @@ model or adapter (safetensors), ``optimizer.pt`` (optimizer and scheduler state,
 ``weights_only=True``), ``rng.pt`` (torch, and CUDA where present) plus the Python and NumPy RNG
 states in ``trainer_state.json``, and the data position: how many micro-batches of which epoch
 were consumed. Restoring all of it makes an interrupted-and-resumed run equal, bit for bit on CPU,
-to one that never stopped.
+to one that never stopped. Under FSDP the weights and optimizer state are instead every process's
+shards (``sharded/``, torch.distributed.checkpoint), with each process's RNG state beside them
+(see "sharded training state" below).
 
 Resume takes the newest checkpoint that verifies against its manifest (``verify_checkpoint``): a
 damaged one is skipped with a warning naming its damaged files and renamed to ``damaged-<name>``,
@@ -197,10 +199,15 @@ def _torch_load(path: Path) -> Any:
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load the checkpoint's weights (full model or peft adapter) into ``model`` in place."""
     adapter = directory / "adapter_model.safetensors"
-    if adapter.is_file():
+    # peft's layout: the adapter named "default" at the top, every other named adapter in its own folder.
+    named = [sub for sub in sorted(directory.iterdir()) if sub.is_dir() and (sub / "adapter_model.safetensors").is_file()]
+    if adapter.is_file() or named:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, _read_tensors(adapter))
+        if adapter.is_file():
+            set_peft_model_state_dict(model, _read_tensors(adapter))
+        for sub in named:
+            set_peft_model_state_dict(model, _read_tensors(sub / "adapter_model.safetensors"), adapter_name=sub.name)
         return
     state = {}
     for shard in sorted(directory.glob("model*.safetensors")):  # not value_head.safetensors etc.
@@ -243,4 +250,85 @@ def load_training_state(directory: Path, optimizer: Any, scheduler: Any) -> Posi
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng(state["rng"], _torch_load(directory / "rng.pt"))
+    return _position(state, directory)
+
+
+# --- sharded training state (FSDP) ----------------------------------------------------------------
+#
+# Under FSDP no process holds the whole model or optimizer state, so a checkpoint cannot be written by
+# the main process alone: every process saves its own shards with torch.distributed.checkpoint (DCP)
+# into ``sharded/`` (one ``__<rank>_0.distcp`` file each, and a ``.metadata`` index written by the
+# main process), and its own RNG state into ``rng-rank<r>.pt``. The main process adds
+# ``scheduler.pt`` and ``trainer_state.json``; ``checkpoint.write_sharded_atomically`` makes the whole
+# directory appear at once, with every process's files in its manifest.
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    # accelerate wraps the optimizer; DCP's state-dict helpers need torch's own object.
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def is_sharded(directory: Path) -> bool:
+    """Whether a checkpoint holds sharded (per-process) model and optimizer state."""
+    from aligner.checkpoint import SHARDED_DIR
+
+    return (directory / SHARDED_DIR).is_dir()
+
+
+def save_sharded_shard(directory: Path, model: torch.nn.Module, optimizer: Any, rank: int) -> None:
+    """This process's part of a sharded checkpoint: its model and optimizer shards, its RNG state.
+
+    Every process must call it (DCP's save is a collective). The state dicts are DCP's own
+    (parameter names of the unwrapped model, optimizer state keyed by them), so they load back into
+    a model sharded over another number of processes too.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from aligner.checkpoint import SHARDED_DIR
+
+    plain, tensors = capture_rng()
+    # Each process has its own RNG streams: all are kept, so a resumed run draws what the
+    # uninterrupted one would have on every process.
+    torch.save({"tensors": tensors, "plain": json.dumps(plain)}, directory / f"rng-rank{rank}.pt")
+    model_state, optimizer_state = get_state_dict(model, _torch_optimizer(optimizer))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / SHARDED_DIR))
+
+
+def save_sharded_main(directory: Path, scheduler: Any, position: Position) -> dict[str, Any]:
+    """The main process's part of a sharded checkpoint: the schedule; returns the JSON part of the state."""
+    torch.save({"scheduler": scheduler.state_dict()}, directory / "scheduler.pt")
+    return {"position": position.__dict__, "sharded": True}
+
+
+def load_sharded_training_state(directory: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                                rank: int) -> Position:
+    """Load a sharded checkpoint into an already sharded model and optimizer; every process calls it.
+
+    Each process reads the shards it now holds (DCP reshards if the process count changed) and its
+    own RNG state; with another process count, a process without a saved RNG state takes process
+    0's (the run then continues correctly but not bit for bit).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from aligner.checkpoint import SHARDED_DIR
+
+    state = read_trainer_state(directory)
+    inner = _torch_optimizer(optimizer)
+    model_state, optimizer_state = get_state_dict(model, inner)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(loaded, checkpoint_id=str(directory / SHARDED_DIR))
+    except Exception as exc:  # DCP reports a missing or damaged shard in its own exception types
+        raise CheckpointError(f"could not load the sharded state in {directory / SHARDED_DIR}: {exc}; "
+                              "`aligner verify RUN_DIR` checks a run's checkpoints") from exc
+    set_state_dict(model, inner, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    scheduler.load_state_dict(_torch_load(directory / "scheduler.pt")["scheduler"])
+    own = directory / f"rng-rank{rank}.pt"
+    if not own.is_file():
+        log.warning("%s has no RNG state for process %d (saved with fewer processes): using process 0's", directory, rank)
+        own = directory / "rng-rank0.pt"
+    saved = _torch_load(own)
+    restore_rng(json.loads(saved["plain"]), saved["tensors"])
     return _position(state, directory)

@@ -109,7 +109,13 @@ def _gathered_weights(run: RunState, model: torch.nn.Module) -> dict | None:
 
 def save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                     position: resume.Position, extra_state: dict[str, Any] | None = None) -> Path | None:
-    """Write ``step-N`` atomically with everything an exact resume needs (``extra_state`` too)."""
+    """Write ``step-N`` atomically with everything an exact resume needs (``extra_state`` too).
+
+    Under FSDP every process writes its shard of the weights and optimizer state (see
+    ``resume.save_sharded_shard``); otherwise the main process writes the whole state.
+    """
+    if _sharded(run):
+        return _save_sharded_checkpoint(run, model, optimizer, scheduler, position, extra_state)
     weights = _gathered_weights(run, model)
     if not run.is_main_process:
         return None
@@ -120,6 +126,44 @@ def save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sched
                                 extra=lambda d: {**resume.save_training_state(d, optimizer, scheduler, position),
                                                  **(extra_state or {})},
                                 state_dict=weights)
+    checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
+    call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
+    return target
+
+
+def _sharded(run: RunState) -> bool:
+    """Whether checkpoints are sharded: under FSDP no process holds the whole optimizer state."""
+    from accelerate.utils import DistributedType
+
+    return run.accelerator.distributed_type == DistributedType.FSDP
+
+
+def _save_sharded_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                             position: resume.Position, extra_state: dict[str, Any] | None) -> Path | None:
+    """``step-N`` with every process's shard (a collective: every process calls it)."""
+    directory = run.stage_dir / "checkpoints"
+    target = directory / f"step-{run.step}"
+    state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps,
+             "processes": run.accelerator.num_processes}
+    unwrapped = run.accelerator.unwrap_model(model)
+
+    def write_main(temporary: Path) -> None:
+        # The config and tokenizer make the checkpoint self-describing; its weights are the shards.
+        config = getattr(unwrapped, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(temporary)
+        if run.tokenizer is not None:
+            run.tokenizer.save_pretrained(temporary)
+        full = {**state, **resume.save_sharded_main(temporary, scheduler, position), **(extra_state or {})}
+        (temporary / "trainer_state.json").write_text(json.dumps(full, indent=2))
+
+    checkpoint.write_sharded_atomically(
+        target, model, run.is_main_process,
+        write_shard=lambda temporary: resume.save_sharded_shard(temporary, model, optimizer,
+                                                                     run.accelerator.process_index),
+        write_main=write_main)
+    if not run.is_main_process:
+        return None
     checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
     return target
@@ -201,8 +245,13 @@ def _logged_evaluation(run: RunState, step: int) -> dict[str, float]:
 def _resume(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any, directory: Path) -> resume.Position:
     """Load a checkpoint: the algorithm's weights, optimizer/schedule/RNG state, the algorithm's own state."""
     algorithm = run.stage.algorithm
-    algorithm.load_weights(run.accelerator.unwrap_model(model), directory)
-    position = resume.load_training_state(directory, optimizer, scheduler)
+    if resume.is_sharded(directory):
+        # Every process reads its own shards of the weights and optimizer state (a collective).
+        position = resume.load_sharded_training_state(directory, model, optimizer, scheduler,
+                                                       run.accelerator.process_index)
+    else:
+        algorithm.load_weights(run.accelerator.unwrap_model(model), directory)
+        position = resume.load_training_state(directory, optimizer, scheduler)
     algorithm.load_state_dict(resume.read_trainer_state(directory).get("algorithm", {}))
     run.step = position.step
     log.info("stage '%s': resumed from %s (step %d)", run.stage.name, directory, run.step)

@@ -185,3 +185,22 @@ def test_a_stage_trains_only_its_own_adapter_and_can_continue_an_earlier_one():
     assert sorted(model.peft_config) == ["people", "water"] and trainable(model) == {"people"}
     again = stage("water", model)  # e.g. DPO after SFT of the same task's adapter
     assert again is model and sorted(model.peft_config) == ["people", "water"] and trainable(model) == {"water"}
+
+
+def test_a_run_with_named_adapters_resumes_bit_for_bit(two_adapters, tmp_path):
+    """Killed at step 3 of the first stage (checkpoint at step 2 holds the 'water' adapter in its own
+    folder), resumed: both adapters end exactly as in the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from tests.test_resume import run_interrupted_then_resumed
+
+    tmp = two_adapters.parent
+    stages = [_stage("water", tmp / "water.jsonl", adapter_name="water"),
+              _stage("people", tmp / "people.jsonl", adapter_name="people")]
+    stages[0]["train"]["save_every"] = 2
+    config = {"output_dir": str(tmp_path / "run"), "seed": 0, "model": {"path": str(tmp / "base")}, "stages": stages}
+    resumed = run_interrupted_then_resumed(config, kill_at=3)
+    for name in ("water", "people"):
+        a = load_file(str(two_adapters / "people" / "final" / name / "adapter_model.safetensors"))
+        b = load_file(str(resumed.output_dir / "people" / "final" / name / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
