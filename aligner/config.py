@@ -242,6 +242,18 @@ class DataConfig(Strict):
     max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0, description=(
         "stop before training when a larger share of a split's rows would be dropped (empty, "
         "identical pair, emptied by truncation)"))
+    packing: bool | int = Field(False, description=(
+        "sft stages: run each micro-batch's rows concatenated into as few rows as fit (position ids restart per "
+        "sequence, no attention across sequences); true: rows as wide as the batch's longest sequence, N: rows of "
+        "N tokens (a longer sequence gets its own row); flash_attention_2: one row, varlen"))
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_width(cls, value: Any) -> Any:
+        # bool is an int in Python: without this, 'packing: 1' would silently mean 'true'.
+        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+            raise ValueError("give true, false or a packed-row width in tokens (at least 2)")
+        return value
 
 
 class TrainConfig(Strict):

@@ -179,6 +179,7 @@ def label(config: LabelConfig) -> dict[str, int]:
     from aligner.models import load_model, load_tokenizer
     from aligner.online.rewards import build_judge
     from aligner.online.sampler import sample
+    from aligner.threads import apply_threads
 
     try:
         judge = build_judge(config.judge)
@@ -205,6 +206,7 @@ def label(config: LabelConfig) -> dict[str, int]:
     tokenized = tokenize_rows([rows[i] for i in todo], "prompt", tokenizer, template,
                               max_length=config.max_prompt_length + 1, max_prompt_length=config.max_prompt_length)
     set_seed(config.seed)
+    apply_threads("auto")  # as a training run does: torch's own default oversubscribes shared CPUs
     model = load_model(config.model, tokenizer)
     import torch
 

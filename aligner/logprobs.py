@@ -11,8 +11,9 @@ Only positions that predict a completion token are needed. Two ways to get them:
   positions times the vocabulary. Preference pairs collated with ``share_prompt`` run as one row
   per pair that holds the prompt once, and a batch marked ``share_prompt_groups`` (rollout rows,
   where consecutive rows sample the same prompt) as one row per run of rows with the same prompt
-  (``aligner.shared_prompt``). Under DDP this path runs as the wrapper's forward
-  (``aligner.wrapped_forward``), so gradients still sync;
+  (``aligner.shared_prompt``), and an SFT batch collated with ``data.packing`` as its sequences
+  concatenated into as few rows as fit (``aligner.data.packing``). Under DDP this path runs as the
+  wrapper's forward (``aligner.wrapped_forward``), so gradients still sync;
 - the plain path, for every other model (prompt/prefix tuning, which prepend virtual tokens inside
   the PEFT wrapper; FSDP/DeepSpeed, whose sharded weights are gathered by their own forward;
   heads that transform logits after the projection, such as soft-capping): the model's own forward
@@ -31,6 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import selective_log_softmax
 
+from aligner.data.packing import PACK_KEY, pack_sequences, sequence_packing
 from aligner.protocols import SequenceLogProbs
 from aligner.shared_prompt import (
     PackedRows,
@@ -128,7 +130,10 @@ def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
 
 
 def _packed(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedRows | None:
-    """The shared-prompt layout ``batch`` asks for (groups before pairs), or ``None`` for its own rows."""
+    """The packed layout ``batch`` asks for (SFT sequences, or shared prompts: groups before pairs),
+    or ``None`` for its own rows."""
+    if batch.get(PACK_KEY):
+        return pack_sequences(batch, decoder)
     if batch.get("share_prompt_groups"):
         return pack_groups(batch, decoder)
     if batch.get("share_prompt"):
@@ -143,8 +148,10 @@ def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module,
 
     A preference batch collated with ``share_prompt`` runs each pair as one row holding its prompt
     once, a batch marked ``share_prompt_groups`` each run of consecutive rows with the same prompt
-    (``aligner.shared_prompt``), where the attention implementation allows it. Values, per-token
-    values and gradients are those of the unpacked rows either way.
+    (``aligner.shared_prompt``), and an SFT batch marked by ``data.packing`` its sequences
+    concatenated into as few rows as fit (``aligner.data.packing``), where the attention
+    implementation allows it. Values, per-token values and gradients are those of the unpacked rows
+    either way.
     """
     input_ids = batch["input_ids"]
     completion_mask = batch["completion_mask"]
@@ -239,9 +246,16 @@ def _sharing_decoder(model: torch.nn.Module, forward_kind: str) -> torch.nn.Modu
 def forward_layout(model: torch.nn.Module, batch: dict[str, Any], forward_kind: str = "logprobs") -> tuple[int, int]:
     """``(real tokens, positions)`` of the rows the policy's forward pass runs for ``batch``.
 
-    With shared prompts these are the packed rows (each prompt counted once), else the batch's own.
-    Groups (``share_prompt_groups``) are packed by the log-prob forward only, pairs by both.
+    With shared prompts these are the packed rows (each prompt counted once), with ``data.packing``
+    the packed SFT rows, else the batch's own. Groups (``share_prompt_groups``) and SFT sequences are
+    packed by the log-prob forward only, pairs by both.
     """
+    if batch.get(PACK_KEY) and forward_kind != "reward":
+        parts = decoder_and_head(unwrap_ddp(model))
+        sequences = sequence_packing(batch, parts[0]) if parts is not None else None
+        if sequences is not None:
+            total = sequences.totals()
+            return int(total.sum()), int(total.max()) * int(total.shape[0])
     groups = bool(batch.get("share_prompt_groups")) and forward_kind != "reward"
     decoder = _sharing_decoder(model, forward_kind) if groups or batch.get("share_prompt") else None
     packing = None

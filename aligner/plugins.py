@@ -60,6 +60,7 @@ BUILTIN_PLUGINS = (
     "aligner.algorithms.rloo",
     "aligner.algorithms.reinforce_pp",
     "aligner.algorithms.online_dpo",
+    "aligner.algorithms.mezo",
     "aligner.online.advantages.gae",
     "aligner.online.advantages.group_relative",
     "aligner.online.advantages.rloo",

@@ -20,6 +20,7 @@ from aligner.config import (
     validate_plugin_options,
 )
 from aligner.data.loading import Row, load_validated
+from aligner.data.packing import check_packing
 from aligner.data.tokenize import TokenizedData
 from aligner.errors import ConfigError
 from aligner.plugins import get_registry
@@ -265,6 +266,7 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     prepared = PreparedStage(index, stage, data_format, algorithm, losses, reference_name, reference, peft,
                              eval_rewards, train_rows, eval_rows, optimizer=optimizer)
     check_requirements(prepared, config)
+    check_packing(prepared)  # before any model loads, also for a later stage of a multi-stage run
     algorithm.check_stage(prepared)
     check_optimizer = getattr(optimizer, "check_stage", None)  # optional: refuse a stage it cannot train
     if check_optimizer is not None:

@@ -34,3 +34,14 @@ def test_grpo_benchmark_quick_run(tmp_path):
     assert numbers["aligner"]["mean_length"] == numbers["trl"]["mean_length"] == numbers["spec"]["max_new_tokens"]
     assert numbers["aligner"]["completions"] == numbers["trl"]["completions"] == 32  # 2 steps x 2 prompts x 8
     assert numbers["ratio_completions_per_s"] > 0
+
+
+def test_data_scale_benchmark_small_run(tmp_path):
+    """The data benchmark runs; both sides tokenize every row, and the warm run reads aligner's cache."""
+    out = tmp_path / "scale.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "data_scale.py"), "--rows", "500", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = json.loads(out.read_text())["500"]
+    assert cases["aligner cold"]["examples"] == cases["aligner warm"]["examples"] == 500
+    assert cases["aligner warm"]["cpu_s"] < cases["aligner cold"]["cpu_s"]

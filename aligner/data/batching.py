@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from aligner.protocols import PREFERENCE, PROMPT_ONLY, UNPAIRED
+from aligner.data.packing import PACK_KEY, check_packing
+from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, UNPAIRED
 
 
 class LengthGroupedBatches:
@@ -70,13 +71,14 @@ def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
 
 
 def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int,
-            share_prompt: bool = False) -> dict[str, Any]:
+            share_prompt: bool = False, packing: bool | int = False) -> dict[str, Any]:
     """Pad a list of tokenized examples into a batch (right padding).
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on tokens the loss scores),
     ``prompt_lengths``, ``row_ids``, and ``labels`` for unpaired data. ``share_prompt`` (preference
     data only) marks the batch as one the log-prob code may run with each pair's prompt once
-    (``aligner.shared_prompt``); the tensors are the same either way.
+    (``aligner.shared_prompt``); ``packing`` (SFT data only: ``data.packing``) as one whose rows it may
+    run concatenated (``aligner.data.packing``). The tensors are the same either way.
     """
     if data_format == PREFERENCE:
         fields = ["chosen_ids", "rejected_ids"]
@@ -102,6 +104,8 @@ def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int,
     }
     if share_prompt and data_format == PREFERENCE:
         batch["share_prompt"] = True
+    if packing is not False and data_format == SFT:
+        batch[PACK_KEY] = packing
     if data_format == UNPAIRED:
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
     if any("margin" in e for e in examples):
@@ -111,9 +115,13 @@ def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int,
 
 
 def stage_collate(stage: Any, pad_token_id: int) -> partial:
-    """The collate function of ``stage``'s batches (training, evaluation and reference passes alike)."""
+    """The collate function of ``stage``'s batches (training, evaluation and reference passes alike).
+
+    Refuses ``data.packing`` on a stage that does not train on SFT rows (``check_packing``).
+    """
+    check_packing(stage)
     return partial(collate, data_format=stage.data_format, pad_token_id=pad_token_id,
-                   share_prompt=stage.config.train.share_prompt)
+                   share_prompt=stage.config.train.share_prompt, packing=stage.config.data.packing)
 
 
 def stage_lengths(stage: Any, data: Any) -> list[int]:

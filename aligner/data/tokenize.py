@@ -29,17 +29,29 @@ whether they were identical in the data or became so by truncation. Prompt-only 
 methods) keeps prompts short enough that prompt + ``max_new_tokens`` generated tokens fit
 ``max_length``. Left unset, the prompt limit leaves completions room within ``max_length``; one set
 so that it leaves (almost) none is warned about before any model loads (``prompt_token_limit``).
+
+Scale. Texts go to the tokenizer ``ENCODE_BATCH`` at a time (straight to the ``tokenizers`` backend
+where that gives the same result: ``_rust_tokenizer``); kept ids are stored as int32 arrays
+(``aligner.data.examples``); and the result is cached on disk by a fingerprint of its inputs
+(``aligner.data.token_cache``), so a second run on the same data skips all of this.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from aligner.data.examples import CompactExamples, ExampleBuilder
 from aligner.data.loading import Row
 from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, UNPAIRED
+
+if TYPE_CHECKING:
+    from aligner.data.token_cache import TokenCache
 
 log = logging.getLogger("aligner")
 
@@ -51,18 +63,22 @@ class TokenizedData:
     """Token ids of every kept row, plus counts of what truncation did."""
 
     data_format: str
-    examples: list[dict[str, Any]]
+    # ``CompactExamples`` (ids as int32 arrays, dicts of lists on access) from ``tokenize_rows``.
+    examples: Sequence[dict[str, Any]]
     dropped: Counter = field(default_factory=Counter)
     truncated_rows: int = 0
     # Where each dropped row came from and why, for ``aligner data check`` and the drop-limit report.
     dropped_rows: list[tuple[str, str]] = field(default_factory=list)
     # Tokens per input row before truncation (prompt + longest completion), kept or not.
     full_lengths: list[int] = field(default_factory=list)
+    # Input row index of each ``dropped_rows`` entry: a cache entry stores indices, not locations.
+    dropped_ids: list[int] = field(default_factory=list)
 
-    def drop(self, row: Row, reason: str) -> None:
-        """Count ``row`` as dropped for ``reason``."""
+    def drop(self, row: Row, reason: str, row_id: int = -1) -> None:
+        """Count ``row`` (input row ``row_id``) as dropped for ``reason``."""
         self.dropped[reason] += 1
         self.dropped_rows.append((row.location, reason))
+        self.dropped_ids.append(row_id)
 
     def lengths(self, shared_prompt: bool = False) -> list[int]:
         """Tokens per example as batched, for length grouping: prompt + longest completion.
@@ -71,6 +87,13 @@ class TokenizedData:
         (``aligner.shared_prompt``), so that total is what grouping must even out.
         """
         fields = COMPLETION_FIELDS[self.data_format]
+        if isinstance(self.examples, CompactExamples):  # from the offsets, without building a dict per example
+            total = self.examples.id_lengths("prompt")
+            if shared_prompt and self.data_format == PREFERENCE:
+                return (total + self.examples.id_lengths("chosen") + self.examples.id_lengths("rejected")).tolist()
+            if fields:
+                total = total + np.max([self.examples.id_lengths(f) for f in fields], axis=0)
+            return total.tolist()
         if shared_prompt and self.data_format == PREFERENCE:
             return [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in self.examples]
         return [len(e["prompt_ids"]) + max((len(e[f + "_ids"]) for f in fields), default=0) for e in self.examples]
@@ -159,12 +182,43 @@ PROBES = ("a", "The")
 ENCODE_BATCH = 1024
 
 
+def _rust_tokenizer(tokenizer: Any) -> Any | None:
+    """The ``tokenizers`` object behind a plain transformers fast tokenizer, when calling it directly
+    gives exactly what ``tokenizer(texts, add_special_tokens=False)`` gives; else ``None``.
+
+    transformers turns every encoding into Python lists in a per-text loop that costs as much as the
+    tokenizing itself; the encodings' ``ids`` and ``offsets`` are the same values. Only a tokenizer
+    whose class keeps transformers' own encoding path, with no padding or truncation left set on
+    the backend, qualifies: a subclass or wrapper may do more in ``__call__``.
+    """
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: the ordinary call is always right
+        return None
+    cls = type(tokenizer)
+    if (not isinstance(tokenizer, TokenizersBackend) or cls._encode_plus is not TokenizersBackend._encode_plus
+            or cls.__call__ is not PreTrainedTokenizerBase.__call__):
+        return None
+    backend = tokenizer._tokenizer
+    if (backend.padding is not None or backend.truncation is not None
+            or backend.encode_special_tokens != bool(tokenizer.split_special_tokens)):
+        return None
+    return backend
+
+
 def _encode_many(tokenizer: Any, texts: list[str], offsets: bool) -> tuple[list[list[int]], list[Any]]:
     """Ids (and, with ``offsets``, character spans) of ``texts``, without special tokens added."""
     ids: list[list[int]] = []
     spans: list[Any] = []
+    rust = _rust_tokenizer(tokenizer)
     for begin in range(0, len(texts), ENCODE_BATCH):
         chunk = texts[begin:begin + ENCODE_BATCH]
+        if rust is not None:
+            encodings = rust.encode_batch(chunk, add_special_tokens=False)
+            ids.extend(e.ids for e in encodings)
+            spans.extend([e.offsets for e in encodings] if offsets else [None] * len(chunk))
+            continue
         encoded = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=offsets)
         ids.extend(encoded["input_ids"])
         spans.extend(encoded["offset_mapping"] if offsets else [None] * len(chunk))
@@ -187,6 +241,9 @@ def _prompt_tokens(joint: list[int], spans: Any, prompt_chars: int, alone: list[
 
 def _common_prefix(sequences: list[list[int]]) -> int:
     n = min(len(s) for s in sequences)
+    # Almost always the completions split the prompt alike: one list comparison (in C) settles it.
+    if all(s[:n] == sequences[0][:n] for s in sequences[1:]):
+        return n
     for i in range(n):
         if any(s[i] != sequences[0][i] for s in sequences[1:]):
             return i
@@ -236,10 +293,29 @@ def encode_prompt_completion(tokenizer: Any, prompt_text: str, completion_text: 
 
 
 def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: Any,
-                  max_length: int, max_prompt_length: int) -> TokenizedData:
-    """Tokenize validated rows; drop (and count) rows with no completion token left."""
+                  max_length: int, max_prompt_length: int,
+                  cache: TokenCache | bool | None = None) -> TokenizedData:
+    """Tokenize validated rows; drop (and count) rows with no completion token left.
+
+    ``cache`` (``aligner.data.token_cache``): ``None`` uses the on-disk cache of tokenized data for
+    ``MIN_ROWS`` rows or more, ``True`` always, ``False`` never; a ``TokenCache`` names the directory.
+    A hit returns data equal to what tokenizing would give, rebuilt in a fraction of the time.
+    """
+    from aligner.data import token_cache
+
+    store = token_cache.resolve(cache, len(rows))
+    if store is None:
+        return _tokenize_rows(rows, data_format, tokenizer, template, max_length, max_prompt_length)
+    return token_cache.cached_tokenize(
+        rows, data_format, tokenizer, template, max_length, max_prompt_length, store,
+        lambda: _tokenize_rows(rows, data_format, tokenizer, template, max_length, max_prompt_length))
+
+
+def _tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: Any,
+                   max_length: int, max_prompt_length: int) -> TokenizedData:
     data = TokenizedData(data_format, [])
     fields = COMPLETION_FIELDS[data_format]
+    examples = ExampleBuilder(("prompt", *fields), with_labels=data_format == UNPAIRED)
     # Prepend BOS only for tokenizers that add it themselves (Llama-style); chat templates that
     # already write it, and tokenizers without one (Qwen, GPT-2), get none.
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
@@ -252,22 +328,23 @@ def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: A
                                                              strict=True):
             if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
                 prompt_ids = [bos, *prompt_ids]
-            _add_row(data, row_id, row, prompt_ids, dict(zip(fields, completion_ids, strict=True)), bos,
+            _add_row(data, examples, row_id, row, prompt_ids, dict(zip(fields, completion_ids, strict=True)), bos,
                      max_length, max_prompt_length)
+    data.examples = examples.build()
     return data
 
 
-def _add_row(data: TokenizedData, row_id: int, row: Row, prompt_ids: list[int], completions: dict[str, list[int]],
+def _add_row(data: TokenizedData, examples: ExampleBuilder, row_id: int, row: Row, prompt_ids: list[int], completions: dict[str, list[int]],
              bos: int | None, max_length: int, max_prompt_length: int) -> None:
     """Truncate one tokenized row and keep it, or drop it and count why."""
     data_format = data.data_format
     data.full_lengths.append(len(prompt_ids) + max((len(ids) for ids in completions.values()), default=0))
     empty = [f for f, ids in completions.items() if not row_has_text(row.data[f])]
     if empty:
-        data.drop(row, f"empty {empty[0]}")
+        data.drop(row, f"empty {empty[0]}", row_id)
         return
     if data_format == PREFERENCE and completions["chosen"] == completions["rejected"]:
-        data.drop(row, "identical chosen and rejected")
+        data.drop(row, "identical chosen and rejected", row_id)
         return
     cut = False
     if len(prompt_ids) > max_prompt_length:
@@ -280,19 +357,15 @@ def _add_row(data: TokenizedData, row_id: int, row: Row, prompt_ids: list[int], 
             completions[f] = ids[: max(room, 0)]
             cut = True
     if any(not ids for ids in completions.values()):
-        data.drop(row, "no completion tokens left after truncation")
+        data.drop(row, "no completion tokens left after truncation", row_id)
         return
     if data_format == PREFERENCE and completions["chosen"] == completions["rejected"]:
-        data.drop(row, "chosen and rejected identical after truncation")
+        data.drop(row, "chosen and rejected identical after truncation", row_id)
         return
     data.truncated_rows += cut
-    example: dict[str, Any] = {"row_id": row_id, "prompt_ids": prompt_ids, "prompt": prompt_for_judge(row.data["prompt"])}
-    example.update({f + "_ids": ids for f, ids in completions.items()})
-    if data_format == UNPAIRED:
-        example["label"] = row.data["label"]
-    if "margin" in row.data:
-        example["margin"] = row.data["margin"]
-    data.examples.append(example)
+    extra = {"margin": row.data["margin"]} if "margin" in row.data else {}
+    examples.add(row_id, prompt_for_judge(row.data["prompt"]), {"prompt": prompt_ids, **completions},
+                 label=row.data["label"] if data_format == UNPAIRED else None, **extra)
 
 
 def row_has_text(value: Any) -> bool:
