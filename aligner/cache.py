@@ -41,12 +41,13 @@ class CorruptEntry(Exception):
     """A cache entry that is truncated, unreadable or fails its checksum."""
 
 
-def default_cache_dir() -> Path:
-    """``$ALIGNER_CACHE_DIR/reference``, else ``$XDG_CACHE_HOME/aligner/reference``, else ``~/.cache/...``."""
+def default_cache_dir(kind: str = "reference") -> Path:
+    """Where aligner caches ``kind`` (``reference`` log-probs, ``tokenized`` data):
+    ``$ALIGNER_CACHE_DIR/KIND``, else ``$XDG_CACHE_HOME/aligner/KIND``, else ``~/.cache/aligner/KIND``."""
     if os.environ.get("ALIGNER_CACHE_DIR"):
-        return Path(os.environ["ALIGNER_CACHE_DIR"]) / "reference"
+        return Path(os.environ["ALIGNER_CACHE_DIR"]) / kind
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "aligner" / "reference"
+    return base / "aligner" / kind
 
 
 def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -169,17 +169,36 @@ def pairwise_wins(judge: Any, prompt: str, completions: list[str]) -> list[float
     return wins
 
 
-def label(config: LabelConfig) -> dict[str, int]:
-    """Label every not-yet-labelled prompt; return counts (``labelled``, ``ties``, ``skipped``)."""
+def load_for_sampling(config: Any, rows: list[Any]) -> tuple[Any, Any, Any, Any]:
+    """What ``label`` and ``revise`` sample with: the tokenizer, the template, ``rows`` tokenized as
+    prompts, and the model on its device (seeded, torch threads set as for a training run).
+
+    ``config`` has the fields of a ``LabelConfig`` that name the model, tokenizer, template and lengths.
+    """
+    import torch
     from accelerate.utils import set_seed
 
-    from aligner.data.loading import load_validated
     from aligner.data.templates import load_template
     from aligner.data.tokenize import tokenize_rows
     from aligner.models import load_model, load_tokenizer
+    from aligner.threads import apply_threads
+
+    tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
+    template = load_template(config.template, tokenizer, chat_data=isinstance(rows[0].data["prompt"], list))
+    tokenized = tokenize_rows(rows, "prompt", tokenizer, template, max_length=config.max_prompt_length + 1,
+                              max_prompt_length=config.max_prompt_length)
+    set_seed(config.seed)
+    apply_threads("auto")  # torch's own default oversubscribes shared CPUs
+    model = load_model(config.model, tokenizer)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return tokenizer, template, tokenized, model
+
+
+def label(config: LabelConfig) -> dict[str, int]:
+    """Label every not-yet-labelled prompt; return counts (``labelled``, ``ties``, ``skipped``)."""
+    from aligner.data.loading import load_validated
     from aligner.online.rewards import build_judge
     from aligner.online.sampler import sample
-    from aligner.threads import apply_threads
 
     try:
         judge = build_judge(config.judge)
@@ -201,16 +220,7 @@ def label(config: LabelConfig) -> dict[str, int]:
     if not todo:
         return counts
 
-    tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
-    template = load_template(config.template, tokenizer, chat_data=isinstance(rows[0].data["prompt"], list))
-    tokenized = tokenize_rows([rows[i] for i in todo], "prompt", tokenizer, template,
-                              max_length=config.max_prompt_length + 1, max_prompt_length=config.max_prompt_length)
-    set_seed(config.seed)
-    apply_threads("auto")  # as a training run does: torch's own default oversubscribes shared CPUs
-    model = load_model(config.model, tokenizer)
-    import torch
-
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer, template, tokenized, model = load_for_sampling(config, [rows[i] for i in todo])
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

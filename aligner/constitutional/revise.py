@@ -24,7 +24,7 @@ from aligner.constitutional.config import ReviseConfig
 from aligner.constitutional.constitution import Principle, load_constitution
 from aligner.constitutional.templates import critique_prompt, load_few_shot_template, revision_prompt
 from aligner.errors import ConfigError, os_error
-from aligner.label import _append, _check_output, _done_indices, _drop_torn_line
+from aligner.label import _append, _check_output, _done_indices, _drop_torn_line, load_for_sampling
 
 log = logging.getLogger("aligner")
 
@@ -79,13 +79,8 @@ class _Generator:
 
 def revise(config: ReviseConfig) -> dict[str, int]:
     """Answer, critique and revise every prompt not yet in the output; return ``revised``/``skipped`` counts."""
-    from accelerate.utils import set_seed
-
     from aligner.data.loading import load_validated
-    from aligner.data.templates import load_template
-    from aligner.data.tokenize import tokenize_rows
     from aligner.judges.rule import import_callable
-    from aligner.models import load_model, load_tokenizer
     from aligner.tracking import Progress
 
     # Everything a user can get wrong is checked before the model loads.
@@ -105,15 +100,7 @@ def revise(config: ReviseConfig) -> dict[str, int]:
     if not todo:
         return counts
 
-    tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
-    template = load_template(config.template, tokenizer, chat_data=isinstance(rows[0].data["prompt"], list))
-    tokenized = tokenize_rows([rows[i] for i in todo], "prompt", tokenizer, template,
-                              max_length=config.max_prompt_length + 1, max_prompt_length=config.max_prompt_length)
-    set_seed(config.seed)
-    model = load_model(config.model, tokenizer)
-    import torch
-
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer, template, tokenized, model = load_for_sampling(config, [rows[i] for i in todo])
     generate = _Generator(model, tokenizer, template, config)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from aligner.cache import default_cache_dir
 from aligner.data.examples import CompactExamples, compact_from_arrays, flatten
 from aligner.data.sources import Row
 from aligner.data.tokenize import COMPLETION_FIELDS, TokenizedData, prompt_for_judge
@@ -56,11 +57,8 @@ class CorruptEntry(Exception):
 
 
 def default_token_cache_dir() -> Path:
-    """``$ALIGNER_CACHE_DIR/tokenized``, else ``$XDG_CACHE_HOME/aligner/tokenized``, else ``~/.cache/...``."""
-    if os.environ.get("ALIGNER_CACHE_DIR"):
-        return Path(os.environ["ALIGNER_CACHE_DIR"]) / "tokenized"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "aligner" / "tokenized"
+    """``tokenized`` beside the reference cache (``aligner.cache.default_cache_dir``)."""
+    return default_cache_dir("tokenized")
 
 
 def cache_enabled() -> bool:
