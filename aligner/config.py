@@ -521,6 +521,14 @@ def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel
     return model
 
 
+def _shown_input(value: Any) -> str:
+    """`` (got VALUE)`` for a scalar a user mistyped; nothing for a mapping or list: the message already
+    names the key inside it, and a whole mapping could echo a secret pasted into one of its options."""
+    if isinstance(value, (dict, list)):
+        return ""
+    return f" (got {value!r})"
+
+
 def _describe(error: dict, source: _Source, root: type[BaseModel] | None = None) -> str:
     loc = tuple(error["loc"])
     where = source.where(loc)
@@ -532,7 +540,7 @@ def _describe(error: dict, source: _Source, root: type[BaseModel] | None = None)
         return f"missing required key '{format_loc(loc)}'{where}"
     message = error["msg"].removeprefix("Value error, ")
     if loc:
-        return f"invalid value for '{format_loc(loc)}'{where}: {message} (got {error.get('input')!r})"
+        return f"invalid value for '{format_loc(loc)}'{where}: {message}{_shown_input(error.get('input'))}"
     return f"invalid config{where}: {message}"
 
 
@@ -757,8 +765,8 @@ def validate_plugin_options(options_model: type[BaseModel], choice: PluginChoice
                 )
             else:
                 problems.append(
-                    f"invalid value for '{format_loc(err_loc)}'{where}: {err['msg'].removeprefix('Value error, ')} "
-                    f"(got {err.get('input')!r})"
+                    f"invalid value for '{format_loc(err_loc)}'{where}: {err['msg'].removeprefix('Value error, ')}"
+                    f"{_shown_input(err.get('input'))}"
                 )
         raise ConfigError("; ".join(problems)) from None
 

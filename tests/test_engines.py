@@ -514,3 +514,15 @@ def test_merged_weights_save_and_reload_as_the_peft_models_outputs(model_dir, pr
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     assert any("lora_A" in name for name, _ in policy.named_parameters())  # still the PEFT model
+
+
+def test_a_key_pasted_into_api_key_env_never_appears_in_the_error(tmp_path):
+    from aligner.config import load_config
+    from aligner.errors import ConfigError
+    from aligner.stages import prepare_stages
+    from tests.test_online_algorithms import online_config
+
+    engine = {"name": "openai_server", "base_url": "http://127.0.0.1:1/v1", "api_key_env": "sk-pasted-SECRET-123"}
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.algorithm\.engine.*api_key_env.*not the key") as info:
+        prepare_stages(load_config(online_config(tmp_path, {"name": "grpo", "engine": engine})))
+    assert "SECRET" not in str(info.value)
