@@ -27,11 +27,11 @@ from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.templates import load_template
 from aligner.data.tokenize import prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, ConfigError
-from aligner.output_dir import check_output_dir, discard_if_untouched, start_run
 from aligner.plugins import call_hook, temporary_plugin
-from aligner.resume import latest_checkpoint, load_weights, stage_finished
-from aligner.run import RunResult, RunState
-from aligner.stages import PreparedStage, instantiate, prepare_stages
+from aligner.training.resume import latest_checkpoint, load_weights, stage_finished
+from aligner.training.run_dir import check_output_dir, discard_if_untouched, start_run
+from aligner.training.run_state import RunResult, RunState
+from aligner.training.stages import PreparedStage, instantiate, prepare_stages
 
 log = logging.getLogger("aligner")
 
@@ -207,7 +207,7 @@ def _train_stages(stages: list[PreparedStage], model: Any, config: RunConfig, to
     ``plan`` is the verified resume plan (empty for a fresh run)."""
     from accelerate.utils import set_seed
 
-    from aligner.runner import train_stage
+    from aligner.training.runner import train_stage
 
     results: dict[str, dict[str, float]] = {}
     for stage in stages:
@@ -237,8 +237,8 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     """
     from accelerate.utils import set_seed
 
-    from aligner.models import load_model, load_tokenizer
-    from aligner.threads import apply_threads
+    from aligner.modeling.loading import load_model, load_tokenizer
+    from aligner.training.threads import apply_threads
 
     resolved = load_config(config, overrides)
     if output_dir is not None:

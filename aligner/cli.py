@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from aligner.plot import plot_run
+    from aligner.commands.plot import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -51,7 +51,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from aligner.label import label, load_label_config
+    from aligner.commands.label import label, load_label_config
 
     config = load_label_config(args.config, args.overrides)
     counts = label(config)
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 2; 0: none)")
     check.set_defaults(handler=_data_check)
     label = sub.add_parser("label", help="sample k completions per prompt and have a judge label preferences")
-    label.add_argument("config", help="path to a label YAML config (see aligner.label)")
+    label.add_argument("config", help="path to a label YAML config (see aligner.commands.label)")
     label.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. num_completions=8")
     label.set_defaults(handler=_label)
 
@@ -172,14 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--all", action="store_true", help="include the built-in plugins (shown when none else)")
     plugins.set_defaults(handler=_plugins)
 
-    from aligner import cache_cli, export, push, verify
+    from aligner.commands import cache, export, generate, push, verify
+    from aligner.constitutional import cli as constitutional_cli
 
-    cache_cli.add_parser(sub)
+    cache.add_parser(sub)
     export.add_parser(sub)
-    __import__("aligner.generate").generate.add_parser(sub)  # generate: sample, switching named adapters
+    generate.add_parser(sub)  # generate: sample, switching named adapters
     verify.add_parser(sub)
     push.add_parser(sub)
-    __import__("aligner.constitutional.cli").constitutional.cli.add_parsers(sub)  # revise, constitutional
+    constitutional_cli.add_parsers(sub)  # revise, constitutional
     return parser
 
 

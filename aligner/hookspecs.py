@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from aligner.run import RunState
+    from aligner.training.run_state import RunState
 
 # The callback a registration hook receives: call it with each class to register.
 Register = Callable[[type], None]
@@ -126,7 +126,7 @@ def register_optimizers(register: Register) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lifecycle hooks: observe and extend a run. ``run`` is the live ``aligner.run.RunState``; a
+# Lifecycle hooks: observe and extend a run. ``run`` is the live ``aligner.training.run_state.RunState``; a
 # hook may read it, add metrics to the dict it is given, or set ``run.should_stop = True``.
 # Return values are ignored.
 # ---------------------------------------------------------------------------------------------

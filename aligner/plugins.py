@@ -51,7 +51,7 @@ BUILTIN_PLUGINS = (
     "aligner.peft_backends.bitfit",
     "aligner.trackers.wandb_tracker",
     "aligner.trackers.tensorboard_tracker",
-    "aligner.push",
+    "aligner.commands.push",
     "aligner.callbacks.early_stopping",
     "aligner.callbacks.extra_metrics",
     "aligner.algorithms.offline",

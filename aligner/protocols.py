@@ -137,7 +137,7 @@ class Loss(Protocol):
     Optional class attributes: ``needs_token_logps`` (per-token values in ``policy``),
     ``needs_kl_completions`` (log-probs of completions rotated within the batch, for KL estimates),
     ``forward_kind`` (``"logprobs"``, the default, or ``"reward"`` for a scalar-score model; see
-    ``aligner.forward.FORWARDS``), ``preference_completions`` (which completions of a preference
+    ``aligner.training.micro_batch.FORWARDS``), ``preference_completions`` (which completions of a preference
     pair it reads: ``("chosen", "rejected")`` by default; a loss that reads only ``("chosen",)``, like
     ``sft``, lets a stage of such losses run preference rows as ``sft`` rows of their chosen
     completion, so the rejected ones are never computed), ``requires`` (``Requires`` entries: what it
@@ -245,7 +245,7 @@ class Algorithm(Protocol):
     """How a stage trains: the offline weighted-losses loop, PPO, GRPO, ... Instantiated as
     ``AlgorithmClass(options)`` from the stage's ``algorithm: {name: ..., <options>}``.
 
-    The stage runner (``aligner.runner``) owns everything algorithms share: setup order, the
+    The stage runner (``aligner.training.runner``) owns everything algorithms share: setup order, the
     optimizer and LR schedule, evaluation, hooks, signals, the non-finite guard, clipping,
     checkpoints, exact resume and the final save. An algorithm owns its data stream, what one
     training step does, its extra checkpoint state and which model is final. Subclass

@@ -66,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
     from aligner.data.templates import load_template
     from aligner.data.token_cache import TokenCache
     from aligner.data.tokenize import tokenize_rows
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     template = load_template("plain", tokenizer, chat_data=False)

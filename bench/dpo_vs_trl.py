@@ -163,7 +163,7 @@ def save_model(directory: Path, spec: dict[str, Any], seed: int) -> Path:
     """A random tiny Llama saved with save_pretrained: both trainers load these exact weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tok = load_builtin_tokenizer()
     torch.manual_seed(seed)
@@ -235,7 +235,7 @@ def aligner_config(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any],
 def run_aligner(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], name: str,
                 share_prompt: bool = True) -> Recorder:
     """aligner.train with its defaults; the window opens when the loop's setup starts."""
-    import aligner.runner as loop
+    import aligner.training.runner as loop
     from aligner import train
     from aligner.plugins import temporary_plugin
 
@@ -265,7 +265,7 @@ def run_trl(tmp: Path, model_dir: Path, examples: list[dict[str, Any]], spec: di
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     dataset = Dataset.from_list([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in examples])
@@ -315,7 +315,7 @@ def run_floor(model_dir: Path, examples: list[dict[str, Any]], order: list[list[
     from trl.trainer.utils import selective_log_softmax
 
     from aligner.data.batching import collate
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     pad = load_builtin_tokenizer().pad_token_id
     model = load_policy(model_dir)

@@ -163,7 +163,7 @@ def machine() -> dict[str, Any]:
 def write_prompts(path: Path, n: int, tokens: int, seed: int) -> list[str]:
     """``n`` prompt rows of random words whose text, as aligner's ``plain`` template renders it (the
     prompt and one space), is exactly ``tokens`` tokens; returns those rendered texts (TRL's prompts)."""
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tok = load_builtin_tokenizer()
     rng = random.Random(seed)
@@ -185,7 +185,7 @@ def save_model(directory: Path, spec: dict[str, Any], seed: int) -> Path:
     """A random tiny Llama saved with save_pretrained: both trainers load these exact weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tok = load_builtin_tokenizer()
     torch.manual_seed(seed)
@@ -319,7 +319,7 @@ def run_aligner(tmp: Path, model_dir: Path, data: Path, spec: dict[str, Any], st
     reset_counts(spec["max_new_tokens"])
     # The window opens at the loop's setup where that function exists (as in bench/dpo_vs_trl.py), else at
     # the on_run_start hook (after setup; without a reference GRPO's setup is the optimizer, milliseconds).
-    import aligner.runner as loop
+    import aligner.training.runner as loop
 
     original = getattr(loop, "_setup", None)
     if original is not None:
@@ -356,7 +356,7 @@ def run_trl(tmp: Path, model_dir: Path, prompts: list[str], spec: dict[str, Any]
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     dataset = Dataset.from_list([{"prompt": p} for p in prompts[:steps * spec["prompts_per_step"]]])
@@ -464,7 +464,7 @@ def main() -> None:
         # check that both sides see the same prompt token ids.
         warm_aligner = run_aligner(tmp, model_dir, data, spec, 1, "warmup")
         run_trl(tmp, model_dir, prompts, spec, 1, "warmup")
-        from aligner.tiny_tokenizer import load_builtin_tokenizer
+        from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
         tokenizer = load_builtin_tokenizer()  # what TRL's GRPOTrainer does with a text prompt
         trl_ids = [tokenizer(text=p)["input_ids"] for p in prompts]

@@ -92,7 +92,7 @@ def save_biased_model(args: argparse.Namespace, path: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     spec = _model_spec(args)

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aligner.data.batching import LengthGroupedBatches, collate  # noqa: E402
-from aligner.logprobs import completion_logprobs  # noqa: E402
+from aligner.modeling.logprobs import completion_logprobs  # noqa: E402
 
 PRESETS = {
     # a Llama shape small enough for one CPU thread; rows (= batches x batch size); lengths

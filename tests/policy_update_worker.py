@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from aligner.algorithms.policy_gradient import PolicyGradientOptions, accumulate_update
-from aligner.logprobs import completion_logprobs
+from aligner.modeling.logprobs import completion_logprobs
 from aligner.online.rollout import rollout_batch
 
 ROWS = 8

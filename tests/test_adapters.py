@@ -14,10 +14,10 @@ from aligner.api import train
 from aligner.cli import main
 from aligner.config import TinyModelConfig, load_config
 from aligner.errors import ConfigError
-from aligner.models import build_tiny_model
+from aligner.modeling.loading import build_tiny_model
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 from aligner.peft_backends.lora import LoRABackend
-from aligner.stages import prepare_stages
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.training.stages import prepare_stages
 from tests.conftest import sft_rows, tiny_model, write_jsonl
 
 PROMPTS = [row["prompt"] for row in sft_rows(12)]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from aligner.api import train
-from aligner.cache import ReferenceCache
 from aligner.cli import main
 from aligner.config import TinyModelConfig
-from aligner.models import build_tiny_model
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.modeling.loading import build_tiny_model
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
+from aligner.references.logprob_store import ReferenceCache
 from tests.conftest import tiny_model
 
 
@@ -92,7 +92,7 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(mak
 
 
 def test_export_finds_the_base_saved_by_the_previous_full_stage(tmp_path):
-    from aligner.export import _previous_stage_model
+    from aligner.commands.export import _previous_stage_model
 
     (tmp_path / "config.yaml").write_text("stages: [{name: sft}, {name: dpo}]\n")
     for stage, files in (("sft", ["config.json"]), ("dpo", ["adapter_config.json"])):

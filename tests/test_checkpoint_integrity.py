@@ -17,10 +17,11 @@ import yaml
 from safetensors.torch import load_file
 
 import aligner
-from aligner.checkpoint import MARKER, manifest, verify_checkpoint, write_atomically
 from aligner.cli import main
 from aligner.errors import Interrupted
 from aligner.plugins import temporary_plugin
+from aligner.training.checkpoint_manifest import MARKER, manifest, verify_checkpoint
+from aligner.training.checkpoint_writing import write_atomically
 
 from .conftest import sft_rows, tiny_model, write_jsonl
 from .test_resume import KillAt
@@ -159,7 +160,7 @@ def test_when_no_checkpoint_is_intact_resume_stops_with_one_located_line_and_cha
 
 
 def test_debug_shows_the_traceback_when_no_checkpoint_is_intact(runs, tmp_path):
-    from aligner.checkpoint import CheckpointError
+    from aligner.training.checkpoint_manifest import CheckpointError
 
     run = copy_run(runs, "killed", tmp_path)
     for step in ("step-2", "step-4"):

@@ -36,7 +36,7 @@ from aligner.errors import ConfigError, PluginError
 from aligner.hookspecs import hookimpl
 from aligner.plugins import get_registry, temporary_plugin
 from aligner.protocols import Options, Requires
-from aligner.stages import prepare_stage
+from aligner.training.stages import prepare_stage
 from tests.conftest import ROOT, preference_rows, sft_rows, write_jsonl
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -265,7 +265,7 @@ def test_a_read_only_file_system_is_one_located_line(tmp_path, capsys, monkeypat
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
 
     # Root can write anywhere a test can reach, and mounting needs privileges: the probe is told EROFS.
-    monkeypatch.setattr("aligner.output_dir.tempfile.mkdtemp", read_only)
+    monkeypatch.setattr("aligner.training.run_dir.tempfile.mkdtemp", read_only)
     config = write_config(tmp_path, tmp_path / "out")
     before = tree(tmp_path)
     assert_refused(*cli(capsys, "train", str(config)), "'output_dir'", f"{config}, line {OUTPUT_LINE}",

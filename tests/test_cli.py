@@ -28,13 +28,13 @@ def test_misspelled_key_exits_2_with_path_and_suggestion(tmp_path, capsys):
 
 
 def test_bad_preference_line_exits_2_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
-    import aligner.models
+    import aligner.modeling.loading
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was validated")
 
-    monkeypatch.setattr(aligner.models, "load_model", no_models)
-    monkeypatch.setattr(aligner.models, "load_tokenizer", no_models)
+    monkeypatch.setattr(aligner.modeling.loading, "load_model", no_models)
+    monkeypatch.setattr(aligner.modeling.loading, "load_tokenizer", no_models)
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4 + [{"prompt": "a", "chosen": "b"}]
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     config = tmp_path / "c.yaml"

@@ -11,8 +11,8 @@ from importlib.metadata import version
 import pytest
 
 import aligner.api
+import aligner.commands.label
 import aligner.data.check
-import aligner.label
 from aligner.cli import main
 
 
@@ -68,7 +68,7 @@ def captured(monkeypatch):
 
     monkeypatch.setattr(aligner.api, "train", fake_train)
     monkeypatch.setattr(aligner.data.check, "check_data", fake_check)
-    monkeypatch.setattr(aligner.label, "load_label_config", fake_label_config)
+    monkeypatch.setattr(aligner.commands.label, "load_label_config", fake_label_config)
     return calls
 
 

@@ -58,7 +58,7 @@ def test_every_shipped_config_validates_and_starts_with_its_command(path: Path, 
     assert isinstance(config, RunConfig)
     # Plugin names and options are checked too (without loading a model or reading data twice).
     from aligner.plugins import get_registry
-    from aligner.stages import instantiate
+    from aligner.training.stages import instantiate
 
     for i, stage in enumerate(config.stages):
         for j, loss in enumerate(stage.losses):
@@ -116,7 +116,7 @@ def test_bad_overrides_say_why(tmp_path):
 
 
 def test_unknown_plugin_option_is_reported_with_suggestion(tmp_path, make_config):
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     config = make_config("dpo")
     config["stages"][0]["losses"] = [{"name": "dpo", "betta": 0.1}]

@@ -193,8 +193,8 @@ def test_shipped_constitutional_configs_validate_and_start_with_their_command():
                                  "constitution": str(revise_path.parent / data["constitution"])})
     assert load_constitution(config.constitution) and config.rounds >= 1
     # The training and label configs read earlier steps' outputs: check their shape without the files.
+    from aligner.commands.label import LabelConfig
     from aligner.config import RunConfig
-    from aligner.label import LabelConfig
 
     schemas = {"train": RunConfig, "label": LabelConfig}
     for command, path in steps:

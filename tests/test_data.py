@@ -11,7 +11,7 @@ from aligner.data.loading import load_validated
 from aligner.data.templates import available_templates, load_template
 from aligner.data.tokenize import tokenize_rows
 from aligner.errors import DataError
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
 from .conftest import write_jsonl
 

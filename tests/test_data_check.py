@@ -96,7 +96,7 @@ def test_too_many_drops_stop_the_run_before_the_model_loads(make_config, monkeyp
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr("aligner.models.load_model", no_model)
+    monkeypatch.setattr("aligner.modeling.loading.load_model", no_model)
     with pytest.raises(DataError) as info, caplog.at_level("ERROR", logger="aligner"):
         train(config)
     message = str(info.value)

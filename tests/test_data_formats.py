@@ -10,7 +10,7 @@ from aligner.data.loading import SourceReport, load_validated
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
 from aligner.errors import DataError
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
 from .conftest import write_jsonl
 

@@ -32,7 +32,7 @@ PROMPTS = ["Write a friendly greeting", "Say something kind about", "Hello"]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     return load_builtin_tokenizer()
 
@@ -41,7 +41,7 @@ def tokenizer():
 def model_dir(tmp_path_factory, tokenizer) -> Path:
     """The tiny model saved in Hugging Face format: the server serves it and runs start from it."""
     from aligner.config import TinyModelConfig
-    from aligner.models import build_tiny_model
+    from aligner.modeling.loading import build_tiny_model
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny")
@@ -330,7 +330,7 @@ def test_the_api_key_comes_from_the_named_variable_and_never_appears(model_dir, 
 
 def test_engine_option_errors_name_the_key(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     good = {"name": "openai_server", "base_url": "http://127.0.0.1:8000/v1"}
     cases = [({**good, "timeout": -1}, r"stages\[0\]\.algorithm.*engine\.timeout"),
@@ -418,7 +418,7 @@ def test_vllm_is_refused_without_cuda_or_without_vllm_naming_the_key(tmp_path, m
     import importlib.util
 
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     config = load_config(online_config(tmp_path, {"name": "grpo", "group_size": 2, "engine": {"name": "vllm"}}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -519,7 +519,7 @@ def test_merged_weights_save_and_reload_as_the_peft_models_outputs(model_dir, pr
 def test_a_key_pasted_into_api_key_env_never_appears_in_the_error(tmp_path):
     from aligner.config import load_config
     from aligner.errors import ConfigError
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
     from tests.test_online_algorithms import online_config
 
     engine = {"name": "openai_server", "base_url": "http://127.0.0.1:1/v1", "api_key_env": "sk-pasted-SECRET-123"}

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aligner.checkpoint import MARKER, CheckpointError, complete_checkpoints, write_atomically
+from aligner.training.checkpoint_manifest import MARKER, CheckpointError
+from aligner.training.checkpoint_writing import complete_checkpoints, write_atomically
 
 
 def _model(seed: int) -> LlamaForCausalLM:
@@ -85,7 +86,7 @@ def test_half_written_directories_are_ignored(tmp_path):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from aligner.checkpoint import write_atomically
+    from aligner.training.checkpoint_writing import write_atomically
 
     class SlowModel:
         def state_dict(self):

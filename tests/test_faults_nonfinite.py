@@ -11,12 +11,12 @@ import yaml
 
 from aligner import hookimpl
 from aligner.api import train
-from aligner.checkpoint import complete_checkpoints, write_atomically
 from aligner.cli import main
-from aligner.guards import NonFiniteError, check_finite_weights, describe_rows
 from aligner.losses.sft import SFTLoss
 from aligner.plugins import temporary_plugin
 from aligner.protocols import PREFERENCE, SFT, LossOutput, Options
+from aligner.training.checkpoint_writing import complete_checkpoints, write_atomically
+from aligner.training.guards import NonFiniteError, check_finite_weights, describe_rows
 
 
 class PoisonedSFT(SFTLoss):
@@ -127,7 +127,7 @@ def test_describe_rows_groups_lines_of_one_file():
 def _guard(accelerator):
     from types import SimpleNamespace
 
-    from aligner.guards import NonFiniteGuard
+    from aligner.training.guards import NonFiniteGuard
 
     run = SimpleNamespace(accelerator=accelerator, step=4, stage=SimpleNamespace(name="s", train_rows=[]),
                           stage_dir="/nonexistent")

@@ -60,8 +60,8 @@ def test_a_byte_that_is_not_utf8_names_its_file_and_line(make_config, tmp_path, 
 def test_label_config_typos_get_a_did_you_mean(tmp_path):
     import pytest
 
+    from aligner.commands.label import load_label_config
     from aligner.errors import ConfigError
-    from aligner.label import load_label_config
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hi"}\n')

@@ -11,8 +11,8 @@ from aligner.data.loading import Row
 from aligner.data.templates import load_template
 from aligner.data.tokenize import tokenize_rows
 from aligner.errors import ConfigError
-from aligner.models import load_tokenizer
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.modeling.loading import load_tokenizer
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 from tests.conftest import write_jsonl
 
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aligner.checkpoint import MARKER, verify_checkpoint
+from aligner.training.checkpoint_manifest import MARKER, verify_checkpoint
 
 from .conftest import preference_rows
 
@@ -138,7 +138,7 @@ def test_fsdp2_checkpoints_every_shard_and_a_killed_run_resumes_exactly(make_con
 
 
 def _write(target: Path, model: torch.nn.Module, shard_files: dict[str, bytes], fail: str | None = None) -> Path:
-    from aligner.checkpoint import write_sharded_atomically
+    from aligner.training.checkpoint_writing import write_sharded_atomically
 
     def write_shard(directory: Path) -> None:
         for name, data in shard_files.items():
@@ -156,7 +156,7 @@ def _write(target: Path, model: torch.nn.Module, shard_files: dict[str, bytes], 
 
 
 def test_a_sharded_checkpoint_lists_every_shard_and_a_failed_write_keeps_the_previous_one(tmp_path):
-    from aligner.checkpoint import CheckpointError
+    from aligner.training.checkpoint_manifest import CheckpointError
 
     model = torch.nn.Linear(2, 2)
     first = _write(tmp_path / "checkpoints" / "step-2", model, {"sharded/__0_0.distcp": b"a", "rng-rank0.pt": b"r"})
@@ -173,7 +173,7 @@ def test_a_sharded_checkpoint_lists_every_shard_and_a_failed_write_keeps_the_pre
 
 
 def test_a_sharded_checkpoint_with_a_non_finite_weight_is_refused(tmp_path):
-    from aligner.guards import NonFiniteError
+    from aligner.training.guards import NonFiniteError
 
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():

@@ -24,8 +24,8 @@ from .test_online_algorithms import online_config, train_steps
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     from aligner.config import TinyModelConfig
-    from aligner.models import build_tiny_model
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.loading import build_tiny_model
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def test_importance_correction_downweights_tokens_the_generator_overrated(tmp_pa
 
 def test_engine_config_errors_name_the_key(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     cases = [({"name": "grpo", "engine": {"name": "hff"}}, r"stages\[0\]\.algorithm.*generation engine 'hff'.*'hf'"),
              ({"name": "grpo", "engine": {"name": "hf", "speed": 2}}, r"stages\[0\]\.algorithm.*engine\.speed"),

@@ -7,7 +7,7 @@ import torch
 
 from aligner.judges.llm import LLMJudge
 from aligner.judges.reward_model import RewardModelJudge
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
 
 def _llama_config(tokenizer, **extra):

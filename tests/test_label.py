@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aligner.cli import main
-from aligner.label import label, load_label_config, preference_of
+from aligner.commands.label import label, load_label_config, preference_of
 
 from .conftest import write_jsonl
 from .quickstart_sft import quickstart_rows as _rows
@@ -28,7 +28,7 @@ def _preference_accuracy(model_dir: str, rows: list[dict]) -> float:
     """Share of held-out pairs whose chosen answer the model finds likelier than the rejected one."""
     from transformers import AutoModelForCausalLM
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -110,7 +110,7 @@ def test_label_with_a_pairwise_llm_judge(sft_model, tmp_path):
     """``pairwise: true`` ranks answers by the judge's position-debiased pairwise comparisons."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from aligner import train
-from aligner.logprobs import (
+from aligner.modeling.logprobs import (
     chunked_completion_logprobs,
     completion_logprobs,
     decoder_and_head,

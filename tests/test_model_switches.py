@@ -16,13 +16,18 @@ from aligner import train
 from aligner.config import ModelConfig, load_config
 from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
-from aligner.logprobs import completion_logprobs
 from aligner.losses.dpo import DPOLoss
-from aligner.models import apply_training_switches, load_model, resolve_dtype, set_gradient_checkpointing
+from aligner.modeling.loading import (
+    apply_training_switches,
+    load_model,
+    resolve_dtype,
+    set_gradient_checkpointing,
+)
+from aligner.modeling.logprobs import completion_logprobs
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 from aligner.plugins import temporary_plugin
 from aligner.protocols import PREFERENCE, LossInputs, SequenceLogProbs
-from aligner.threads import MAX_DEFAULT_THREADS, apply_threads, resolve_threads
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.training.threads import MAX_DEFAULT_THREADS, apply_threads, resolve_threads
 from tests.conftest import tiny_model
 
 # ---------------------------------------------------------------------------------------------
@@ -57,19 +62,19 @@ def test_invalid_values_name_their_key(make_config, override, expected):
 
 
 def test_threads_precedence_config_then_environment_then_default(monkeypatch):
-    monkeypatch.setattr("aligner.threads.usable_cores", lambda: 2)
+    monkeypatch.setattr("aligner.training.threads.usable_cores", lambda: 2)
     assert resolve_threads(3, {"OMP_NUM_THREADS": "1"})[0] == 3  # the config's number wins
     assert resolve_threads("auto", {"OMP_NUM_THREADS": "5"}) == (5, "OMP_NUM_THREADS")
     assert resolve_threads("auto", {"OMP_NUM_THREADS": "4,2"})[0] == 4  # OpenMP's nested list: the outer level
     assert resolve_threads("auto", {})[0] == 2
     assert resolve_threads("auto", {"WORLD_SIZE": "4"})[0] == 1  # several processes: one thread each
     assert resolve_threads("auto", {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "1"})[0] == 2  # one process on this node
-    monkeypatch.setattr("aligner.threads.usable_cores", lambda: 64)
+    monkeypatch.setattr("aligner.training.threads.usable_cores", lambda: 64)
     assert resolve_threads("auto", {})[0] == MAX_DEFAULT_THREADS
 
 
 def test_usable_cores_follow_the_affinity_mask(monkeypatch):
-    import aligner.threads as threads
+    import aligner.training.threads as threads
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 96)

@@ -267,7 +267,7 @@ def test_the_peft_backends_after_step_call_runs_after_every_online_update(tmp_pa
 
 def test_a_kl_coefficient_of_zero_builds_no_reference_and_a_positive_one_does(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     for algorithm, expected in (({"name": "grpo"}, "none"), ({"name": "grpo", "kl_coef": 0.1}, "frozen_copy"),
                                 ({"name": "ppo", "kl_coef": 0.0}, "none"), ({"name": "rloo"}, "frozen_copy")):
@@ -304,7 +304,7 @@ def half_uniform(prompt: str, completion: str) -> float:
 
 def test_an_algorithm_listed_as_a_loss_is_told_where_it_belongs(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     config = online_config(tmp_path, {"name": "ppo"})
     stage = config["stages"][0]
@@ -316,7 +316,7 @@ def test_an_algorithm_listed_as_a_loss_is_told_where_it_belongs(tmp_path):
 
 def test_prompt_only_data_without_an_online_algorithm_names_them(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     config = online_config(tmp_path, {"name": "grpo"})
     stage = config["stages"][0]
@@ -329,7 +329,7 @@ def test_prompt_only_data_without_an_online_algorithm_names_them(tmp_path):
 
 def test_online_option_errors_name_the_key(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     cases = [({"name": "rloo", "group_size": 1}, r"stages\[0\]\.algorithm\.group_size"),
              ({"name": "grpo", "estimator": {"name": "group_relative", "scael": "none"}}, "scael"),
@@ -382,14 +382,14 @@ def test_register_algorithms_adds_an_algorithm_a_stage_trains_with(tmp_path):
     """A best-of-N fine-tuning algorithm (sample N, keep the best, an SFT update on it) in ~30 lines."""
     from aligner.algorithms import Algorithm, AlgorithmSetup, StepResult
     from aligner.data.batching import collate
-    from aligner.forward import move_to
-    from aligner.logprobs import completion_logprobs
+    from aligner.modeling.logprobs import completion_logprobs
     from aligner.online.engines import build_engine
     from aligner.online.reward_sources import RewardSources
     from aligner.online.rewards import build_judge
     from aligner.online.rollout import generate_rollout, prompt_batches
     from aligner.plugins import plugin_infos
     from aligner.protocols import PROMPT_ONLY, SFT
+    from aligner.training.micro_batch import move_to
 
     class BestOfN(Algorithm):
         name = "best_of_n"
@@ -495,7 +495,7 @@ def test_register_advantage_estimators_adds_an_estimator_an_algorithm_uses(tmp_p
 
 def test_a_kl_penalty_with_a_reference_that_has_no_per_token_values_is_refused(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     config = online_config(tmp_path, {"name": "grpo", "kl_coef": 0.1}, reference={"name": "cached"})
     with pytest.raises(ConfigError, match=r"reference policy 'cached' cannot give per-token log-probs.*grpo"):
@@ -516,7 +516,7 @@ def test_data_check_judges_a_stage_by_its_algorithm(tmp_path):
 
 def test_estimator_and_group_size_mismatches_are_config_errors(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     cases = [({"name": "reinforce_pp", "estimator": {"name": "rloo"}}, r"estimator 'rloo' cannot work with "
               r"'stages\[0\]\.algorithm\.group_size' 1"),

@@ -14,7 +14,7 @@ from aligner.errors import ConfigError, PluginError
 from aligner.optimizers import OptimizerContext
 from aligner.plugins import get_registry, plugin_infos, temporary_plugin
 from aligner.protocols import Options
-from aligner.stages import prepare_stages
+from aligner.training.stages import prepare_stages
 
 from .conftest import preference_rows
 from .test_resume import run_interrupted_then_resumed

@@ -17,7 +17,7 @@ import aligner
 from aligner.cli import main
 from aligner.data.batching import collate
 from aligner.data.packing import first_fit_decreasing, pack_sequences
-from aligner.logprobs import (
+from aligner.modeling.logprobs import (
     chunked_completion_logprobs,
     decoder_and_head,
     forward_layout,

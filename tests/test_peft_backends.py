@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from aligner import hookimpl
 from aligner.api import train
 from aligner.errors import ConfigError
-from aligner.logprobs import completion_logprobs
+from aligner.modeling.logprobs import completion_logprobs
 from aligner.peft_backends.peft_generic import PeftMethodBackend
 from aligner.peft_backends.qlora import QLoRABackend
 from aligner.peft_backends.quantization import guard_4bit_training, is_packed_for_cpu
@@ -179,7 +179,7 @@ def test_loftq_without_a_gpu_is_a_config_error_naming_the_key(make_config, tmp_p
 @pytest.mark.parametrize("trim", [True, False])
 def test_completion_logprobs_align_with_virtual_tokens(method, trim, monkeypatch):
     """Prompt/P-tuning prepend virtual positions to the logits; log-probs still score the right tokens."""
-    import aligner.logprobs as logprobs
+    import aligner.modeling.logprobs as logprobs
 
     extra = {"encoder_hidden_size": 16} if method == "p_tuning" else {}
     backend = PeftMethodBackend(PeftMethodBackend.Options(method=method, num_virtual_tokens=3, **extra))

@@ -89,7 +89,7 @@ def biased_model_dir(tmp_path_factory) -> str:
     """The tests' tiny Llama with q/k/v/o and MLP biases, saved where ``model.path`` can load it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     torch.manual_seed(0)

@@ -136,7 +136,7 @@ def test_the_tutorial_plugin_registers_and_computes_its_loss(tutorial_plugin_ins
 
 def test_the_tutorial_config_selects_the_plugin(tutorial_plugin_installed, tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     stage = yaml.safe_load(tutorial_block("config"))["stages"][0]
     data = ROOT / "aligner" / "quickstart" / "data" / "preference_train.jsonl"
@@ -151,7 +151,7 @@ def test_the_tutorial_config_selects_the_plugin(tutorial_plugin_installed, tmp_p
 def test_the_tutorials_option_typo_message_is_what_aligner_prints(tutorial_plugin_installed, tmp_path):
     from aligner.config import load_config
     from aligner.errors import ConfigError
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     stage = yaml.safe_load(tutorial_block("config"))["stages"][0]
     stage["data"]["train"] = str(ROOT / "aligner" / "quickstart" / "data" / "preference_train.jsonl")

@@ -145,7 +145,7 @@ def _save_reward_model(directory) -> str:
     """A randomly initialised tiny sequence classifier and its tokenizer, saved like a trained one."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer()
     torch.manual_seed(0)
@@ -211,7 +211,7 @@ def test_lora_ppo_changes_only_adapter_and_value_head_weights(tmp_path, referenc
 
 def test_a_bad_judge_fails_before_any_model_loads(tmp_path):
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
+    from aligner.training.stages import prepare_stages
 
     config = load_config(_ppo_config(tmp_path, judge={"name": "rule", "regexp": "x"}))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.algorithm\.judge.*regexp"):
@@ -295,8 +295,8 @@ def test_prompts_leave_room_for_generation_within_max_length(tmp_path):
     """Prompt + max_new_tokens never exceed data.max_length; no room at all is a config error."""
     from aligner.api import tokenize_stage, train
     from aligner.config import load_config
-    from aligner.stages import prepare_stages
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.training.stages import prepare_stages
 
     config = _ppo_config(tmp_path)
     config["stages"][0]["data"]["max_length"] = 14  # 8 generated tokens leave 6 for the prompt

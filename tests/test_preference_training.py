@@ -18,7 +18,7 @@ import yaml
 from aligner.api import train
 from aligner.config import load_config
 from aligner.errors import ConfigError, DataError
-from aligner.stages import prepare_stage
+from aligner.training.stages import prepare_stage
 
 from .conftest import QUICKSTART_DATA, ROOT, preference_rows, write_jsonl
 

@@ -20,8 +20,8 @@ from aligner.data.loading import Row, load_validated
 from aligner.data.templates import load_template
 from aligner.data.tokenize import COMPLETION_FIELDS, tokenize_rows
 from aligner.errors import DataError
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, UNPAIRED
-from aligner.tiny_tokenizer import load_builtin_tokenizer
 
 TOKENIZER = load_builtin_tokenizer()
 TEMPLATE = load_template("chatml", TOKENIZER, chat_data=True)

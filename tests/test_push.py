@@ -13,9 +13,9 @@ import yaml
 
 import aligner
 from aligner.cli import main
+from aligner.commands.push import PushError
 from aligner.config import load_config
 from aligner.errors import ConfigError
-from aligner.push import PushError
 
 from .conftest import preference_rows, sft_rows, tiny_model, write_jsonl
 
@@ -134,7 +134,7 @@ def test_model_card_has_hub_metadata_stages_config_and_final_metrics(finished_ru
 
 
 def test_base_model_is_the_hub_id_and_adapters_are_peft_cards(tmp_path):
-    from aligner.model_card import model_card_text
+    from aligner.reporting.model_card import model_card_text
 
     config = load_config(_config(tmp_path, model={"path": "Qwen/Qwen2.5-0.5B"}))
     stage = SimpleNamespace(index=1, name="dpo", config=config.stages[1], reference_name="cached",
@@ -153,7 +153,7 @@ def test_base_model_is_the_hub_id_and_adapters_are_peft_cards(tmp_path):
 
 
 def test_card_never_holds_credentials(tmp_path, monkeypatch):
-    from aligner.model_card import model_card_text, redact
+    from aligner.reporting.model_card import model_card_text, redact
 
     assert redact({"judge": {"api_key": "x", "api_key_env": "OPENAI_API_KEY", "pad_token": "<pad>"}}) == \
         {"judge": {"api_key": "<redacted>", "api_key_env": "OPENAI_API_KEY", "pad_token": "<pad>"}}
@@ -199,7 +199,7 @@ def test_dry_run_writes_the_exact_files_and_card_and_touches_no_network(run_dir,
 
 
 def _load_arg(card: str) -> str:
-    from aligner.model_card import LOAD_PATTERN
+    from aligner.reporting.model_card import LOAD_PATTERN
 
     return LOAD_PATTERN.search(card).group(0)
 
@@ -341,7 +341,7 @@ def test_hub_push_without_a_token_stops_before_training(tmp_path, no_token):
 
 
 def test_card_names_hub_datasets_local_files_and_mixtures():
-    from aligner.model_card import describe_source, source_names
+    from aligner.reporting.model_card import describe_source, source_names
 
     hub = SimpleNamespace(path="trl-lib/ultrafeedback_binarized", subset=None, split="train_prefs", weight=2.0,
                           fraction=None, data_files=None, dataset=None)

@@ -10,10 +10,10 @@ import pytest
 
 from aligner import hookimpl
 from aligner.api import train
-from aligner.cache import ReferenceCache
 from aligner.errors import Interrupted
 from aligner.plugins import temporary_plugin
 from aligner.references.cached import CachedReference
+from aligner.references.logprob_store import ReferenceCache
 from tests.conftest import preference_rows
 
 ROWS = 200  # 50 batches of 4: two steps draw a small part of them

@@ -10,10 +10,10 @@ from transformers import LlamaModel
 
 from aligner import hookimpl
 from aligner.api import train
-from aligner.cache import ReferenceCache
 from aligner.errors import ConfigError
 from aligner.plugins import temporary_plugin
 from aligner.references import choose_reference
+from aligner.references.logprob_store import ReferenceCache
 from tests.conftest import preference_rows
 
 

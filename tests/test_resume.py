@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import aligner
-from aligner.checkpoint import MARKER
 from aligner.errors import ConfigError, Interrupted
 from aligner.plugins import temporary_plugin
+from aligner.training.checkpoint_manifest import MARKER
 
 from .conftest import preference_rows, sft_rows, write_jsonl
 

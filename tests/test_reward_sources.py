@@ -15,7 +15,7 @@ import aligner
 from aligner.config import load_config
 from aligner.errors import ConfigError
 from aligner.online.reward_sources import RewardError, RewardSourceConfig, RewardSources
-from aligner.stages import prepare_stages
+from aligner.training.stages import prepare_stages
 
 from .conftest import tiny_model, write_jsonl
 
@@ -354,7 +354,7 @@ def test_grpo_run_logs_each_source_and_its_reward_is_their_weighted_sum(tmp_path
 
 
 def test_aligner_plot_draws_each_reward_source_in_its_own_panel():
-    from aligner.plot import panels_of
+    from aligner.commands.plot import panels_of
 
     keys = {"loss", "reward/mean", "rewards/correct/mean", "rewards/correct/applies", "rewards/format/mean",
             "eval/rewards/correct/mean", "rewards/chosen", "kl"}

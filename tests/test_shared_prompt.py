@@ -8,8 +8,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from aligner import train
 from aligner.data.batching import collate
-from aligner.logprobs import can_share_prompts, chunked_completion_logprobs, decoder_and_head, forward_layout
-from aligner.shared_prompt import pack_pairs
+from aligner.modeling.logprobs import (
+    can_share_prompts,
+    chunked_completion_logprobs,
+    decoder_and_head,
+    forward_layout,
+)
+from aligner.modeling.shared_prompt import pack_pairs
 
 VOCAB = 300
 PAD = 0
@@ -133,7 +138,7 @@ def test_dpo_run_with_and_without_shared_prompts_trains_the_same(make_config, tm
     """The same batches (no length grouping, so both see one order): the same per-step losses."""
     import json
 
-    import aligner.logprobs
+    import aligner.modeling.logprobs
 
     packed_batches = []
 
@@ -142,7 +147,7 @@ def test_dpo_run_with_and_without_shared_prompts_trains_the_same(make_config, tm
         packed_batches.append(packed is not None)
         return packed
 
-    monkeypatch.setattr(aligner.logprobs, "pack_pairs", counting)
+    monkeypatch.setattr(aligner.modeling.logprobs, "pack_pairs", counting)
     losses = {}
     for share in (True, False):
         config = make_config("dpo", steps=3, reference={"name": "frozen_copy"})
@@ -165,7 +170,7 @@ def test_dpo_run_with_and_without_shared_prompts_trains_the_same(make_config, tm
 def test_reward_model_scores_and_gradients_match_its_own_forward(lora):
     from transformers import LlamaForSequenceClassification
 
-    from aligner.scores import decoder_and_score, sequence_scores
+    from aligner.modeling.reward_scores import decoder_and_score, sequence_scores
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(

@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligner.logprobs import chunked_completion_logprobs, decoder_and_head, forward_layout, token_window_start
+from aligner.modeling.logprobs import (
+    chunked_completion_logprobs,
+    decoder_and_head,
+    forward_layout,
+    token_window_start,
+)
+from aligner.modeling.shared_prompt import group_packing, pack_groups
 from aligner.online.rollout import rollout_batch, rows_of
-from aligner.shared_prompt import group_packing, pack_groups
 
 from .test_shared_prompt import PAD, VOCAB, _model
 

@@ -25,7 +25,7 @@ from aligner.data.tokenize import (
     tokenize_rows,
 )
 from aligner.errors import ConfigError
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 COLORS = ["red", "blue", "green", "black", "white", "small", "big", "old"]

@@ -16,7 +16,7 @@ from aligner.data.templates import load_template
 from aligner.data.token_cache import TokenCache, cache_key
 from aligner.data.tokenize import tokenize_rows
 from aligner.errors import DataError
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 from tests.conftest import preference_rows
 
 TOKENIZER = load_builtin_tokenizer()

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import aligner
 from aligner.config import load_config
-from aligner.logprobs import completion_logprobs
-from aligner.models import build_tiny_model, load_tokenizer
+from aligner.modeling.loading import build_tiny_model, load_tokenizer
+from aligner.modeling.logprobs import completion_logprobs
 
 from .conftest import preference_rows, sft_rows, tiny_model
 

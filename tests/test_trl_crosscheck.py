@@ -25,17 +25,17 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from aligner.config import TinyModelConfig
-from aligner.forward import compute_losses
-from aligner.logprobs import completion_logprobs
 from aligner.losses.dpo import DPOLoss, IPOLoss
 from aligner.losses.dpo_variants import HingeLoss, RobustDPOLoss
 from aligner.losses.kto import KTOLoss
 from aligner.losses.orpo import ORPOLoss
 from aligner.losses.reward_model import RewardModelLoss
-from aligner.models import build_tiny_model, build_tiny_reward_model
+from aligner.modeling.loading import build_tiny_model, build_tiny_reward_model
+from aligner.modeling.logprobs import completion_logprobs
+from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 from aligner.protocols import PREFERENCE, UNPAIRED, ReferenceContext
 from aligner.references.frozen_copy import FrozenCopyReference
-from aligner.tiny_tokenizer import load_builtin_tokenizer
+from aligner.training.micro_batch import compute_losses
 
 from .conftest import QUICKSTART_DATA
 

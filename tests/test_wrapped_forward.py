@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from aligner.data.batching import collate
-from aligner.logprobs import completion_logprobs, forward_layout, plain_completion_logprobs
+from aligner.modeling.logprobs import completion_logprobs, forward_layout, plain_completion_logprobs
 
 from .test_shared_prompt import PAD, _examples, _model
 
@@ -42,7 +42,7 @@ def _check_logprobs() -> None:
 def _check_reward_scores() -> None:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from aligner.scores import sequence_scores
+    from aligner.modeling.reward_scores import sequence_scores
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(

@@ -1,6 +1,6 @@
 """The contract between the stage runner and an algorithm.
 
-The runner (``aligner.runner``) calls, in order: ``setup(AlgorithmContext)`` once, after the PEFT
+The runner (``aligner.training.runner``) calls, in order: ``setup(AlgorithmContext)`` once, after the PEFT
 backend wrapped the model and the reference was built from it; then ``train_step(StepServices)``
 once per training step until the stage ends. Inside a step the algorithm computes losses and
 calls ``step.backward(...)`` and ``step.update()`` as often as it needs: once per step for the
@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 import torch
 
 from aligner.protocols import Options
-from aligner.resume import Position, load_weights
-from aligner.run import RunState
-from aligner.tracking import to_float
+from aligner.reporting.tracking import to_float
+from aligner.training.resume import Position, load_weights
+from aligner.training.run_state import RunState
 
 
 @dataclass
@@ -217,7 +217,7 @@ class Algorithm:
 
     def evaluate(self, run: RunState, model: torch.nn.Module) -> dict[str, float]:
         """Judged generations for held-out prompts (``eval.generate``), when the stage has them."""
-        from aligner.evaluation import evaluate_generations
+        from aligner.training.evaluation import evaluate_generations
 
         if run.stage.eval_rewards is None or run.stage.eval_data is None or not run.stage.eval_data.examples:
             return {}

@@ -29,9 +29,9 @@ from pydantic import Field
 from aligner.algorithms.base import AlgorithmContext, AlgorithmSetup, StepResult, StepServices
 from aligner.algorithms.offline import OfflineAlgorithm
 from aligner.errors import ConfigError
-from aligner.forward import compute_losses, move_to
 from aligner.hookspecs import hookimpl
 from aligner.protocols import Options
+from aligner.training.micro_batch import compute_losses, move_to
 
 # Seeds are drawn below 2**63 so they fit torch's int64 tensors (shared between processes).
 _SEED_BOUND = 2**62

@@ -1,7 +1,7 @@
 """``offline``, the default algorithm: the stage's weighted loss plugins over a dataset.
 
 One training step is ``train.gradient_accumulation_steps`` micro-batches of length-grouped rows,
-each through ``aligner.forward.compute_losses`` (the policy, the reference only when a loss needs
+each through ``aligner.training.micro_batch.compute_losses`` (the policy, the reference only when a loss needs
 it, the losses) and a backward pass, then one update. SFT, DPO and its relatives, KTO, ORPO and
 reward-model training are all this algorithm with different losses and data formats.
 """
@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 from aligner.algorithms.base import Algorithm, AlgorithmContext, AlgorithmSetup, StepResult, StepServices
 from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
 from aligner.errors import ConfigError
-from aligner.evaluation import evaluate
-from aligner.forward import compute_losses, move_to
 from aligner.hookspecs import hookimpl
-from aligner.logprobs import can_share_prompts, forward_layout
+from aligner.modeling.logprobs import can_share_prompts, forward_layout
 from aligner.protocols import PREFERENCE, SFT, UNPAIRED
-from aligner.resume import Position
-from aligner.run import RunState
+from aligner.training.evaluation import evaluate
+from aligner.training.micro_batch import compute_losses, move_to
+from aligner.training.resume import Position
+from aligner.training.run_state import RunState
 
 log = logging.getLogger("aligner")
 

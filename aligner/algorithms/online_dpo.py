@@ -20,12 +20,12 @@ from aligner.algorithms.base import AlgorithmContext, AlgorithmSetup, StepResult
 from aligner.algorithms.online import OnlineAlgorithm, RolloutOptions
 from aligner.data.batching import collate
 from aligner.errors import AlignerError, ConfigError
-from aligner.forward import compute_losses, move_to
 from aligner.hookspecs import hookimpl
-from aligner.logprobs import completion_logprobs
+from aligner.modeling.logprobs import completion_logprobs
 from aligner.online.policy_loss import logp_gap
 from aligner.online.rollout import Rollout, generate_rollout, shard, write_samples
 from aligner.protocols import PREFERENCE
+from aligner.training.micro_batch import compute_losses, move_to
 
 
 class OnlineDPOOptions(RolloutOptions):

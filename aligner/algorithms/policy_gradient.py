@@ -32,7 +32,7 @@ from aligner.algorithms.base import (
 )
 from aligner.algorithms.online import OnlineAlgorithm, RolloutOptions
 from aligner.errors import AlignerError, ConfigError
-from aligner.logprobs import completion_logprobs
+from aligner.modeling.logprobs import completion_logprobs
 from aligner.online.advantages import AdvantageInputs, masked_mean
 from aligner.online.aggregation import Aggregation, step_counts, token_weights
 from aligner.online.kl import kl_per_token
@@ -44,7 +44,7 @@ from aligner.online.policy_loss import (
 )
 from aligner.online.rollout import Rollout, generate_rollout, rows_of, shard, write_samples
 from aligner.online.verifiers import length_penalty
-from aligner.tracking import to_float
+from aligner.reporting.tracking import to_float
 
 
 class PolicyGradientOptions(RolloutOptions):
@@ -349,7 +349,7 @@ def accumulate_update(step: Any, batch: dict[str, Any], tensors: dict[str, Any],
 
 def _token_mask(batch: dict[str, Any]) -> torch.Tensor:
     """The completion-token mask in the per-token layout of ``completion_logprobs(token_level=True)``."""
-    from aligner.logprobs import token_window_start
+    from aligner.modeling.logprobs import token_window_start
 
     return batch["completion_mask"][:, token_window_start(batch) + 1:].bool()
 

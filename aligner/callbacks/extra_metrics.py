@@ -14,7 +14,7 @@ from pydantic import Field
 
 from aligner.hookspecs import hookimpl
 from aligner.protocols import Options
-from aligner.run import RunState
+from aligner.training.run_state import RunState
 
 
 class ExtraMetrics:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
+from aligner.commands.label import _resolve
 from aligner.config import ModelConfig, Strict, read_config_source, validation_error
 from aligner.constitutional.constitution import BUNDLED
-from aligner.label import _resolve
 
 
 class ReviseConfig(Strict):

@@ -71,7 +71,7 @@ def _run_step(command: str, config: Path) -> str:
         counts = revise(revise_config)
         return f"{revise_config.output}: {counts['revised']} revised, {counts['skipped']} already done"
     if command == "label":
-        from aligner.label import label, load_label_config
+        from aligner.commands.label import label, load_label_config
 
         label_config = load_label_config(config)
         counts = label(label_config)

@@ -20,11 +20,11 @@ import random
 from pathlib import Path
 from typing import Any
 
+from aligner.commands.label import _append, _check_output, _done_indices, _drop_torn_line, load_for_sampling
 from aligner.constitutional.config import ReviseConfig
 from aligner.constitutional.constitution import Principle, load_constitution
 from aligner.constitutional.templates import critique_prompt, load_few_shot_template, revision_prompt
 from aligner.errors import ConfigError, os_error
-from aligner.label import _append, _check_output, _done_indices, _drop_torn_line, load_for_sampling
 
 log = logging.getLogger("aligner")
 
@@ -81,7 +81,7 @@ def revise(config: ReviseConfig) -> dict[str, int]:
     """Answer, critique and revise every prompt not yet in the output; return ``revised``/``skipped`` counts."""
     from aligner.data.loading import load_validated
     from aligner.judges.rule import import_callable
-    from aligner.tracking import Progress
+    from aligner.reporting.tracking import Progress
 
     # Everything a user can get wrong is checked before the model loads.
     principles = load_constitution(config.constitution)

@@ -77,7 +77,7 @@ def collate(examples: list[dict[str, Any]], data_format: str, pad_token_id: int,
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on tokens the loss scores),
     ``prompt_lengths``, ``row_ids``, and ``labels`` for unpaired data. ``share_prompt`` (preference
     data only) marks the batch as one the log-prob code may run with each pair's prompt once
-    (``aligner.shared_prompt``); ``packing`` (SFT data only: ``data.packing``) as one whose rows it may
+    (``aligner.modeling.shared_prompt``); ``packing`` (SFT data only: ``data.packing``) as one whose rows it may
     run concatenated (``aligner.data.packing``). The tensors are the same either way.
     """
     if data_format == PREFERENCE:

@@ -302,9 +302,9 @@ def _is_chat(rows: list[Row]) -> bool:
 
 def _training_format(config: RunConfig, index: int, data_format: str) -> str:
     """The format training runs the rows as: preference rows of a stage whose losses read only the
-    chosen completion run as sft rows (``aligner.stages.reads_only_chosen``)."""
+    chosen completion run as sft rows (``aligner.training.stages.reads_only_chosen``)."""
     from aligner.plugins import get_registry
-    from aligner.stages import reads_only_chosen
+    from aligner.training.stages import reads_only_chosen
 
     stage = config.stages[index]
     if data_format != PREFERENCE:
@@ -359,7 +359,7 @@ def _generation_tokens(config: RunConfig, index: int) -> int:
 
 def check_stage(config: RunConfig, index: int, tokenizer: Any, show_tokens: int = SHOW_TOKENS) -> list[SplitReport]:
     """Reports for the train and eval splits of one stage (``show_tokens`` rows per source shown as tokens)."""
-    from aligner.stages import _split_eval
+    from aligner.training.stages import _split_eval
 
     stage = config.stages[index]
     data = stage.data
@@ -390,7 +390,7 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any, show_tokens: int 
     splits.insert(0, ("train", source_label(data.train), train_rows, rejected))
     trained_as = _training_format(config, index, data_format)
     if trained_as != data_format:
-        from aligner.stages import chosen_as_sft
+        from aligner.training.stages import chosen_as_sft
 
         splits = [(split, source, chosen_as_sft(rows), bad) for split, source, rows, bad in splits]
     # What keeps every split from being tokenized is reported on every split, not on train alone
@@ -429,7 +429,7 @@ def check_data(config: str | Path | dict | RunConfig, overrides: list[str] | tup
     """Check the data of every stage of ``config`` (tokenizer loaded, no model); one report per split.
 
     ``show_tokens``: rows per source of each split shown token by token (0: none)."""
-    from aligner.models import load_tokenizer
+    from aligner.modeling.loading import load_tokenizer
 
     resolved = load_config(config, overrides)
     tokenizer = load_tokenizer(resolved)

@@ -5,7 +5,7 @@ read it that way); only the policy's forward pass runs the packed layout:
 
 - every sequence keeps its own position ids (0, 1, 2, ... from its first token), and
 - a token attends only to the earlier tokens of its own sequence: a block-diagonal causal mask
-  (``sdpa``: boolean, ``eager``: additive, built by ``aligner.shared_prompt.pack_rows``), or, with a
+  (``sdpa``: boolean, ``eager``: additive, built by ``aligner.modeling.shared_prompt.pack_rows``), or, with a
   FlashAttention-style kernel, no mask at all and the whole micro-batch in one row, whose restarting
   position ids transformers turns into the kernel's variable-length (varlen) sequence boundaries.
 
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from aligner.errors import ConfigError
+from aligner.modeling.shared_prompt import PackedRows, RowPacking, attention_kind, pack_rows
 from aligner.protocols import SFT
-from aligner.shared_prompt import PackedRows, RowPacking, attention_kind, pack_rows
 
 # Attention implementations that read sequence boundaries from restarting position ids when no mask
 # is passed (transformers' ``_is_packed_sequence``: one row only).

@@ -1,6 +1,6 @@
 """A disk cache of tokenized rows, so a second ``train`` or ``data check`` on the same data skips tokenizing.
 
-Layout and conventions follow the reference cache (``aligner.cache``): one safetensors file
+Layout and conventions follow the reference cache (``aligner.references.logprob_store``): one safetensors file
 ``<key>.safetensors`` per entry under ``$ALIGNER_CACHE_DIR/tokenized`` (else
 ``$XDG_CACHE_HOME/aligner/tokenized``, else ``~/.cache/aligner/tokenized``), written to a unique
 temporary file and moved into place with ``os.replace``, its tensor bytes covered by a SHA-256 in
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from aligner.cache import default_cache_dir
+from aligner.references.logprob_store import default_cache_dir
 from aligner.data.examples import CompactExamples, compact_from_arrays, flatten
 from aligner.data.sources import Row
 from aligner.data.tokenize import COMPLETION_FIELDS, TokenizedData, prompt_for_judge
@@ -57,7 +57,7 @@ class CorruptEntry(Exception):
 
 
 def default_token_cache_dir() -> Path:
-    """``tokenized`` beside the reference cache (``aligner.cache.default_cache_dir``)."""
+    """``tokenized`` beside the reference cache (``aligner.references.logprob_store.default_cache_dir``)."""
     return default_cache_dir("tokenized")
 
 

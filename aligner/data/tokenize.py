@@ -84,7 +84,7 @@ class TokenizedData:
         """Tokens per example as batched, for length grouping: prompt + longest completion.
 
         With ``shared_prompt`` a preference pair is one row of prompt + chosen + rejected
-        (``aligner.shared_prompt``), so that total is what grouping must even out.
+        (``aligner.modeling.shared_prompt``), so that total is what grouping must even out.
         """
         fields = COMPLETION_FIELDS[self.data_format]
         if isinstance(self.examples, CompactExamples):  # from the offsets, without building a dict per example

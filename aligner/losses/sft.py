@@ -20,7 +20,7 @@ class SFTLoss:
     data_formats = (SFT, PREFERENCE, UNPAIRED)
     needs_reference = False
     # Only the chosen completion of a pair: a stage whose losses all say so runs preference rows as
-    # sft rows, so the rejected completions are never computed (aligner.stages.reads_only_chosen).
+    # sft rows, so the rejected completions are never computed (aligner.training.stages.reads_only_chosen).
     preference_completions = ("chosen",)
 
     class Options(Options):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from aligner.logprobs import token_window_start
+from aligner.modeling.logprobs import token_window_start
 from aligner.online.advantages import masked_mean, masked_var
 
 

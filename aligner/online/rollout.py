@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from aligner.data.batching import LengthGroupedBatches, collate
-from aligner.forward import move_to
-from aligner.logprobs import token_window_start
+from aligner.modeling.logprobs import token_window_start
 from aligner.online.engines import GenerationRequest
 from aligner.online.sampler import decode
 from aligner.protocols import SFT
-from aligner.resume import Position
-from aligner.run import RunState
+from aligner.training.micro_batch import move_to
+from aligner.training.resume import Position
+from aligner.training.run_state import RunState
 
 
 def prompt_batches(run: RunState, start: Position) -> Iterator[tuple[int, int, list[int]]]:

@@ -1,7 +1,7 @@
 """Optimizer plugins: what builds a stage's ``torch.optim.Optimizer`` (``stages[i].optimizer``).
 
 An optimizer plugin only decides how the trainable weights are updated: which parameter groups,
-which learning rate per group, which update rule. The stage runner (``aligner.runner``) keeps the
+which learning rate per group, which update rule. The stage runner (``aligner.training.runner``) keeps the
 rest, for every optimizer alike: the LR schedule, gradient clipping, the non-finite guard, and
 saving and loading the optimizer's ``state_dict`` in checkpoints (so a resume is exact as long as
 the optimizer's ``state_dict`` round-trips its state).
@@ -30,7 +30,7 @@ class OptimizerContext:
     the policy with a value head for PPO). ``policy``: the policy inside it, already wrapped by the
     PEFT backend (a ``peft.PeftModel`` for adapter backends): what structure-aware methods inspect.
     ``learning_rate`` and ``weight_decay`` are the stage's ``train.learning_rate`` and
-    ``train.weight_decay``; ``stage`` is the prepared stage (``aligner.stages.PreparedStage``).
+    ``train.weight_decay``; ``stage`` is the prepared stage (``aligner.training.stages.PreparedStage``).
     """
 
     named_parameters: list[tuple[str, torch.nn.Parameter]]

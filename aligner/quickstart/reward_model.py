@@ -36,7 +36,7 @@ def train_reward_model(out_dir: str | Path, steps: int = 150, batch_size: int = 
     """Train, save to ``out_dir``, and return held-out pair accuracy (share with r(chosen) > r(rejected))."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from aligner.tiny_tokenizer import load_builtin_tokenizer
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -2,7 +2,7 @@
 
 At setup the reference model (the policy before any update; with a PEFT backend its base model,
 adapters disabled) scores the stage's sequences, with a progress bar, and the values go to a
-content-addressed cache (``aligner.cache``). During training and evaluation the reference "pass" is
+content-addressed cache (``aligner.references.logprob_store``). During training and evaluation the reference "pass" is
 a table lookup by sequence fingerprint: no reference model in memory, no reference forward pass. A
 second run on the same model and data (a sweep over beta, a rerun) finds the entries and does no
 reference forward pass at all.
@@ -38,11 +38,11 @@ import torch
 from accelerate import PartialState
 from pydantic import Field
 
-from aligner.cache import CorruptEntry, Entry, ReferenceCache
 from aligner.hookspecs import hookimpl
 from aligner.protocols import Options, ReferenceContext, Requires, SequenceLogProbs
 from aligner.references.disabled_adapter import peft_model_of
-from aligner.tracking import Progress
+from aligner.references.logprob_store import CorruptEntry, Entry, ReferenceCache
+from aligner.reporting.tracking import Progress
 
 log = logging.getLogger("aligner")
 
@@ -224,7 +224,7 @@ class CachedReference:
               context: ReferenceContext) -> tuple[str, list[tuple[dict[str, Any], list[int]]]]:
         """The split's fixed batches (each with its examples' indices) and the layout's name."""
         from aligner.data.batching import LengthGroupedBatches
-        from aligner.logprobs import can_share_prompts
+        from aligner.modeling.logprobs import can_share_prompts
         from aligner.protocols import PREFERENCE
 
         # Pairs whose prompt runs once are the cheapest layout; where the model cannot run them,

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from aligner.hookspecs import hookimpl
-from aligner.model_card import redact
+from aligner.reporting.model_card import redact
 
 log = logging.getLogger("aligner")
 

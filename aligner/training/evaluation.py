@@ -7,10 +7,10 @@ import json
 import torch
 
 from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
-from aligner.forward import compute_losses, move_to
 from aligner.online.sampler import decode, sample_completions
-from aligner.run import RunState
-from aligner.tracking import to_float
+from aligner.reporting.tracking import to_float
+from aligner.training.micro_batch import compute_losses, move_to
+from aligner.training.run_state import RunState
 
 
 @torch.no_grad()

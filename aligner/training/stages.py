@@ -72,7 +72,7 @@ class PreparedStage:
 
     @property
     def forward_kind(self) -> str:
-        """How the model runs on a batch (``aligner.forward.FORWARDS``); the same for all its losses."""
+        """How the model runs on a batch (``aligner.training.micro_batch.FORWARDS``); the same for all its losses."""
         return forward_kind_of([loss for loss, _ in self.losses])
 
 
@@ -88,8 +88,7 @@ def forward_kind_of(losses: list[Any], where: str = "") -> str:
 
 def instantiate(kind: str, choice: PluginChoice, loc: tuple, config: RunConfig) -> Any:
     """Look up ``choice.name`` in the ``kind`` registry and build it with its validated options."""
-    source = getattr(config, "_source", None)
-    line = source.where((*loc, "name")) if source is not None else ""
+    line = config.origin.where((*loc, "name"))
     cls = get_registry(kind).get(choice.name, where=_where(loc) + line)
     options = validate_plugin_options(cls.Options, choice, loc, config)
     return cls(options)
@@ -104,8 +103,7 @@ def _eval_rewards(generate: Any, loc: tuple, config: RunConfig) -> Any:
 
     if generate.judge is not None:
         return RewardSources.of_judge(instantiate("judge", generate.judge, (*loc, "judge"), config))
-    source = getattr(config, "_source", None)
-    where = f"'{format_loc((*loc, 'rewards'))}'" + (source.where((*loc, "rewards")) if source is not None else "")
+    where = f"'{format_loc((*loc, 'rewards'))}'" + config.origin.where((*loc, "rewards"))
     try:
         return RewardSources([RewardSourceConfig.model_validate(r) for r in generate.rewards], timeout=None)
     except ValidationError as exc:
@@ -120,8 +118,7 @@ def _refuse_algorithm_as_loss(choice: PluginChoice, loc: tuple, config: RunConfi
     """``losses: [{name: ppo}]``: an algorithm named where a loss goes gets told where it belongs."""
     if choice.name in get_registry("loss") or choice.name not in get_registry("algorithm"):
         return
-    source = getattr(config, "_source", None)
-    line = source.where((*loc, "name")) if source is not None else ""
+    line = config.origin.where((*loc, "name"))
     stage = format_loc(loc[:2])
     raise ConfigError(f"'{choice.name}' at '{format_loc(loc)}'{line} is an algorithm, not a loss: move it and its "
                       f"options to '{stage}.algorithm' ({{name: {choice.name}, ...}})")

@@ -3,7 +3,7 @@
 The model scores each sequence at its last non-padding token (transformers finds it from
 ``config.pad_token_id``), so the batch must be right-padded with the tokenizer's pad token, as
 ``collate`` does. A preference batch collated with ``share_prompt`` runs each pair as one row that
-holds its prompt once (``aligner.shared_prompt``) when the model is a plain decoder + score head;
+holds its prompt once (``aligner.modeling.shared_prompt``) when the model is a plain decoder + score head;
 the score is read at the same token as the model's own forward would read it.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from aligner.logprobs import plain_head_model
-from aligner.shared_prompt import pack_pairs
-from aligner.wrapped_forward import ddp_inner, run_as_forward
+from aligner.modeling.ddp_forward import ddp_inner, run_as_forward
+from aligner.modeling.logprobs import plain_head_model
+from aligner.modeling.shared_prompt import pack_pairs
 
 
 def decoder_and_score(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, int] | None:

@@ -2,7 +2,7 @@
 
 It is byte-level, so any text can be encoded; its merges were learned from the quickstart corpus
 plus a little general English, so the quickstart's words are single tokens. The file ships in
-``aligner/assets``; ``python -m aligner.tiny_tokenizer`` rebuilds it.
+``aligner/assets``; ``python -m aligner.modeling.tiny_tokenizer`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-ASSET = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
+ASSET = Path(__file__).parent.parent / "assets" / "tiny_tokenizer.json"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 1024

@@ -11,9 +11,9 @@ Only positions that predict a completion token are needed. Two ways to get them:
   positions times the vocabulary. Preference pairs collated with ``share_prompt`` run as one row
   per pair that holds the prompt once, and a batch marked ``share_prompt_groups`` (rollout rows,
   where consecutive rows sample the same prompt) as one row per run of rows with the same prompt
-  (``aligner.shared_prompt``), and an SFT batch collated with ``data.packing`` as its sequences
+  (``aligner.modeling.shared_prompt``), and an SFT batch collated with ``data.packing`` as its sequences
   concatenated into as few rows as fit (``aligner.data.packing``). Under DDP this path runs as the
-  wrapper's forward (``aligner.wrapped_forward``), so gradients still sync;
+  wrapper's forward (``aligner.modeling.ddp_forward``), so gradients still sync;
 - the plain path, for every other model (prompt/prefix tuning, which prepend virtual tokens inside
   the PEFT wrapper; FSDP/DeepSpeed, whose sharded weights are gathered by their own forward;
   heads that transform logits after the projection, such as soft-capping): the model's own forward
@@ -33,8 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import selective_log_softmax
 
 from aligner.data.packing import PACK_KEY, pack_sequences, sequence_packing
-from aligner.protocols import SequenceLogProbs
-from aligner.shared_prompt import (
+from aligner.modeling.ddp_forward import ddp_inner, run_as_forward, unwrap_ddp
+from aligner.modeling.shared_prompt import (
     PackedRows,
     attention_kind,
     group_packing,
@@ -42,7 +42,7 @@ from aligner.shared_prompt import (
     pack_pairs,
     pair_packing,
 )
-from aligner.wrapped_forward import ddp_inner, run_as_forward, unwrap_ddp
+from aligner.protocols import SequenceLogProbs
 
 # Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
 # nothing (soft-capping, scaling, router losses) happens to the logits after the projection.
@@ -148,7 +148,7 @@ def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module,
 
     A preference batch collated with ``share_prompt`` runs each pair as one row holding its prompt
     once, a batch marked ``share_prompt_groups`` each run of consecutive rows with the same prompt
-    (``aligner.shared_prompt``), and an SFT batch marked by ``data.packing`` its sequences
+    (``aligner.modeling.shared_prompt``), and an SFT batch marked by ``data.packing`` its sequences
     concatenated into as few rows as fit (``aligner.data.packing``), where the attention
     implementation allows it. Values, per-token values and gradients are those of the unpacked rows
     either way.
@@ -235,7 +235,7 @@ def _sharing_decoder(model: torch.nn.Module, forward_kind: str) -> torch.nn.Modu
     ``forward_kind`` ``"reward"`` means a sequence-classification model's score forward.
     """
     if forward_kind == "reward":
-        from aligner.scores import decoder_and_score
+        from aligner.modeling.reward_scores import decoder_and_score
 
         parts = decoder_and_score(unwrap_ddp(model))
     else:

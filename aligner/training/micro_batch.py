@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from aligner.data.mismatch import mismatched_batch
-from aligner.logprobs import completion_logprobs
+from aligner.modeling.logprobs import completion_logprobs
+from aligner.modeling.reward_scores import sequence_scores
 from aligner.protocols import LossInputs
-from aligner.scores import sequence_scores
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

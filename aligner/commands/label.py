@@ -180,8 +180,8 @@ def load_for_sampling(config: Any, rows: list[Any]) -> tuple[Any, Any, Any, Any]
 
     from aligner.data.templates import load_template
     from aligner.data.tokenize import tokenize_rows
-    from aligner.models import load_model, load_tokenizer
-    from aligner.threads import apply_threads
+    from aligner.modeling.loading import load_model, load_tokenizer
+    from aligner.training.threads import apply_threads
 
     tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
     template = load_template(config.template, tokenizer, chat_data=isinstance(rows[0].data["prompt"], list))

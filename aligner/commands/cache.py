@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from aligner.errors import ConfigError, PathError
 
-if TYPE_CHECKING:  # aligner.cache imports torch: only when the command runs, so `aligner --help` stays fast
-    from aligner.cache import ReferenceCache
+if TYPE_CHECKING:  # aligner.references.logprob_store imports torch: only when the command runs, so `aligner --help` stays fast
+    from aligner.references.logprob_store import ReferenceCache
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def _resolve(cache: ReferenceCache, prefix: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Handle ``aligner cache ...``."""
-    from aligner.cache import ReferenceCache
+    from aligner.references.logprob_store import ReferenceCache
 
     cache = ReferenceCache(args.dir)
     # A missing directory is an empty cache; a file in its place is a mistake that listing would hide.

@@ -64,7 +64,7 @@ def load_tokenizer(config: RunConfig) -> Any:
     """
     source = config.tokenizer or ("builtin" if config.model.tiny else config.model.path)
     if source == "builtin":
-        from aligner.tiny_tokenizer import load_builtin_tokenizer
+        from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
 
         tokenizer = load_builtin_tokenizer()
     else:
@@ -180,7 +180,7 @@ def load_reward_model(config: ModelConfig, tokenizer: Any) -> torch.nn.Module:
     return model
 
 
-# forward kind of a run's losses -> the model class that kind needs (see aligner.forward.FORWARDS)
+# forward kind of a run's losses -> the model class that kind needs (see aligner.training.micro_batch.FORWARDS)
 MODEL_LOADERS = {"logprobs": load_causal_lm, "reward": load_reward_model}
 
 

@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aligner.checkpoint import MARKER, SET_ASIDE_PREFIX, STEP_NAME, Verification, verify_checkpoint
 from aligner.errors import ConfigError, os_error
+from aligner.training.checkpoint_manifest import (
+    MARKER,
+    SET_ASIDE_PREFIX,
+    STEP_NAME,
+    Verification,
+    verify_checkpoint,
+)
 
 _FINAL = "final"
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aligner.commands.export import adapter_dirs, base_model_of, choose_adapter, final_dir
 from aligner.errors import ConfigError, suggest
-from aligner.export import adapter_dirs, base_model_of, choose_adapter, final_dir
 
 BASE = None  # the "adapter" of a sample drawn with every adapter off (JSON: null)
 
@@ -108,7 +108,7 @@ def read_prompts(texts: list[str] | None, file: str | None) -> list[Any]:
 def _load(source: ModelSource, names: list[str | None], tokenizer: Any, base: str | None) -> Any:
     """The model, with the adapters in ``names`` loaded onto one base (``None`` needs none)."""
     from aligner.config import ModelConfig
-    from aligner.models import load_causal_lm
+    from aligner.modeling.loading import load_causal_lm
 
     adapters = adapter_dirs(source.directory)
     wanted = [n for n in names if n is not None]
@@ -155,7 +155,7 @@ def generate(source: ModelSource, prompts: list[Any], adapters: list[str | None]
     from aligner.data.sources import Row
     from aligner.data.templates import load_template
     from aligner.data.tokenize import tokenize_rows
-    from aligner.models import load_tokenizer
+    from aligner.modeling.loading import load_tokenizer
     from aligner.online.sampler import decode, sample
 
     # The run saved its tokenizer (pad token and all) next to the model: load it as the run did.

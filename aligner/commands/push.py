@@ -117,7 +117,7 @@ def locate_run(path: Path) -> tuple[Path, Path | None]:
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise PushError(f"{path}: {what} (push takes a run's output directory)")
-    from aligner.checkpoint import MARKER
+    from aligner.training.checkpoint_manifest import MARKER
 
     if path.name == "final" and (path / MARKER).is_file():
         return path.parent.parent, path
@@ -126,7 +126,7 @@ def locate_run(path: Path) -> tuple[Path, Path | None]:
 
 def _verified(final: Path) -> dict[str, dict[str, Any]]:
     """The files of an intact final model, ``{path: {size, sha256}}``; a damaged one is refused."""
-    from aligner.checkpoint import MARKER, file_sha256, verify_checkpoint
+    from aligner.training.checkpoint_manifest import MARKER, file_sha256, verify_checkpoint
 
     verification = verify_checkpoint(final)
     if not verification.usable:
@@ -185,7 +185,7 @@ def plan_push(run_dir: str | Path, repo_id: str | None = None, private: bool | N
     manifest = _verified(final)
     if "README.md" not in manifest:
         raise PushError(f"{final / 'README.md'}: the final model has no model card")
-    from aligner.model_card import LOAD_PATTERN, scrub_environment_secrets
+    from aligner.reporting.model_card import LOAD_PATTERN, scrub_environment_secrets
 
     try:
         card = (final / "README.md").read_text(encoding="utf-8")

@@ -105,7 +105,7 @@ class NonFiniteGuard:
         return False
 
     def _last_checkpoint(self) -> str:
-        from aligner.checkpoint import complete_checkpoints
+        from aligner.training.checkpoint_writing import complete_checkpoints
 
         found = complete_checkpoints(Path(self.run.stage_dir) / "checkpoints")
         return str(found[-1]) if found else "none written yet"

@@ -1,6 +1,6 @@
 """Exact resume: what a checkpoint holds beyond the weights, and how a run continues from it.
 
-A checkpoint (``STAGE/checkpoints/step-N``, written atomically by ``aligner.checkpoint``) holds the
+A checkpoint (``STAGE/checkpoints/step-N``, written atomically by ``aligner.training.checkpoint_writing``) holds the
 model or adapter (safetensors), ``optimizer.pt`` (optimizer and scheduler state, loaded with
 ``weights_only=True``), ``rng.pt`` (torch, and CUDA where present) plus the Python and NumPy RNG
 states in ``trainer_state.json``, and the data position: how many micro-batches of which epoch
@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from aligner.checkpoint import (
+from aligner.training.checkpoint_manifest import (
     MARKER,
     CheckpointError,
     Verification,
-    complete_checkpoints,
     set_aside,
     verify_checkpoint,
 )
+from aligner.training.checkpoint_writing import complete_checkpoints
 
 log = logging.getLogger("aligner")
 
@@ -270,7 +270,7 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 def is_sharded(directory: Path) -> bool:
     """Whether a checkpoint holds sharded (per-process) model and optimizer state."""
-    from aligner.checkpoint import SHARDED_DIR
+    from aligner.training.checkpoint_writing import SHARDED_DIR
 
     return (directory / SHARDED_DIR).is_dir()
 
@@ -285,7 +285,7 @@ def save_sharded_shard(directory: Path, model: torch.nn.Module, optimizer: Any, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from aligner.checkpoint import SHARDED_DIR
+    from aligner.training.checkpoint_writing import SHARDED_DIR
 
     plain, tensors = capture_rng()
     # Each process has its own RNG streams: all are kept, so a resumed run draws what the
@@ -312,7 +312,7 @@ def load_sharded_training_state(directory: Path, model: torch.nn.Module, optimiz
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from aligner.checkpoint import SHARDED_DIR
+    from aligner.training.checkpoint_writing import SHARDED_DIR
 
     state = read_trainer_state(directory)
     inner = _torch_optimizer(optimizer)

@@ -33,17 +33,17 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from aligner import checkpoint, resume
 from aligner.algorithms.base import AlgorithmContext, StepServices
 from aligner.errors import Interrupted
-from aligner.guards import NonFiniteGuard
-from aligner.logprobs import completion_logprobs
-from aligner.model_card import write_model_card
-from aligner.models import apply_training_switches
+from aligner.modeling.loading import apply_training_switches
+from aligner.modeling.logprobs import completion_logprobs
 from aligner.plugins import call_hook
 from aligner.protocols import ReferenceContext
-from aligner.run import RunState
-from aligner.tracking import MetricsFile, Progress, report
+from aligner.reporting.model_card import write_model_card
+from aligner.reporting.tracking import MetricsFile, Progress, report
+from aligner.training import checkpoint_writing, resume
+from aligner.training.guards import NonFiniteGuard
+from aligner.training.run_state import RunState
 
 log = logging.getLogger("aligner")
 
@@ -122,11 +122,11 @@ def save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sched
     directory = run.stage_dir / "checkpoints"
     target = directory / f"step-{run.step}"
     state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps}
-    checkpoint.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
+    checkpoint_writing.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
                                 extra=lambda d: {**resume.save_training_state(d, optimizer, scheduler, position),
                                                  **(extra_state or {})},
                                 state_dict=weights)
-    checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
+    checkpoint_writing.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
     return target
 
@@ -157,14 +157,14 @@ def _save_sharded_checkpoint(run: RunState, model: torch.nn.Module, optimizer: A
         full = {**state, **resume.save_sharded_main(temporary, scheduler, position), **(extra_state or {})}
         (temporary / "trainer_state.json").write_text(json.dumps(full, indent=2))
 
-    checkpoint.write_sharded_atomically(
+    checkpoint_writing.write_sharded_atomically(
         target, model, run.is_main_process,
         write_shard=lambda temporary: resume.save_sharded_shard(temporary, model, optimizer,
                                                                      run.accelerator.process_index),
         write_main=write_main)
     if not run.is_main_process:
         return None
-    checkpoint.prune(directory, run.stage.config.train.keep_checkpoints)
+    checkpoint_writing.prune(directory, run.stage.config.train.keep_checkpoints)
     call_hook("on_checkpoint_saved", run=run, step=run.step, path=str(target))
     return target
 
@@ -219,7 +219,7 @@ def finish_stage(run: RunState, model: torch.nn.Module, metrics_file: MetricsFil
     final = {**{f"train/{k}": v for k, v in last.items()}, **after}
     weights = _gathered_weights(run, model)
     if run.is_main_process:
-        checkpoint.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
+        checkpoint_writing.write_atomically(run.stage_dir / "final", unwrapped, run.tokenizer,
                                     {"stage": run.stage.name, "step": run.step, "metrics": final},
                                     extra=lambda d: write_model_card(d, run.config, run.stage, final), state_dict=weights)
         report(run.stage.name, before, after)

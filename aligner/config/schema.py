@@ -1,20 +1,13 @@
-"""Run configuration: YAML -> overrides -> typed, validated objects.
+"""The run configuration's schema: every key a config file may hold, its type, default and meaning.
 
-A config file is YAML. ``key.sub=value`` overrides are applied before validation (list items are
-addressed by index, or by ``name`` for stages: ``stages.dpo.train.learning_rate=1e-5``). Every
-error names the key path, the file and line it came from, and for typos the nearest valid key.
-Relative data and model paths are resolved against the config file's directory, so a recipe works
-from any working directory; ``output_dir`` is relative to the working directory.
+Loading a file, applying overrides and turning validation errors into located messages is
+``aligner.config.loading``'s job; where each key was written is ``aligner.config.origin``'s.
 """
 
 from __future__ import annotations
 
-import copy
-import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -24,13 +17,11 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from aligner.data.loading import read_text
-from aligner.errors import ConfigError, suggest
+from aligner.config.origin import ConfigOrigin, format_loc
 
 
 class Strict(BaseModel):
@@ -159,6 +150,11 @@ class SourceConfig(Strict):
             return f"'{self.path}'" + (f" ({'.'.join(sub)})" if sub else "")
         where = self._where(loc) if self._where is not None else ""
         return f"'{format_loc(loc)}'{where}"
+
+    def locate(self, key: tuple, where: Any, seed: int) -> None:
+        """Tell the source its config key, how to say where a key was written (``ConfigOrigin.where``)
+        and the run's seed; ``load_config`` calls it once paths are resolved."""
+        self._key, self._where, self._seed = key, where, seed
 
     def __str__(self) -> str:
         extras = [f"{k} {v}" for k, v in (("subset", self.subset), ("split", self.split)) if v]
@@ -386,7 +382,7 @@ class HubConfig(Strict):
         if self.push and not self.repo_id:
             raise ValueError("'push: true' needs 'repo_id' ('name' or 'namespace/name')")
         if self.repo_id is not None:
-            from aligner.push import repo_id_problem
+            from aligner.commands.push import repo_id_problem
 
             problem = repo_id_problem(self.repo_id)
             if problem:
@@ -404,7 +400,7 @@ class RunConfig(Strict):
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     threads: int | Literal["auto"] = Field("auto", description=(
         "torch's CPU threads per process; auto: $OMP_NUM_THREADS if set, else the cores this process may use "
-        "(at most 8), 1 per process when several run (see aligner.threads)"))
+        "(at most 8), 1 per process when several run (see aligner.training.threads)"))
     model: ModelConfig
     tokenizer: str | None = Field(None, description="'builtin', a directory or hub id; default: the model's")
     wandb: WandbConfig | None = None
@@ -413,6 +409,17 @@ class RunConfig(Strict):
     callbacks: list[PluginChoice] = Field(
         default_factory=list, description="lifecycle plugins to switch on for the run: [{name: ..., <options>}]")
     stages: list[StageConfig] = Field(min_length=1)
+    # Where each key was written (set by ``load_config``; empty for a config built in Python).
+    _origin: ConfigOrigin | None = PrivateAttr(default=None)
+
+    @property
+    def origin(self) -> ConfigOrigin:
+        """Where each key of this config was written, for errors that point at a file and line."""
+        return self._origin if self._origin is not None else ConfigOrigin(None, None)
+
+    def remember_origin(self, origin: ConfigOrigin) -> None:
+        """Keep where each key was written (``load_config`` calls it)."""
+        self._origin = origin
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -435,342 +442,3 @@ class RunConfig(Strict):
 # Loading, overrides and error reporting
 # ---------------------------------------------------------------------------------------------
 
-
-class _Source:
-    """Where config values came from, to point errors at a file and line."""
-
-    def __init__(self, path: Path | None, text: str | None):
-        self.path = path
-        self.lines: dict[tuple, int] = {}
-        self.overridden: dict[tuple, str] = {}
-        if text is not None:
-            try:
-                node = yaml.compose(text, Loader=yaml.SafeLoader)
-            except yaml.YAMLError:
-                node = None
-            if node is not None:
-                self._index(node, ())
-
-    def _index(self, node: yaml.Node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = (*path, key_node.value)
-                self.lines[key] = key_node.start_mark.line + 1
-                self._index(value_node, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self.lines[(*path, index)] = item.start_mark.line + 1
-                self._index(item, (*path, index))
-
-    def where(self, loc: tuple) -> str:
-        """`` (file line N)`` for the deepest known prefix of ``loc``."""
-        for end in range(len(loc), 0, -1):
-            if loc[:end] in self.overridden:
-                return f" (from override '{self.overridden[loc[:end]]}')"
-            if loc[:end] in self.lines and self.path is not None:
-                return f" ({self.path}, line {self.lines[loc[:end]]})"
-        return f" ({self.path})" if self.path else ""
-
-    def written(self, loc: tuple) -> bool | None:
-        """Whether ``loc`` (or a key below it) is in the file or an override; ``None`` for a dict config,
-        whose keys are not tracked."""
-        if self.path is None and not self.overridden:
-            return None
-        if any(key[:len(loc)] == loc or loc[:len(key)] == key for key in self.overridden):
-            return True
-        return any(key[:len(loc)] == loc for key in self.lines)
-
-
-def key_where(config: Any, loc: tuple) -> str:
-    """Where the key ``loc`` of a loaded run config was set (`` (file, line N)``, `` (from override
-    '...')``), or `` (not set: the default)`` when its file leaves it out, so an error never points
-    at the line of an enclosing section as if the key were there."""
-    source = getattr(config, "_source", None)
-    if source is None:
-        return ""
-    if source.written(loc) is False:
-        return " (not set: the default)"
-    return source.where(loc)
-
-
-def format_loc(loc: tuple) -> str:
-    """``('stages', 0, 'train', 'lr')`` -> ``stages[0].train.lr``."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
-    """The config model class (below ``root``, a run config by default) that owns the last key of ``loc``."""
-    model: Any = root or RunConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        for arg in list(candidates):
-            candidates.extend(getattr(arg, "__args__", ()))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def _shown_input(value: Any) -> str:
-    """`` (got VALUE)`` for a scalar a user mistyped; nothing for a mapping or list: the message already
-    names the key inside it, and a whole mapping could echo a secret pasted into one of its options."""
-    if isinstance(value, (dict, list)):
-        return ""
-    return f" (got {value!r})"
-
-
-def _describe(error: dict, source: _Source, root: type[BaseModel] | None = None) -> str:
-    loc = tuple(error["loc"])
-    where = source.where(loc)
-    if error["type"] == "extra_forbidden":
-        owner = _model_at(loc, root)
-        valid = list(owner.model_fields) if owner else []
-        return f"unknown key '{format_loc(loc)}'{where}{suggest(loc[-1], valid)}"
-    if error["type"] == "missing":
-        return f"missing required key '{format_loc(loc)}'{where}"
-    message = error["msg"].removeprefix("Value error, ")
-    if loc:
-        return f"invalid value for '{format_loc(loc)}'{where}: {message}{_shown_input(error.get('input'))}"
-    return f"invalid config{where}: {message}"
-
-
-def validation_error(exc: ValidationError, source: _Source, prefix: tuple = (),
-                     root: type[BaseModel] | None = None) -> ConfigError:
-    """Turn a pydantic error into one ConfigError listing every problem with its location; ``root`` is the
-    model that was validated (a run config by default), whose keys typos are matched against."""
-    problems = []
-    for err in exc.errors():
-        err = dict(err)
-        err["loc"] = (*prefix, *err["loc"])
-        problems.append(_describe(err, source, root))
-    if len(problems) == 1:
-        return ConfigError(problems[0])
-    return ConfigError(f"{len(problems)} problems in the config: " + "; ".join(problems))
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_override(data: dict, override: str, source: _Source) -> None:
-    """Apply one ``a.b.c=value`` override to the raw config dict in place."""
-    if "=" not in override:
-        raise ConfigError(f"override '{override}' is not of the form key.path=value")
-    key, _, value_text = override.partition("=")
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise ConfigError(f"override '{override}' has an empty key")
-    node: Any = data
-    resolved: list = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            index = _list_index(node, part, override, resolved)
-            resolved.append(index)
-            if last:
-                node[index] = _parse_value(value_text)
-            else:
-                node = node[index]
-        elif isinstance(node, dict):
-            resolved.append(part)
-            if last:
-                node[part] = _parse_value(value_text)
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise ConfigError(f"override '{override}': '{format_loc(tuple(resolved))}' is not a section")
-    source.overridden[tuple(resolved)] = override
-
-
-def _list_index(items: list, part: str, override: str, resolved: list) -> int:
-    if part.lstrip("-").isdigit():
-        index = int(part)
-        if not -len(items) <= index < len(items):
-            raise ConfigError(f"override '{override}': index {index} out of range for '{format_loc(tuple(resolved))}'")
-        return index % len(items)
-    names = [item.get("name") for item in items if isinstance(item, dict)]
-    if part in names:
-        return names.index(part)
-    raise ConfigError(
-        f"override '{override}': no item named '{part}' in '{format_loc(tuple(resolved))}'{suggest(part, names)}"
-    )
-
-
-def read_config_source(source: str | Path | dict,
-                       overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, Path, _Source]:
-    """Raw config data (YAML file or dict) with overrides applied, the directory relative paths
-    follow, and the source map used to point errors at a file and line."""
-    if isinstance(source, dict):
-        data, base_dir, origin = copy.deepcopy(source), Path.cwd(), _Source(None, None)
-    else:
-        path = Path(source)
-        if path.is_dir():
-            raise ConfigError(f"{path}: is a directory, not a config file")
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        text = read_text(path)  # not UTF-8 (file, line) or unreadable (the OS's reason): one located line
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f", line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config must be a YAML mapping at the top level")
-        base_dir, origin = path.resolve().parent, _Source(path, text)
-    for override in overrides:
-        apply_override(data, override, origin)
-    return data, base_dir, origin
-
-
-def load_config(
-    source: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = ()
-) -> RunConfig:
-    """Load and validate a run config from a YAML path, a dict or a ``RunConfig``, applying overrides."""
-    if isinstance(source, RunConfig):
-        if not overrides:
-            return source
-        source = source.model_dump(exclude_none=True)
-    data, base_dir, origin = read_config_source(source, overrides)
-    _refuse_secrets(data, origin)
-    try:
-        config = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc, origin) from None
-    _resolve_paths(config, base_dir, origin)
-    config._source = origin  # type: ignore[attr-defined]  # kept for plugin-option errors
-    return config
-
-
-# Option names that hold credentials. The config is copied to <output_dir>/config.yaml and to W&B,
-# so a credential must come from the environment (plugins take the variable's name, ``api_key_env``).
-# Tokenizer settings such as ``pad_token`` are not credentials, hence the explicit list.
-SECRET_KEYS = re.compile(r"(^|_)(api_?key|apikey|secret|password|passwd|access_token|auth_token|bearer_token|"
-                         r"api_token|hf_token)$|^token$")
-
-
-def _refuse_secrets(data: Any, origin: _Source, loc: tuple = ()) -> None:
-    """A ConfigError for a credential written into the config (a non-empty string under a secret-like key)."""
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for key, value in items:
-        here = (*loc, key)
-        if isinstance(key, str) and SECRET_KEYS.search(key.lower()) and isinstance(value, str) and value:
-            raise ConfigError(
-                f"'{format_loc(here)}'{origin.where(here)} looks like a credential: the config is copied to the run "
-                "directory (config.yaml) and to W&B, so secrets never go in it; set an environment variable and "
-                "give the option its name instead (for example `api_key_env: OPENAI_API_KEY`)")
-        _refuse_secrets(value, origin, here)
-
-
-def _resolve_paths(config: RunConfig, base_dir: Path, origin: _Source) -> None:
-    """Make data and local model paths absolute (relative to the config file) and check they exist."""
-
-    def resolve(value: str, loc: tuple, must_exist: bool) -> str:
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = base_dir / path
-        if must_exist and not path.exists():
-            raise ConfigError(f"file not found for '{format_loc(loc)}'{origin.where(loc)}: {path}")
-        return str(path)
-
-    model = config.model
-    if model.path is not None and _looks_local(model.path, base_dir):
-        model.path = resolve(model.path, ("model", "path"), must_exist=True)
-    if config.tokenizer not in (None, "builtin") and _looks_local(config.tokenizer, base_dir):
-        config.tokenizer = resolve(config.tokenizer, ("tokenizer",), must_exist=True)
-    for i, stage in enumerate(config.stages):
-        stage.data.train = _resolve_source(stage.data.train, ("stages", i, "data", "train"), base_dir, origin,
-                                           config.seed, resolve)
-        if stage.data.eval is not None:
-            stage.data.eval = _resolve_source(stage.data.eval, ("stages", i, "data", "eval"), base_dir, origin,
-                                              config.seed, resolve)
-
-
-def _resolve_source(value: Any, loc: tuple, base_dir: Path, origin: _Source, seed: int, resolve: Any) -> Any:
-    """A data source with local paths made absolute (and checked), hub ids left as they are, and each
-    configured source told its key (for errors) and the run's seed (for mixtures)."""
-    from aligner.data.sources import looks_like_hub_id
-
-    if isinstance(value, list):
-        return [_resolve_source(v, (*loc, j), base_dir, origin, seed, resolve) for j, v in enumerate(value)]
-    if isinstance(value, SourceConfig) and value.dataset is not None:
-        value._key, value._where, value._seed = loc, origin.where, seed
-        return value
-    path_text = value if isinstance(value, str) else value.path
-    local = _looks_local(path_text, base_dir) or not looks_like_hub_id(path_text, bare_names=isinstance(value, SourceConfig))
-    if isinstance(value, str):
-        if local:
-            return resolve(value, loc, must_exist=True)
-        # A hub id given as a plain string: a configured source, so a load error can name the key.
-        value = SourceConfig(path=value)
-    elif local:
-        value.path = resolve(value.path, (*loc, "path"), must_exist=True)
-    elif value.path in PACKAGED_BUILDERS and value.data_files is not None:
-        # datasets reads a builder's data files relative to the working directory; recipes name them
-        # relative to the config file, like every other path.
-        value.data_files = _resolve_data_files(value.data_files, base_dir)
-    value._key, value._where, value._seed = loc, origin.where, seed
-    return value
-
-
-# datasets' builders for plain data files: ``{path: json, data_files: [...]}``.
-PACKAGED_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
-
-
-def _resolve_data_files(files: Any, base_dir: Path) -> Any:
-    if isinstance(files, dict):
-        return {split: _resolve_data_files(f, base_dir) for split, f in files.items()}
-    if isinstance(files, list):
-        return [_resolve_data_files(f, base_dir) for f in files]
-    path = Path(files).expanduser()
-    return str(path if path.is_absolute() else base_dir / path)
-
-
-def _looks_local(value: str, base_dir: Path) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything that exists or looks like a path is local."""
-    if value.startswith((".", "/", "~")) or (base_dir / value).exists() or Path(value).exists():
-        return True
-    return value.count("/") > 1
-
-
-def validate_plugin_options(options_model: type[BaseModel], choice: PluginChoice, loc: tuple, config: RunConfig) -> Any:
-    """Validate a plugin's options (the keys beside ``name``) against its ``Options`` model."""
-    source = getattr(config, "_source", _Source(None, None))
-    try:
-        return options_model.model_validate(choice.options())
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            err_loc = (*loc, *err["loc"])
-            where = source.where(err_loc)
-            if err["type"] == "extra_forbidden":
-                valid = ["name", *options_model.model_fields]
-                problems.append(
-                    f"unknown option '{format_loc(err_loc)}' for '{choice.name}'{where}{suggest(err['loc'][-1], valid)}"
-                )
-            else:
-                problems.append(
-                    f"invalid value for '{format_loc(err_loc)}'{where}: {err['msg'].removeprefix('Value error, ')}"
-                    f"{_shown_input(err.get('input'))}"
-                )
-        raise ConfigError("; ".join(problems)) from None
-
-
-def dump_config(config: RunConfig, path: Path) -> None:
-    """Write the resolved config (defaults filled in, paths absolute) as YAML."""
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

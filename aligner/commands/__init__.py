@@ -1,0 +1,1 @@
+"""The CLI's commands beyond ``train``: label, export, generate, plot, push, verify, cache."""

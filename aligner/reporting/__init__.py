@@ -1,0 +1,1 @@
+"""Where results go: metrics and the console report, the model card."""

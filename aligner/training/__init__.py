@@ -1,0 +1,1 @@
+"""The training runner: stages, the step loop, checkpoints and resume, the run directory."""
