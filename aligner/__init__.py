@@ -4,8 +4,7 @@ Plugin authors use ``aligner.hookimpl``; users call ``aligner.train(config)``.
 """
 
 from aligner.hookspecs import hookimpl
-
-__version__ = "0.1.0"
+from aligner.version import __version__
 
 
 def train(config, overrides=(), **kwargs):

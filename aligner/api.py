@@ -24,34 +24,23 @@ from typing import Any
 
 from aligner.config import RunConfig, dump_config, key_where, load_config
 from aligner.data.check import data_summary, enforce_drop_limit
-from aligner.data.templates import load_template
 from aligner.data.tokenize import prompt_token_limit, tokenize_rows
 from aligner.errors import AlignerError, ConfigError
 from aligner.plugins import call_hook, temporary_plugin
 from aligner.training.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.training.run_dir import check_output_dir, discard_if_untouched, start_run
 from aligner.training.run_state import RunResult, RunState
-from aligner.training.stages import PreparedStage, instantiate, prepare_stages
+from aligner.training.stages import PreparedStage, instantiate, is_chat, prepare_stages, stage_template
 
 log = logging.getLogger("aligner")
-
-
-def _is_chat(stage: PreparedStage) -> bool:
-    # Either split: chat eval rows need a chat template as much as chat train rows do.
-    return any(bool(rows) and isinstance(rows[0].data.get("prompt"), list)
-               for rows in (stage.train_rows[:1], stage.eval_rows[:1]))
 
 
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
     data = stage.config.data
-    generation = stage.algorithm.generation_tokens()
-    max_prompt_length = prompt_token_limit(data, stage.data_format, generation, stage.name, stage.index)
-    try:
-        template = load_template(data.template, tokenizer, chat_data=_is_chat(stage))
-    except AlignerError as exc:
-        # Say which stage's setting it is; the template module only knows the name.
-        raise type(exc)(f"stage '{stage.name}' ('stages[{stage.index}].data.template'): {exc}") from None
+    max_prompt_length = prompt_token_limit(data, stage.data_format, stage.algorithm.generation_tokens(),
+                                           stage.name, stage.index)
+    template = stage_template(stage.config, stage.index, is_chat(stage.train_rows[:1], stage.eval_rows[:1]), tokenizer)
     for split, rows in (("train", stage.train_rows), ("eval", stage.eval_rows)):
         if not rows:
             continue
@@ -69,7 +58,10 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
             from aligner.errors import DataError
 
             raise DataError(f"stage '{stage.name}': no {split} rows left after tokenization and truncation")
-        setattr(stage, f"{split}_data", tokenized)
+        if split == "train":
+            stage.train_data = tokenized
+        else:
+            stage.eval_data = tokenized
 
 
 def _multi_process_cpu() -> bool:
@@ -186,10 +178,9 @@ def _restore_finished_stage(stage: PreparedStage, model: Any, out: Path) -> tupl
     final = out / stage.name / "final"
     model = stage.peft.apply(model)
     load_weights(model, final)
-    release = getattr(stage.peft, "release", None)
     metrics = json.loads((final / "trainer_state.json").read_text())["metrics"]
     log.info("stage '%s' already finished; loaded %s", stage.name, final)
-    return (release(model) if release else model), metrics
+    return stage.peft.release(model), metrics
 
 
 def _report_failure(run: RunState, error: BaseException) -> None:
@@ -227,20 +218,37 @@ def _train_stages(stages: list[PreparedStage], model: Any, config: RunConfig, to
 
 def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (),
           output_dir: str | Path | None = None, resume: bool | str | None = None,
-          overwrite: bool = False) -> RunResult:
+          overwrite: bool = False, model: Any = None, tokenizer: Any = None) -> RunResult:
     """Train a model through every stage of ``config``; return the output path and final metrics.
 
     ``config`` is a YAML path, a dict of the same shape, or a ``RunConfig``; ``overrides`` are
     ``key.path=value`` strings; ``output_dir`` replaces the config's. ``resume`` (or the config's
     ``resume``) continues an interrupted run from its last complete checkpoint: finished stages
     are loaded, not retrained. ``overwrite`` replaces an earlier run in ``output_dir``.
+
+    ``model`` and ``tokenizer`` take objects in place of the config's ``model`` and ``tokenizer``
+    (which may then be left out): a transformers model with the head the stages need (it trains in
+    place; its dtype and attention implementation are used as they are) and a tokenizer. The
+    written config names them by where they were loaded from (``name_or_path``). In-memory datasets
+    go where the config names data (``data: {train: dataset}``).
     """
     from accelerate.utils import set_seed
 
-    from aligner.modeling.loading import load_model, load_tokenizer
+    from aligner.modeling.loading import (
+        adopt_model,
+        load_model,
+        load_tokenizer,
+        object_label,
+        prepare_tokenizer,
+    )
     from aligner.training.threads import apply_threads
 
-    resolved = load_config(config, overrides)
+    given = []  # objects replace what the config would load; the config names them (for the card, the log)
+    if model is not None:
+        given += [f"model.path={object_label(model)}", "model.tiny=null"]
+    if tokenizer is not None:
+        given.append(f"tokenizer={object_label(tokenizer)}")
+    resolved = load_config(config, [*overrides, *given])
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
     if resume is not None:
@@ -260,14 +268,15 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     check_output_dir(out, where, resolved.resume, overwrite, main_process=main_process)
     # 'auto' resumes only a run that is there; a fresh run has nothing to verify or continue.
     resuming = bool(resolved.resume) and (out / "config.yaml").is_file()
-    tokenizer = load_tokenizer(resolved)
+    tokenizer = prepare_tokenizer(tokenizer, "tokenizer=") if tokenizer is not None else load_tokenizer(resolved)
     for stage in stages:
         tokenize_stage(stage, tokenizer)
 
     accelerator = _accelerator(resolved.precision)
     plan = _resume_plan(stages, out, accelerator) if resuming else {}
     set_seed(resolved.seed)
-    model = load_model(resolved.model, tokenizer, kinds.pop())
+    kind = kinds.pop()
+    model = adopt_model(model, tokenizer, kind) if model is not None else load_model(resolved.model, tokenizer, kind)
     # Before any training work, after every check (a refused run prints only its error): torch's own
     # pool size oversubscribes shared CPUs.
     apply_threads(resolved.threads)

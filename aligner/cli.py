@@ -60,9 +60,31 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_kinds(as_json: bool) -> int:
+    """``aligner plugins --kinds``: the table of plugin kinds (``aligner.kinds.KINDS``) and what is
+    registered of each."""
+    from aligner.kinds import KINDS
+    from aligner.plugins import get_registry
+
+    with contextlib.redirect_stdout(sys.stderr):
+        names = {kind.name: get_registry(kind.name).names() for kind in KINDS}
+    rows = [{"kind": kind.name, "hook": kind.hook, "protocol": kind.protocol_path, "base": kind.base,
+             "docs": f"docs/plugins.md#{kind.anchor}", "description": kind.description,
+             "optional": sorted(kind.defaults), "registered": names[kind.name]} for kind in KINDS]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['kind']} ({row['hook']}, {row['protocol']}): {row['description']}; "
+              f"registered: {', '.join(row['registered']) or 'none'}")
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from aligner.plugins import plugin_infos
 
+    if args.kinds:
+        return _plugin_kinds(args.json)
     # Libraries imported while plugins load may print (transformers announces "[INFO] Running in WANDB
     # offline mode" on stdout): that goes to stderr, so stdout holds only the listing (valid --json).
     with contextlib.redirect_stdout(sys.stderr):
@@ -127,7 +149,7 @@ def version() -> str:
     try:
         return f"aligner-trainer {distribution_version('aligner-trainer')}"
     except PackageNotFoundError:  # imported from a source tree that pip never installed
-        from aligner import __version__
+        from aligner.version import __version__
 
         return f"aligner-trainer {__version__} (not installed)"
 
@@ -170,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--all", action="store_true", help="include the built-in plugins (shown when none else)")
+    plugins.add_argument("--kinds", action="store_true",
+                         help="list the kinds of plugin (hook, protocol, docs section) and the names registered of each")
     plugins.set_defaults(handler=_plugins)
 
     from aligner.commands import cache, export, generate, push, verify
@@ -220,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        # Flushed here, so a reader that went away is met below rather than at the interpreter's exit.
+        sys.stdout.flush()
+        return code
     except AlignerError as exc:
         if debug:
             raise

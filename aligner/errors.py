@@ -88,3 +88,58 @@ def os_error(exc: OSError, path: str | Path | None = None, doing: str = "") -> P
         reason = "no such file or directory"
     prefix = f"{doing} " if doing else ""
     return PathError(f"{prefix}{target}: {reason}")
+
+
+class OptionProblems(ValueError):
+    """What is wrong with the options of a plugin named inside another plugin's options (a judge in an
+    algorithm's ``judge:``, an advantage estimator, a generation engine, a reward source's judge).
+
+    Raised while the outer options are validated, it travels through pydantic as a value error; the
+    config loader then reports each problem with its full key path, file, line and a suggestion
+    (``aligner.config.loading``). Each problem's ``loc`` is relative to where the exception is raised;
+    :meth:`under` prefixes it when the mapping sits deeper (a list item's ``judge``). ``str()`` is the
+    unlocated form, for code that validates outside a config file.
+    """
+
+    def __init__(self, problems: list[OptionProblem], label: str | None = None):
+        self.problems = problems
+        self.label = label
+        super().__init__(str(self))
+
+    def under(self, *prefix: str | int, label: str | None = None) -> OptionProblems:
+        """The same problems, ``prefix`` keys deeper."""
+        return OptionProblems([p.under(prefix) for p in self.problems], label=label)
+
+    def __str__(self) -> str:
+        parts = []
+        for p in self.problems:
+            path = ".".join(str(k) for k in ((self.label,) if self.label else ()) + p.loc)
+            message = p.message.replace(OptionProblem.AT, "")
+            parts.append(f"{path}: {message}" if p.loc and p.kind != "plugin" else message)
+        return "; ".join(parts)
+
+
+class OptionProblem:
+    """One problem: ``kind`` is ``unknown`` (a key the options do not have; ``valid`` lists those they do),
+    ``missing``, ``invalid`` or ``plugin`` (an unknown plugin name: ``message`` holds :attr:`AT` where
+    the location goes)."""
+
+    AT = " at \0"
+
+    def __init__(self, loc: tuple, message: str, kind: str = "invalid", plugin: str | None = None,
+                 valid: tuple[str, ...] = (), shown: str = ""):
+        self.loc, self.message, self.kind, self.plugin, self.valid, self.shown = loc, message, kind, plugin, valid, shown
+
+    def under(self, prefix: tuple) -> OptionProblem:
+        return OptionProblem((*prefix, *self.loc), self.message, self.kind, self.plugin, self.valid, self.shown)
+
+    def describe(self, path: str, where: str) -> str:
+        """The located message, given the key's full path (``stages[0].algorithm.judge.x``) and where it
+        was written (`` (FILE, line N)``)."""
+        if self.kind == "plugin":
+            return self.message.replace(self.AT, f" at '{path}'{where}")
+        if self.kind == "unknown":
+            return f"unknown option '{path}' for '{self.plugin}'{where}{suggest(self.loc[-1], self.valid)}"
+        if self.kind == "missing":
+            return f"missing required option '{path}' for '{self.plugin}'{where}"
+        return f"invalid value for '{path}'{where}: {self.message}{self.shown}"

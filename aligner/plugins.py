@@ -26,7 +26,9 @@ import pluggy
 
 from aligner import hookspecs
 from aligner.errors import AlignerError, PluginError, suggest
+from aligner.kinds import KINDS
 from aligner.registry import Registry
+from aligner.version import __version__
 
 ENTRY_POINT_GROUP = "aligner"
 
@@ -41,6 +43,7 @@ BUILTIN_PLUGINS = (
     "aligner.references.no_reference",
     "aligner.references.disabled_adapter",
     "aligner.references.cached",
+    "aligner.references.ema",
     "aligner.judges.rule",
     "aligner.judges.reward_model",
     "aligner.judges.llm",
@@ -73,19 +76,6 @@ BUILTIN_PLUGINS = (
     "aligner.optimizers.lora_plus",
     "aligner.optimizers.lora_fa",
 )
-
-# registry kind -> registration hook name
-REGISTRATION_HOOKS = {
-    "loss": "register_losses",
-    "reference policy": "register_reference_policies",
-    "judge": "register_judges",
-    "peft backend": "register_peft_backends",
-    "callback": "register_callbacks",
-    "algorithm": "register_algorithms",
-    "advantage estimator": "register_advantage_estimators",
-    "generation engine": "register_generation_engines",
-    "optimizer": "register_optimizers",
-}
 
 
 @dataclass
@@ -185,8 +175,6 @@ def load_plugins() -> pluggy.PluginManager:
     pm = _new_manager()
     _state.pm = pm
     try:
-        from aligner import __version__
-
         for module_name in BUILTIN_PLUGINS:
             module = importlib.import_module(module_name)
             _register(pm, module, PluginInfo(module_name, "builtin", "aligner-trainer", __version__))
@@ -233,19 +221,20 @@ def temporary_plugin(plugin: Any, name: str | None = None) -> Iterator[str]:
 
 
 def get_registries() -> dict[str, Registry]:
-    """Build (once) and return the registries, keyed by kind (the keys of ``REGISTRATION_HOOKS``)."""
+    """Build (once) and return the registries, keyed by kind (the names in ``aligner.kinds.KINDS``)."""
     if _state.registries is not None:
         return _state.registries
     pm = load_plugins()
-    registries = {kind: Registry(kind, describe=describe_plugin) for kind in REGISTRATION_HOOKS}
+    registries = {kind.name: Registry(kind, describe=describe_plugin) for kind in KINDS}
     for info in _state.infos.values():
         info.registers = {}
-    for kind, hook_name in REGISTRATION_HOOKS.items():
+    for kind in KINDS:
+        hook_name = kind.hook
         hook = getattr(pm.hook, hook_name)
         # Call each implementation on its own so every registered object is tied to its plugin, in
         # registration order (built-ins, then entry points, then run time): a clash names the newcomer last.
         for impl in hook.get_hookimpls():
-            registry = registries[kind]
+            registry = registries[kind.name]
             plugin_name = impl.plugin_name
 
             def register(obj: Any, _registry: Registry = registry, _plugin: str = plugin_name) -> None:
@@ -264,33 +253,39 @@ def get_registries() -> dict[str, Registry]:
 
 
 def get_registry(kind: str) -> Registry:
-    """One registry: ``"loss"``, ``"reference policy"``, ``"judge"``, ``"peft backend"``, ``"callback"``,
-    ``"algorithm"``, ``"advantage estimator"``, ``"generation engine"`` or ``"optimizer"``."""
+    """One registry, by the kind's name in ``aligner.kinds.KINDS``: ``"loss"``, ``"reference policy"``,
+    ``"judge"``, ``"peft backend"``, ``"callback"``, ``"algorithm"``, ``"advantage estimator"``,
+    ``"generation engine"`` or ``"optimizer"``."""
     return get_registries()[kind]
 
 
 def build_from_mapping(kind: str, choice: Any, label: str, example: str) -> Any:
     """Build a plugin of ``kind`` from a config mapping ``{name: ..., **options}``.
 
-    Every problem is a ``ValueError`` whose message names the bad key as ``<label>.<key>`` (the
-    caller adds the path above it); ``example`` is a valid mapping shown when ``choice`` is not one.
+    Every problem is an ``OptionProblems`` (a ``ValueError``) listing each bad key below the mapping;
+    raised inside a pydantic validator, the config loader reports each with its full key path, file,
+    line and a suggestion. Its ``str()`` names the key as ``<label>.<key>``; ``example`` is a valid
+    mapping shown when ``choice`` is not one.
     """
     from pydantic import ValidationError
 
+    from aligner.config.loading import option_problems
+    from aligner.errors import OptionProblem, OptionProblems
+
     if not isinstance(choice, dict) or not isinstance(choice.get("name"), str):
         article = "an" if label[0] in "aeiou" else "a"
-        raise ValueError(f"{article} {label} is a mapping with a 'name' key, e.g. {example}")
+        raise OptionProblems([OptionProblem((), f"{article} {label} is a mapping with a 'name' key, e.g. {example}")],
+                             label=label)
     try:
-        cls = get_registry(kind).get(choice["name"])
+        cls = get_registry(kind).get(choice["name"], where=OptionProblem.AT.removeprefix(" at "))
     except AlignerError as exc:
-        raise ValueError(str(exc)) from None
+        raise OptionProblems([OptionProblem((), str(exc), kind="plugin")], label=label) from None
     try:
         return cls(cls.Options.model_validate({k: v for k, v in choice.items() if k != "name"}))
     except ValidationError as exc:
-        raise ValueError("; ".join(f"{label}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                   for e in exc.errors())) from None
+        raise OptionProblems(option_problems(exc, cls.Options, choice["name"]), label=label) from None
     except AlignerError as exc:
-        raise ValueError(f"{label} '{choice['name']}': {exc}") from None
+        raise OptionProblems([OptionProblem((), f"{label} '{choice['name']}': {exc}")], label=label) from None
 
 
 def plugin_infos() -> list[PluginInfo]:

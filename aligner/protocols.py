@@ -1,8 +1,11 @@
 """What the loop expects of each registrable kind, and the values passed between them.
 
-Registries check a registered class against the ``REQUIRED_MEMBERS`` of its kind when it is
-registered, so a plugin missing a member fails at start-up, naming the plugin and the member,
-never in the middle of training.
+Each protocol declares its kind's required members (annotations without a value, methods whose body
+is ``...``) and its optional members with their defaults (class attributes with a value, methods
+with a body). ``aligner.kinds.KINDS`` lists the kinds; a registry checks a registered class against
+its kind's required members when it is registered, so a plugin missing a member fails at start-up,
+naming the plugin and the member, never in the middle of training, and gives the class every
+optional member it lacks, with the default declared here, so aligner reads them without ``getattr``.
 """
 
 from __future__ import annotations
@@ -134,15 +137,8 @@ class LossOutput:
 class Loss(Protocol):
     """A training objective. Instantiated as ``LossClass(options)``, options an ``Options`` model.
 
-    Optional class attributes: ``needs_token_logps`` (per-token values in ``policy``),
-    ``needs_kl_completions`` (log-probs of completions rotated within the batch, for KL estimates),
-    ``forward_kind`` (``"logprobs"``, the default, or ``"reward"`` for a scalar-score model; see
-    ``aligner.training.micro_batch.FORWARDS``), ``preference_completions`` (which completions of a preference
-    pair it reads: ``("chosen", "rejected")`` by default; a loss that reads only ``("chosen",)``, like
-    ``sft``, lets a stage of such losses run preference rows as ``sft`` rows of their chosen
-    completion, so the rejected ones are never computed), ``requires`` (``Requires`` entries: what it
-    needs of the stage's other plugins; default none). Optional method ``check_stage(stage)``: called
-    once the stage's rows are validated, to warn about the data before training.
+    The members with a value below are optional: a class without one gets that default when it is
+    registered.
     """
 
     name: ClassVar[str]
@@ -150,20 +146,48 @@ class Loss(Protocol):
     needs_reference: ClassVar[bool]
     Options: ClassVar[type[Options]]
 
+    # Per-token values in ``inputs.policy`` (``token_logps``/``mask``).
+    needs_token_logps: ClassVar[bool] = False
+    # Log-probs of completions rotated within the batch (``inputs.extra["kl_policy"]`` and
+    # ``["kl_reference"]``), for KL estimates (KTO).
+    needs_kl_completions: ClassVar[bool] = False
+    # How the model runs on a batch: ``"logprobs"``, or ``"reward"`` for a scalar-score model
+    # (``aligner.training.micro_batch.FORWARDS``); the losses of a stage must agree.
+    forward_kind: ClassVar[str] = "logprobs"
+    # Which completions of a preference pair it reads; a stage whose losses all read ``("chosen",)``
+    # (like ``sft``) runs preference rows as ``sft`` rows of their chosen completion.
+    preference_completions: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+    # What it needs of the stage's other plugins.
+    requires: ClassVar[tuple[Requires, ...]] = ()
+
     def compute(self, inputs: LossInputs) -> LossOutput:
         """Return the loss for one micro-batch and its metrics."""
         ...
+
+    def check_stage(self, stage: Any) -> None:
+        """Look at the prepared stage (validated rows, batch sizes) before any model loads: warn about
+        the data, or raise ``ConfigError``. The default accepts every stage."""
+        return None
 
 
 @dataclass
 class ReferenceContext:
     """What a reference policy gets to set itself up at the start of a stage.
 
-    ``logprobs_fn(model, batch)`` computes ``SequenceLogProbs`` exactly as the policy's forward
-    does, so reference values are comparable. ``peft_backend`` is the backend wrapping ``policy``.
-    ``stage`` (the prepared stage: tokenized ``train_data``/``eval_data``, batch sizes),
-    ``collate_fn(examples)`` and ``autocast()`` let a reference precompute values for the whole
-    stage exactly as the loop would batch and run them.
+    ``policy`` is the live policy module, the very object that trains (not a copy), as the PEFT
+    backend returned it (a peft ``PeftModel`` when the backend adds adapters), before any update and
+    before a resumed checkpoint's weights are loaded into it; the stage's algorithm may wrap it later
+    (PPO's value head, the accelerate/DDP wrapper), which does not change this object or its
+    parameter names. ``logprobs_fn(model, batch, token_level=False)`` computes ``SequenceLogProbs``
+    exactly as the policy's forward does, so reference values are comparable; with
+    ``token_level=True`` it also fills ``token_logps``/``mask`` (PPO and GRPO's per-token KL needs
+    them). ``peft_backend`` is the backend wrapping ``policy``. ``device`` is where this process's
+    tensors go, ``run_dir`` the run's output directory. ``stage`` (the prepared stage: tokenized
+    ``train_data``/``eval_data``, the stage's config with its batch sizes), ``collate_fn(examples)``
+    (the stage's collate function, padding with the tokenizer's pad id) and ``autocast()`` (a context
+    manager: the run's mixed precision) let a reference precompute values for the whole stage exactly
+    as the loop would batch and run them; ``pad_token_id`` and ``share_prompt`` are what
+    ``collate_fn`` pads with and whether it lays a preference pair out with its prompt once.
     """
 
     policy: torch.nn.Module
@@ -174,6 +198,46 @@ class ReferenceContext:
     stage: Any = None
     collate_fn: Any = None
     autocast: Any = None
+    pad_token_id: int | None = None
+    share_prompt: bool = False
+
+
+@dataclass
+class ReferenceStep:
+    """What a reference policy's optional ``after_optimizer_step`` gets after each applied update.
+
+    ``policy`` is the live policy module with its new weights (the same object as
+    ``ReferenceContext.policy``: PEFT-wrapped, without the DDP wrapper or PPO's value head);
+    ``updates`` is how many optimizer updates the stage has applied, this one included (the LR
+    schedule's count: it continues across a resume, and an algorithm making several updates per
+    training step, like PPO, counts each).
+    """
+
+    policy: torch.nn.Module
+    updates: int
+
+
+@dataclass(frozen=True)
+class ReferenceNeeds:
+    """What ``reference: auto`` knows of a stage when it asks a reference policy's ``usable_for``.
+
+    ``needs_reference``: some loss (or the algorithm) reads reference log-probs. ``data_format``: the
+    stage's rows (``prompt`` rows are completed during training, so no value can be precomputed).
+    ``scores_extra_sequences``: a loss scores sequences made during training (KTO's mismatched
+    pairs). ``peft_name``, ``peft_adds_adapters``: the stage's PEFT backend, and whether it adds
+    adapters that ``disable_adapter()`` switches off (a backend that does not say counts as adding them).
+    """
+
+    needs_reference: bool
+    data_format: str | None = None
+    scores_extra_sequences: bool = False
+    peft_name: str | None = None
+    peft_adds_adapters: bool = False
+
+    @property
+    def offline(self) -> bool:
+        """Whether every sequence the stage scores is in its dataset, so values can be precomputed."""
+        return self.data_format != PROMPT_ONLY and not self.scores_extra_sequences
 
 
 @runtime_checkable
@@ -182,10 +246,25 @@ class ReferencePolicy(Protocol):
 
     Optional class attribute ``requires``: ``Requires`` entries saying what it needs of the stage's
     other plugins (``disabled_adapter`` needs a PEFT backend with ``adds_adapters``); default none.
+
+    Optional methods, for a reference that follows training (the built-in ``ema``):
+    ``after_optimizer_step``, ``state_dict`` and ``load_state_dict`` (below, with their defaults).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
+
+    # What it needs of the stage's other plugins.
+    requires: ClassVar[tuple[Requires, ...]] = ()
+    # ``reference: auto`` picks, among the registered references whose ``usable_for`` accepts the
+    # stage, the one with the highest ``auto_priority``; ``None``: ``auto`` never picks it.
+    auto_priority: ClassVar[float | None] = None
+
+    @classmethod
+    def usable_for(cls, needs: ReferenceNeeds) -> bool:
+        """Whether ``reference: auto`` may pick this reference for a stage (read only when
+        ``auto_priority`` is set). The default: when the stage needs reference log-probs."""
+        return needs.needs_reference
 
     def setup(self, context: ReferenceContext) -> None:
         """Prepare before the first step (copy weights, open a cache, ...)."""
@@ -195,6 +274,23 @@ class ReferencePolicy(Protocol):
         """Reference log-probs for the sequences of ``batch``, without gradient."""
         ...
 
+    def after_optimizer_step(self, step: ReferenceStep) -> None:
+        """Called on every process after every applied optimizer update (not one the non-finite
+        guard skipped), with the live policy: a reference that follows training updates itself here
+        (``ema``). The default does nothing."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State an exact resume needs, saved with every checkpoint: ``torch.Tensor`` values (also in
+        nested dicts with string keys) go to ``reference_state.safetensors`` in the checkpoint, the
+        rest (JSON) under ``reference`` in ``trainer_state.json``. The default: ``{}``, nothing saved."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Called on resume, after ``setup``, with what ``state_dict`` returned at the checkpoint
+        (tensors on the CPU; ``{}`` when the checkpoint holds none). The default does nothing."""
+        return None
+
 
 @runtime_checkable
 class Judge(Protocol):
@@ -203,27 +299,53 @@ class Judge(Protocol):
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
 
+    # Optional method ``compare(prompts, completions_a, completions_b) -> list[float]``: per prompt,
+    # the probability that ``a`` is better than ``b`` (what pairwise ``aligner label`` calls).
+    # Default ``None``: the judge only scores.
+    compare: ClassVar[Any] = None
+
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
         """One score per (prompt, completion) pair."""
         ...
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Optional: receive the policy's tokenizer (the run's transformers tokenizer), once, before the
+        first ``score`` or ``compare`` (in training and in ``aligner label``); for a judge that counts or
+        reads the policy's tokens. Default: ignores it."""
+        return None
 
 
 @runtime_checkable
 class PeftBackend(Protocol):
     """Decides which weights train. Instantiated as ``BackendClass(options)``.
 
-    Optional class attributes: ``adds_adapters`` (``True`` when ``apply`` wraps the model in peft
-    adapters that ``disable_adapter()`` switches off, ``False`` when the weights themselves train;
-    absent: not known), read by references that need adapters and by ``reference: auto``;
-    ``requires`` (``Requires`` entries); default none.
+    The members with a value below are optional: a class without one gets that default when it is
+    registered.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
 
+    # ``True`` when ``apply`` wraps the model in peft adapters that ``disable_adapter()`` switches
+    # off, ``False`` when the weights themselves train; ``None``: not known (``reference: auto`` then
+    # counts it as adding adapters). Read by references that need adapters and by ``auto``.
+    adds_adapters: ClassVar[bool | None] = None
+    # What it needs of the stage's other plugins.
+    requires: ClassVar[tuple[Requires, ...]] = ()
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Return the model to train (wrapped or not), with only trainable weights requiring grad."""
         ...
+
+    def after_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        """Called after every applied optimizer step, before gradients are cleared, with the unwrapped
+        policy and the update count (AdaLoRA re-allocates ranks here). The default does nothing."""
+        return None
+
+    def release(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model the next stage starts from, given the stage's unwrapped policy (LoRA merges its
+        adapters). The default returns it unchanged."""
+        return model
 
 
 @runtime_checkable
@@ -255,6 +377,10 @@ class Algorithm(Protocol):
     name: ClassVar[str]
     data_formats: ClassVar[tuple[str, ...]]
     Options: ClassVar[type[Options]]
+
+    # Optional (the registry fills it; the base class does not set it): what it needs of the
+    # stage's other plugins.
+    requires: ClassVar[tuple[Requires, ...]] = ()
 
     def check_stage(self, stage: Any) -> None:
         """Refuse (``ConfigError``) a stage whose other choices this algorithm cannot run, before any model loads."""
@@ -359,8 +485,6 @@ class Optimizer(Protocol):
     requires grad afterwards. The runner owns everything else: the LR schedule (every param group's
     ``lr`` is scaled by it), gradient clipping, the non-finite guard and checkpointing; the optimizer's
     ``state_dict``/``load_state_dict`` must round-trip its state for an exact resume.
-    Optional method ``check_stage(stage)``: refuse (``ConfigError`` naming the key) a stage this
-    optimizer cannot train, when the stage is prepared, before any model loads.
     """
 
     name: ClassVar[str]
@@ -370,21 +494,12 @@ class Optimizer(Protocol):
         """The optimizer over ``context.named_parameters``."""
         ...
 
+    def check_stage(self, stage: Any) -> None:
+        """Optional: refuse (``ConfigError`` naming the key) a stage this optimizer cannot train, when
+        the stage is prepared, before any model loads. The default accepts every stage."""
+        return None
+
 
 # Lifecycle hooks a callback may implement (``aligner.hookspecs``); it must implement one.
 LIFECYCLE_HOOKS = ("on_run_start", "on_step_end", "on_evaluate", "on_checkpoint_saved", "on_run_end",
                    "on_run_failed")
-
-# The members each registry checks at registration time, per kind.
-REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
-    "loss": ("name", "data_formats", "needs_reference", "Options", "compute"),
-    "reference policy": ("name", "Options", "setup", "logprobs"),
-    "judge": ("name", "Options", "score"),
-    "peft backend": ("name", "Options", "apply"),
-    "callback": ("name", "Options"),
-    "algorithm": ("name", "data_formats", "Options", "check_stage", "needs_reference", "generation_tokens", "setup",
-                  "train_step", "evaluate", "state_dict", "load_state_dict", "load_weights", "policy_of", "close"),
-    "advantage estimator": ("name", "needs_critic", "Options", "estimate"),
-    "generation engine": ("name", "Options", "check_stage", "generate", "close"),
-    "optimizer": ("name", "Options", "build"),
-}

@@ -1,14 +1,14 @@
 """Rows to tokenized data at scale: peak RSS and CPU seconds, cold and warm, beside plain ``datasets``.
 
     OMP_NUM_THREADS=1 python bench/data_scale.py                 # 10k and 100k rows (docs/configuration.md)
-    OMP_NUM_THREADS=1 python bench/data_scale.py --rows 1000000  # the 1M case of issue 16 (minutes, ~GBs)
+    OMP_NUM_THREADS=1 python bench/data_scale.py --rows 1000000  # the 1M case of issue 16 (~10 minutes, <1 GB each)
     OMP_NUM_THREADS=1 python bench/data_scale.py --rows 2000 --json out.json   # a quick look
 
 For each size a JSON Lines file of short generated preference rows is written once; then every
 measurement runs in a fresh process (peak RSS is a per-process high-water mark, so cases sharing
 a process would hide each other):
 
-- ``aligner cold``: ``load_validated`` (parse, validate, locate) and ``tokenize_rows`` (joint
+- ``aligner cold``: ``load_validated`` (stream, parse, validate, keep rows compactly) and ``tokenize_rows`` (joint
   prompt+completion tokenization with offsets, truncation) with an empty tokenized-data cache;
 - ``aligner warm``: the same with the entry the cold run wrote;
 - ``datasets cold``: ``datasets.load_dataset("json")`` into a fresh cache folder and a batched

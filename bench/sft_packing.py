@@ -13,12 +13,19 @@ the layout differs:
   unpacked, random order       one padded row per sequence, batches in random order
                                (``group_by_length: false``; TRL's default layout)
   unpacked, length-grouped     the same, batches of similar lengths (aligner's default)
-  packed (true)                random order, each batch packed into rows as wide as its longest
-                               sequence (``data.packing: true``)
-  packed (N)                   random order, packed into rows of N tokens (``data.packing: N``)
+  packed (true)                random order, each batch packed (``data.packing: true``); on CPU
+                               attention runs sequence by sequence without a mask
+                               (``aligner.modeling.segment_attention``), so the whole batch is
+                               one row with no padding at all
+  packed (N), dense mask       random order, packed into rows of N tokens with a block-diagonal
+                               dense mask (``data.packing: N``, ``ALIGNER_SEGMENT_ATTENTION=0``)
+  packed (true), dense mask    the same into rows as wide as the batch's longest sequence: the
+                               layout (and speed) before segment attention
 
 Throughput is real (non-padding) tokens over the wall time of the epoch, forward, backward and
-optimizer steps included. The cases run in interleaved rounds (one epoch of each case per round, so
+optimizer steps included; also over the process's CPU time (``time.process_time``), which a busy
+neighbour on a shared machine disturbs far less than the wall time (with one thread the two agree
+on an idle machine). The cases run in interleaved rounds (one epoch of each case per round, so
 that a busy neighbour slows every case alike; each round starts at a different case), after one
 warm-up round, and the median of the rounds is reported, with each case's ratio to the unpacked random-order one and to the length-grouped one.
 """
@@ -42,11 +49,12 @@ sys.path.insert(0, str(ROOT))
 
 from aligner.data.batching import LengthGroupedBatches, collate  # noqa: E402
 from aligner.modeling.logprobs import completion_logprobs  # noqa: E402
+from aligner.modeling.segment_attention import ENV as SEGMENTS_ENV  # noqa: E402
 
 PRESETS = {
     # a Llama shape small enough for one CPU thread; rows (= batches x batch size); lengths
     "full": dict(hidden=256, layers=4, heads=4, intermediate=688, vocab=2048, rows=96, batch=8, lengths=(8, 256),
-                 widths=(512, 1024)),
+                 widths=(512,)),
     "quick": dict(hidden=32, layers=1, heads=2, intermediate=64, vocab=256, rows=8, batch=4, lengths=(8, 32),
                   widths=(64,)),
 }
@@ -77,13 +85,13 @@ def build_model(preset: dict[str, Any]) -> torch.nn.Module:
 
 
 def epoch(model: torch.nn.Module, rows: list[dict[str, Any]], batch_size: int, grouped: bool,
-          packing: bool | int, seed: int) -> tuple[int, float, float]:
-    """One epoch of SFT steps: ``(real tokens, seconds, mean loss)``."""
+          packing: bool | int, seed: int) -> tuple[int, float, float, float]:
+    """One epoch of SFT steps: ``(real tokens, seconds, CPU seconds of this process, mean loss)``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
     order = LengthGroupedBatches(lengths, batch_size, seed=seed, group_by_length=grouped)
     tokens, losses = 0, []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for indices in order:
         batch = collate([rows[i] for i in indices], "sft", pad_token_id=0, packing=packing)
         out = completion_logprobs(model, batch)
@@ -93,7 +101,7 @@ def epoch(model: torch.nn.Module, rows: list[dict[str, Any]], batch_size: int, g
         optimizer.step()
         tokens += int(batch["attention_mask"].sum())
         losses.append(float(loss.detach()))
-    return tokens, time.perf_counter() - started, statistics.fmean(losses)
+    return tokens, time.perf_counter() - started, time.process_time() - cpu_started, statistics.fmean(losses)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,38 +114,46 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS["quick" if args.quick else "full"]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = make_rows(preset["rows"], preset["lengths"], preset["vocab"])
-    cases: dict[str, tuple[bool, bool | int]] = {
-        "unpacked, random order": (False, False),
-        "unpacked, length-grouped": (True, False),
-        "packed (true)": (False, True),
-        **{f"packed ({w})": (False, w) for w in preset["widths"]},
+    cases: dict[str, tuple[bool, bool | int, str]] = {
+        "unpacked, random order": (False, False, "auto"),
+        "unpacked, length-grouped": (True, False, "auto"),
+        "packed (true)": (False, True, "auto"),
+        **{f"packed ({w}), dense mask": (False, w, "0") for w in preset["widths"]},
+        "packed (true), dense mask": (False, True, "0"),
     }
     initial = build_model(preset).state_dict()
     model = build_model(preset)
     results: dict[str, list[float]] = {name: [] for name in cases}
+    cpu_results: dict[str, list[float]] = {name: [] for name in cases}
     first_loss: dict[str, float] = {}
     for round_ in range(args.rounds + 1):  # round 0 warms up (first-call overheads) and is not counted
         names = list(cases)
         # Each round starts at a different case, so that none always runs first or last in a round
         # (a neighbour's load changing during a round would otherwise favour one case).
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            grouped, packing = cases[name]
+            grouped, packing, segments = cases[name]
+            os.environ[SEGMENTS_ENV] = segments
             model.load_state_dict(initial)
-            tokens, seconds, loss = epoch(model, rows, preset["batch"], grouped, packing, seed=round_)
+            tokens, seconds, cpu_seconds, loss = epoch(model, rows, preset["batch"], grouped, packing, seed=round_)
             if round_:
                 results[name].append(tokens / seconds)
+                cpu_results[name].append(tokens / cpu_seconds)
             else:
                 first_loss[name] = loss
     base, grouped_base = (statistics.median(results[k]) for k in ("unpacked, random order", "unpacked, length-grouped"))
+    cpu_base = statistics.median(cpu_results["unpacked, random order"])
     report = {"threads": torch.get_num_threads(), "preset": preset, "rounds": args.rounds, "cases": {}}
     print(f"SFT on {len(rows)} rows of {preset['lengths'][0]}-{preset['lengths'][1]} tokens, batch {preset['batch']}, "
           f"{torch.get_num_threads()} thread(s), median of {args.rounds} interleaved rounds")
-    print(f"{'case':28s} {'tokens/s':>10s} {'vs random':>10s} {'vs grouped':>11s}")
+    print(f"{'case':28s} {'tokens/s':>10s} {'vs random':>10s} {'vs grouped':>11s} {'tokens/CPU-s':>13s} "
+          f"{'vs random':>10s}")
     for name, values in results.items():
-        median = statistics.median(values)
+        median, cpu_median = statistics.median(values), statistics.median(cpu_results[name])
         report["cases"][name] = {"tokens_per_second": median, "all": values, "vs_unpacked_random": median / base,
-                                 "vs_unpacked_grouped": median / grouped_base, "warmup_mean_loss": first_loss[name]}
-        print(f"{name:28s} {median:10.0f} {median / base:9.2f}x {median / grouped_base:10.2f}x")
+                                 "vs_unpacked_grouped": median / grouped_base, "warmup_mean_loss": first_loss[name],
+                                 "tokens_per_cpu_second": cpu_median, "cpu_vs_unpacked_random": cpu_median / cpu_base}
+        print(f"{name:28s} {median:10.0f} {median / base:9.2f}x {median / grouped_base:10.2f}x {cpu_median:13.0f} "
+              f"{cpu_median / cpu_base:9.2f}x")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,19 @@ def test_data_scale_benchmark_small_run(tmp_path):
     cases = json.loads(out.read_text())["500"]
     assert cases["aligner cold"]["examples"] == cases["aligner warm"]["examples"] == 500
     assert cases["aligner warm"]["cpu_s"] < cases["aligner cold"]["cpu_s"]
+
+
+def test_real_size_benchmark_quick_run(tmp_path):
+    """The Qwen2.5-0.5B-shaped benchmark runs end to end at tiny sizes (each case in its own process)
+    and prints aligner/TRL ratios for DPO, SFT and long-context DPO."""
+    out = tmp_path / "real_size.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "real_size.py"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ratio aligner/TRL") == 3
+    numbers = json.loads(out.read_text())
+    for ratio in numbers["main_ratios"] + numbers["long_ratios"]:
+        assert ratio["time_ratio"] > 0 and ratio["memory_ratio"] > 0
+    for row in list(numbers["main"].values()) + list(numbers["long"].values()):
+        assert row["peak_mib"] > 0 and row["s_per_step"] > 0

@@ -75,3 +75,32 @@ def test_train_from_the_cli_with_overrides(make_config, tmp_path, capsys):
                        "--output-dir", str(tmp_path / "cli-run"))
     assert code == 0 and "final model:" in out
     assert (tmp_path / "cli-run" / "sft" / "final" / "model.safetensors").is_file()
+
+
+# `aligner plugins | head -1` with a listing longer than a pipe holds: the reader takes one line and
+# goes away while aligner is still writing. The child lists 20,000 plugins (far past the pipe's buffer).
+_MANY_PLUGINS = """
+import sys
+import aligner.plugins
+from aligner.cli import main
+from aligner.plugins import PluginInfo
+aligner.plugins.plugin_infos = lambda: [PluginInfo(f"p{i}", "entry point", "dist", "1.0", {"judge": [f"j{i}"]})
+                                        for i in range(20_000)]
+sys.exit(main(["plugins"{json}]))
+"""
+
+
+@pytest.mark.parametrize("json_flag", ["", ', "--json"'])
+def test_a_reader_that_stops_early_ends_the_command_quietly(json_flag):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    producer = subprocess.Popen([sys.executable, "-c", _MANY_PLUGINS.replace("{json}", json_flag)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = producer.stdout.readline()
+    producer.stdout.close()
+    stderr = producer.stderr.read().decode()
+    assert producer.wait(timeout=120) == 0, stderr
+    assert first.strip() and "BrokenPipeError" not in stderr and "Traceback" not in stderr

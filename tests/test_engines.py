@@ -336,7 +336,7 @@ def test_engine_option_errors_name_the_key(tmp_path):
     cases = [({**good, "timeout": -1}, r"stages\[0\]\.algorithm.*engine\.timeout"),
              ({**good, "max_concurency": 4}, r"stages\[0\]\.algorithm.*engine\.max_concurency"),
              ({**good, "weight_sync": "nccl"}, r"stages\[0\]\.algorithm.*engine\.weight_sync"),
-             ({**good, "api_key_env": "sk-live-123"}, r"engine\.api_key_env: .*name of an environment variable"),
+             ({**good, "api_key_env": "sk-live-123"}, r"engine\.api_key_env'.*: .*name of an environment variable"),
              ({"name": "openai_server"}, r"stages\[0\]\.algorithm.*engine\.base_url"),
              ({**good, "weight_sync": "lora"}, r"'stages\[0\]\.algorithm\.engine\.weight_sync' is 'lora'.*"
                                                r"'stages\[0\]\.peft' trains the full model"),

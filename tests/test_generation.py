@@ -197,7 +197,7 @@ def test_engine_config_errors_name_the_key(tmp_path):
     from aligner.config import load_config
     from aligner.training.stages import prepare_stages
 
-    cases = [({"name": "grpo", "engine": {"name": "hff"}}, r"stages\[0\]\.algorithm.*generation engine 'hff'.*'hf'"),
+    cases = [({"name": "grpo", "engine": {"name": "hff"}}, r"generation engine 'hff' at 'stages\[0\]\.algorithm\.engine' \(did you mean 'hf'\?\)"),
              ({"name": "grpo", "engine": {"name": "hf", "speed": 2}}, r"stages\[0\]\.algorithm.*engine\.speed"),
              ({"name": "grpo", "engine": "hf"}, r"stages\[0\]\.algorithm\.engine.*valid dictionary")]
     for algorithm, message in cases:

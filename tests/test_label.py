@@ -134,3 +134,29 @@ def test_label_with_a_pairwise_llm_judge(sft_model, tmp_path):
         assert sum(wins) == pytest.approx(3.0) and row["provenance"]["comparison"] == "pairwise"
         if "chosen" in row:
             assert row["chosen"] == row["provenance"]["completions"][wins.index(max(wins))]
+
+
+def test_the_docs_table_lists_exactly_the_label_configs_keys_and_defaults():
+    """docs/algorithms/constitutional_ai.md's key table is the LabelConfig model, key for key, in order,
+    with each default, so neither can change without the other."""
+    import re
+
+    import yaml
+
+    from aligner.commands.label import LabelConfig
+
+    from .conftest import ROOT
+
+    text = (ROOT / "docs" / "algorithms" / "constitutional_ai.md").read_text()
+    table = text.split("<!-- label-config-keys -->\n", 1)[1].split("\n\n", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert [re.fullmatch(r"`(\w+)`", row[0]).group(1) for row in rows] == list(LabelConfig.model_fields)
+    for row in rows:
+        name, default = row[0].strip("`"), row[2]
+        field = LabelConfig.model_fields[name]
+        if field.is_required():
+            assert default == "required", name
+        else:
+            documented = yaml.safe_load(re.match(r"`([^`]*)`", default).group(1))
+            assert documented == field.default, (name, documented, field.default)
+        assert row[3], f"'{name}' has no meaning in the table"

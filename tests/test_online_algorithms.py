@@ -510,8 +510,11 @@ def test_data_check_judges_a_stage_by_its_algorithm(tmp_path):
     assert [r.problems for r in check_data(config)] == [[], []]
     config["stages"][0].pop("algorithm")
     problems = check_data(config)[0].problems
-    assert problems == ["algorithm 'offline' ('stages[0].algorithm.name') trains on sft/preference/unpaired data, not "
-                        "prompt ('stages[0].data.format' if the guess is wrong)"]
+    # The same messages training stops at, every one of them: the algorithm's, then its loss's.
+    assert len(problems) == 2
+    assert problems[0].startswith("algorithm 'offline' of stage 'online_dpo' trains on sft/preference/unpaired data")
+    assert "prompt-only data needs an online algorithm: set 'stages[0].algorithm.name' to one of" in problems[0]
+    assert problems[1].startswith("loss 'dpo' in stage 'online_dpo' trains on preference data")
 
 
 def test_estimator_and_group_size_mismatches_are_config_errors(tmp_path):

@@ -22,11 +22,19 @@ from aligner.modeling.logprobs import (
     decoder_and_head,
     forward_layout,
 )
+from aligner.modeling.segment_attention import ENV as SEGMENTS_ENV
 
 VOCAB = 300
 PAD = 0
 # (prompt, completion) lengths: unequal, so the padded batch wastes positions that packing saves
 SHAPES = [(5, 12), (1, 3), (7, 2), (2, 9), (3, 4), (4, 1)]
+
+
+@pytest.fixture(params=["segments", "dense"])
+def attention_path(request, monkeypatch) -> str:
+    """Packed rows with segment-by-segment attention (no mask; the CPU default) or a dense 4D mask."""
+    monkeypatch.setenv(SEGMENTS_ENV, "1" if request.param == "segments" else "0")
+    return request.param
 
 
 def _model(attn: str = "sdpa") -> torch.nn.Module:
@@ -55,13 +63,14 @@ def _run(model: torch.nn.Module, batch: dict, weights: torch.Tensor):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("width", [True, 24])
-def test_packed_rows_give_each_sequences_unpacked_logprobs_and_gradients(attn, width):
+def test_packed_rows_give_each_sequences_unpacked_logprobs_and_gradients(attn, width, attention_path):
     model = _model(attn)
     examples = _examples()
     rows = collate(examples, "sft", PAD)
     packed_batch = collate(examples, "sft", PAD, packing=width)
     packed = pack_sequences(packed_batch, decoder_and_head(model)[0])
     assert packed is not None and packed.input_ids.shape[0] < len(SHAPES)  # fewer rows than sequences
+    assert (packed.attention_mask is None) == (packed.segments is not None) == (attention_path == "segments")
     weights = torch.linspace(-2.0, 3.0, len(SHAPES))
     expected, expected_grads = _run(model, rows, weights)
     got, got_grads = _run(model, packed_batch, weights)
@@ -74,7 +83,7 @@ def test_packed_rows_give_each_sequences_unpacked_logprobs_and_gradients(attn, w
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_sequence_is_unchanged_when_its_neighbour_in_the_pack_changes(attn):
+def test_a_sequence_is_unchanged_when_its_neighbour_in_the_pack_changes(attn, attention_path):
     model = _model(attn).eval()
     parts = decoder_and_head(model)
     examples = _examples()
@@ -89,14 +98,19 @@ def test_a_sequence_is_unchanged_when_its_neighbour_in_the_pack_changes(attn):
     torch.testing.assert_close(before.logps[others], after.logps[others], atol=1e-6, rtol=0)
 
 
-def test_position_ids_restart_for_every_sequence_and_padding_is_counted():
+def test_position_ids_restart_for_every_sequence_and_padding_is_counted(attention_path):
     model = _model()
     batch = collate(_examples(), "sft", PAD, packing=True)
     packed = pack_sequences(batch, decoder_and_head(model)[0])
     lengths = [p + c for p, c in SHAPES]
     starts = (packed.position_ids == 0) & (packed.input_ids != 0)
     assert int(starts.sum()) == len(SHAPES)  # one restart per sequence
-    assert packed.input_ids.shape[1] == max(lengths)  # 'true': as wide as the longest sequence
+    if attention_path == "dense":
+        assert packed.input_ids.shape[1] == max(lengths)  # 'true': as wide as the longest sequence
+    else:
+        # attention costs per sequence, whatever the row's width: one row, no padding, no mask
+        assert packed.input_ids.shape == (1, sum(lengths)) and packed.attention_mask is None
+        assert packed.segments.rows == ((0, tuple(lengths)),)  # in row order
     real, positions = forward_layout(model, batch)
     assert real == sum(lengths) and positions == packed.input_ids.numel()
     assert positions < batch["input_ids"].numel()  # less padding than one row per sequence

@@ -163,3 +163,168 @@ def test_the_tutorials_option_typo_message_is_what_aligner_prints(tutorial_plugi
     assert message.startswith("unknown option 'stages[0].losses[0].margn' for 'mean_hinge'")
     assert message.endswith("(did you mean 'margin'?)")
     assert "unknown option 'stages[0].losses[0].margn' for 'mean_hinge'" in DOCS.read_text()
+
+
+# --- the kinds table: every kind documented, with a hook, listed, and each built-in plugin tested ---------
+
+
+def docs_sections(level: str = "### ") -> dict[str, str]:
+    """Heading text -> the section's text, up to the next heading of the same or a higher level."""
+    text = DOCS.read_text()
+    sections = {}
+    for part in re.split(rf"\n(?={re.escape(level)}|## )", text)[1:]:
+        if part.startswith(level):
+            heading, _, body = part.partition("\n")
+            sections[heading[len(level):].strip()] = body
+    return sections
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub makes of a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def kinds_table_rows() -> list[str]:
+    """The docs' kinds table as aligner.kinds.KINDS says it must read."""
+    from aligner.kinds import KINDS
+
+    return [f"| `{k.name}` | [`{k.hook}`](#{k.hook}) | [`{k.protocol.__name__}`](#{k.anchor}) | "
+            f"{f'`{k.base}`' if k.base else '-'} | {k.description} |" for k in KINDS]
+
+
+def test_every_kind_has_a_registration_hook_and_every_registration_hook_a_kind():
+    from aligner.kinds import KINDS
+
+    registration = {name for name in hookspec_signatures() if name.startswith("register_")}
+    assert sorted(k.hook for k in KINDS) == sorted(registration)
+    assert len({k.name for k in KINDS}) == len(KINDS)
+
+
+def test_the_docs_kinds_table_is_the_kinds_table():
+    text = DOCS.read_text()
+    table = text.split("<!-- kinds table", 1)[1].split("<!-- end kinds table -->", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert rows == kinds_table_rows(), "regenerate the table in docs/plugins.md from aligner.kinds.KINDS"
+
+
+def test_every_kind_is_documented_with_each_of_its_members():
+    from aligner.kinds import KINDS
+
+    sections = docs_sections()
+    anchors = {slug(heading): body for heading, body in sections.items()}
+    for kind in KINDS:
+        assert f"#### `{kind.hook}`" in DOCS.read_text(), f"the hook of kind {kind.name} is not documented"
+        assert kind.anchor in anchors, f"docs/plugins.md has no section #{kind.anchor} for kind {kind.name}"
+        assert kind.protocol.__name__ in sections, f"the section of kind {kind.name} is not named for its protocol"
+        body = anchors[kind.anchor]
+        for member in (*kind.required, *kind.defaults):
+            assert re.search(rf"`{re.escape(member)}[`(]", body), \
+                f"{kind.name} member '{member}' is not documented in docs/plugins.md#{kind.anchor}"
+
+
+def test_each_protocol_declares_its_members_and_the_optional_ones_have_defaults():
+    import inspect
+
+    from aligner.kinds import KINDS
+
+    for kind in KINDS:
+        declared = set(kind.protocol.__annotations__) | {n for n in vars(kind.protocol) if not n.startswith("_")}
+        assert set(kind.required) <= declared, f"{kind.protocol_path} does not declare {set(kind.required) - declared}"
+        for member in kind.values:  # a required value has no default: a class must set it
+            assert member not in vars(kind.protocol), f"required {kind.name} member {member} has a default"
+        for member in kind.methods:
+            assert inspect.isfunction(vars(kind.protocol).get(member)), f"{kind.protocol_path}.{member} is not a method"
+        for member, default in kind.defaults.items():
+            assert member in kind.protocol.__annotations__ or callable(default) or isinstance(default, classmethod), \
+                f"optional {kind.name} member {member} is neither annotated nor a method"
+
+
+def test_every_kind_is_what_aligner_plugins_lists(capsys):
+    import json
+
+    from aligner.cli import main
+    from aligner.kinds import KINDS
+
+    assert main(["plugins", "--json", "--all"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    kinds = {kind for plugin in listed for kind in plugin["registers"]}
+    assert kinds == {k.name for k in KINDS}, "every kind has a built-in plugin, and nothing else is listed"
+    for plugin in listed:  # in the table's order
+        order = [k.name for k in KINDS if k.name in plugin["registers"]]
+        assert list(plugin["registers"]) == order
+    assert main(["plugins", "--kinds", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["kind"], r["hook"], r["protocol"], r["docs"]) for r in rows] == [
+        (k.name, k.hook, k.protocol_path, f"docs/plugins.md#{k.anchor}") for k in KINDS]
+    assert all(r["registered"] == get_registry(r["kind"]).names() for r in rows)
+
+
+def test_each_builtin_plugin_of_each_kind_is_tested():
+    """Every name a built-in plugin registers, of every kind, is named in some test: as a string, a
+    config's ``name: x``, or its class."""
+    from aligner.kinds import KINDS
+    from aligner.plugins import plugin_infos
+
+    builtin = {i.name for i in plugin_infos() if i.source == "builtin"}
+    tests = "\n".join(path.read_text() for path in (ROOT / "tests").rglob("*.py"))
+    untested = []
+    for kind in KINDS:
+        for entry in get_registry(kind.name).entries():
+            if entry.plugin not in builtin:
+                continue
+            name, cls = re.escape(entry.name), re.escape(getattr(entry.obj, "__name__", entry.name))
+            if not re.search(rf"""['"]{name}['"]|name: {name}\b|\b{cls}\b""", tests):
+                untested.append(f"{kind.name} '{entry.name}'")
+    assert untested == [], "built-in plugins no test names"
+
+
+# --- every value a plugin receives is documented field by field; the unit-test snippet runs ----------------
+
+
+def table_after(marker: str) -> list[str]:
+    """The names in the first column of the first markdown table after the line starting with
+    ``marker`` (``a``, ``b`` in a cell ``\\`a\\`, \\`b\\```; a call ``f(x)`` counts as ``f``)."""
+    lines = DOCS.read_text().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(marker))
+    rows = []
+    for line in lines[start + 1:]:
+        if rows and not line.startswith("|"):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append(line.split("|")[1])
+    names = []
+    for cell in rows[1:]:  # rows[0] is the header
+        names.extend(re.sub(r"\(.*", "", name) for name in re.findall(r"`([^`]+)`", cell))
+    return names
+
+
+@pytest.mark.parametrize("marker, cls", [
+    ("`SequenceLogProbs`:", "aligner.protocols.SequenceLogProbs"),
+    ("`LossInputs`:", "aligner.protocols.LossInputs"),
+    ("`ReferenceContext` (`aligner.protocols.ReferenceContext`) has these fields", "aligner.protocols.ReferenceContext"),
+    ("What lifecycle hooks get as `run`", "aligner.training.run_state.RunState"),
+])
+def test_every_field_a_plugin_receives_is_documented(marker, cls):
+    import dataclasses
+
+    module_name, _, name = cls.rpartition(".")
+    value_class = getattr(importlib.import_module(module_name), name)
+    fields = [f.name for f in dataclasses.fields(value_class)]
+    fields += [n for n, v in vars(value_class).items() if isinstance(v, property)]
+    documented = table_after(marker)
+    assert sorted(set(fields) - set(documented)) == [], f"fields of {name} missing from docs/plugins.md"
+    assert sorted(set(documented) - set(fields)) == [], f"docs/plugins.md documents fields {name} lacks"
+
+
+def test_the_docs_unit_test_snippet_runs():
+    match = re.search(r"<!-- snippet: loss-unit-test -->\n```python\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    assert match, "the loss unit-test snippet is missing from docs/plugins.md"
+    exec(compile(match.group(1), "docs/plugins.md (loss-unit-test)", "exec"), {})
+
+
+def test_the_judge_section_documents_set_tokenizer():
+    from aligner.kinds import get_kind
+
+    section = docs_sections()["Judge"]
+    for member in get_kind("judge").defaults:
+        assert f"| `{member}" in section, f"optional judge member {member} is not documented"

@@ -217,7 +217,7 @@ def test_a_bad_judge_fails_before_any_model_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[0\]\.algorithm\.judge.*regexp"):
         prepare_stages(config)
     config = load_config(_ppo_config(tmp_path, judge={"name": "nope"}))
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.algorithm\.judge.*nope"):
+    with pytest.raises(ConfigError, match=r"unknown judge 'nope' at 'stages\[0\]\.algorithm\.judge'"):
         prepare_stages(config)
 
 

@@ -14,10 +14,18 @@ from aligner.modeling.logprobs import (
     decoder_and_head,
     forward_layout,
 )
+from aligner.modeling.segment_attention import ENV as SEGMENTS_ENV
 from aligner.modeling.shared_prompt import pack_pairs
 
 VOCAB = 300
 PAD = 0
+
+
+@pytest.fixture(params=["segments", "dense"])
+def attention_path(request, monkeypatch) -> str:
+    """Packed rows with segment-by-segment attention (no mask; the CPU default) or a dense 4D mask."""
+    monkeypatch.setenv(SEGMENTS_ENV, "1" if request.param == "segments" else "0")
+    return request.param
 
 
 def _model(attn: str = "sdpa", family: str = "llama") -> torch.nn.Module:
@@ -54,13 +62,14 @@ def _run(model: torch.nn.Module, batch: dict, weights: torch.Tensor):
 
 
 @pytest.mark.parametrize("attn,family", [("sdpa", "llama"), ("eager", "llama"), ("sdpa", "qwen2")])
-def test_shared_prompt_gives_the_two_row_values_and_gradients(attn, family):
+def test_shared_prompt_gives_the_two_row_values_and_gradients(attn, family, attention_path):
     model = _model(attn, family)
     examples = _examples()
     two_rows = collate(examples, "preference", PAD)
     shared = collate(examples, "preference", PAD, share_prompt=True)
     assert shared["share_prompt"] and "share_prompt" not in two_rows
-    assert pack_pairs(shared, decoder_and_head(model)[0]) is not None
+    packed = pack_pairs(shared, decoder_and_head(model)[0])
+    assert packed is not None and (packed.segments is not None) == (attention_path == "segments")
     weights = torch.linspace(-2.0, 3.0, 8)
     expected, expected_grads = _run(model, two_rows, weights)
     got, got_grads = _run(model, shared, weights)
@@ -72,7 +81,7 @@ def test_shared_prompt_gives_the_two_row_values_and_gradients(attn, family):
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_rejected_tokens_never_see_the_chosen_ones():
+def test_rejected_tokens_never_see_the_chosen_ones(attention_path):
     model = _model().eval()
     examples = _examples()
     parts = decoder_and_head(model)
@@ -94,6 +103,9 @@ def test_the_packed_layout_holds_each_prompt_once_and_pads_only_to_the_longest_p
     first = examples[0]
     assert packed.input_ids[0, :16].tolist() == first["prompt_ids"] + first["chosen_ids"] + first["rejected_ids"]
     assert packed.position_ids[0, :16].tolist() == list(range(9)) + list(range(5, 12))
+    # on CPU: (prompt, (chosen, rejected)) per pair for segment-by-segment attention, and no dense mask
+    assert packed.attention_mask is None
+    assert packed.segments.rows == ((5, (4, 7)), (1, (6, 2)), (7, (3, 3)), (2, (1, 9)))
     assert forward_layout(model, batch) == (sum(totals), 4 * max(totals))
     two_rows = collate(examples, "preference", PAD)
     assert forward_layout(model, two_rows) == (int(two_rows["attention_mask"].sum()), two_rows["input_ids"].numel())
@@ -119,7 +131,7 @@ def test_batches_it_does_not_apply_to_use_two_rows():
     assert can_share_prompts(model)
 
 
-def test_lora_model_shares_prompts_with_the_same_gradients():
+def test_lora_model_shares_prompts_with_the_same_gradients(attention_path):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -167,7 +179,7 @@ def test_dpo_run_with_and_without_shared_prompts_trains_the_same(make_config, tm
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_reward_model_scores_and_gradients_match_its_own_forward(lora):
+def test_reward_model_scores_and_gradients_match_its_own_forward(lora, attention_path):
     from transformers import LlamaForSequenceClassification
 
     from aligner.modeling.reward_scores import decoder_and_score, sequence_scores

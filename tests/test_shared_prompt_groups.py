@@ -11,6 +11,7 @@ from aligner.modeling.logprobs import (
     forward_layout,
     token_window_start,
 )
+from aligner.modeling.segment_attention import ENV as SEGMENTS_ENV
 from aligner.modeling.shared_prompt import group_packing, pack_groups
 from aligner.online.rollout import rollout_batch, rows_of
 
@@ -44,6 +45,13 @@ def _rollout(groups: list[tuple[int, list[int]]] = GROUPS, seed: int = 3) -> dic
     batch["window_start"] = token_window_start(batch)
     batch["share_prompt_groups"] = True
     return batch
+
+
+@pytest.fixture(params=["segments", "dense"])
+def attention_path(request, monkeypatch) -> str:
+    """Packed rows with segment-by-segment attention (no mask; the CPU default) or a dense 4D mask."""
+    monkeypatch.setenv(SEGMENTS_ENV, "1" if request.param == "segments" else "0")
+    return request.param
 
 
 def _unmarked(batch: dict) -> dict:
@@ -97,12 +105,12 @@ def _packed_shape(groups: list[tuple[int, list[int]]]) -> tuple[int, int]:
 
 @pytest.mark.parametrize("attn,family", [("sdpa", "llama"), ("eager", "llama"), ("sdpa", "qwen2"),
                                          ("eager", "qwen2")])
-def test_groups_give_the_unpacked_values_and_gradients(attn, family):
+def test_groups_give_the_unpacked_values_and_gradients(attn, family, attention_path):
     _assert_same(_model(attn, family), _rollout(), _packed_shape(GROUPS))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_minibatches_with_partial_and_reordered_groups(attn):
+def test_minibatches_with_partial_and_reordered_groups(attn, attention_path):
     """Minibatches taken with ``rows_of`` (as the policy update does) keep the rollout's window; runs are
     found from the rows they hold: group cuts, shuffled rows and prompts repeated out of order."""
     model = _model(attn)
@@ -120,7 +128,7 @@ def test_minibatches_with_partial_and_reordered_groups(attn):
     _assert_same(model, sub, (5, int(packing.totals().max())))
 
 
-def test_lora_model_packs_groups_with_the_same_gradients():
+def test_lora_model_packs_groups_with_the_same_gradients(attention_path):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -157,7 +165,7 @@ def test_the_packed_row_holds_the_prompt_once_then_every_completion():
     assert forward_layout(model, batch, "reward")[1] == ids.numel()  # the reward forward packs pairs only
 
 
-def test_a_completion_never_sees_another_completion_of_its_group():
+def test_a_completion_never_sees_another_completion_of_its_group(attention_path):
     model = _model().eval()
     parts = decoder_and_head(model)
     batch = _rollout()
@@ -199,12 +207,16 @@ def test_group_packing_falls_back_where_pair_packing_does():
     assert group_packing(batch, decoder) is None and forward_layout(model, batch)[1] == batch["input_ids"].numel()
 
 
-def test_a_group_is_not_packed_when_its_packed_row_would_cost_more_attention():
-    """A short prompt with many long completions packs into one row wider than the whole batch's
-    attention: 1 x (2 + 6 x 20)^2 > 6 x 22^2, so the rows run as they are (same values)."""
+def test_a_group_is_not_packed_when_its_packed_row_would_cost_more_attention(attention_path):
+    """With a dense mask, a short prompt with many long completions packs into one row wider than the
+    whole batch's attention: 1 x (2 + 6 x 20)^2 > 6 x 22^2, so the rows run as they are (same values).
+    Segment by segment, each completion attends to its prompt and itself only: packed all the same."""
     model = _model()
     wide = _rollout([(2, [20] * 6)])
-    assert group_packing(wide, decoder_and_head(model)[0]) is None
-    _assert_same(model, wide, None)
+    if attention_path == "dense":
+        assert group_packing(wide, decoder_and_head(model)[0]) is None
+        _assert_same(model, wide, None)
+    else:
+        _assert_same(model, wide, (1, 2 + 6 * 20))
     narrow = _rollout([(12, [2] * 6)])  # 1 x 24^2 <= 6 x 14^2: packed
     assert group_packing(narrow, decoder_and_head(model)[0]) is not None

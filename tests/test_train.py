@@ -156,3 +156,14 @@ def test_gradient_accumulation_takes_several_micro_batches_per_step(make_config)
     assert rows_seen == [2] * 9  # 3 steps x 3 micro-batches of 2 rows
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(make_config):
+    """Linear warmup over 2 of 4 steps, then linear decay: the schedule steps after each update, so the
+    rates the four updates use are 0, lr/2, lr, lr/2; metrics must show those, not the next step's."""
+    config = make_config("sft", steps=4)
+    config["stages"][0]["train"].update(lr_scheduler="linear", warmup_ratio=0.5, learning_rate=1e-3)
+    result = aligner.train(config)
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["learning_rate"] for r in records if "learning_rate" in r]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])

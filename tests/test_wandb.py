@@ -99,3 +99,35 @@ def test_a_failed_run_is_closed_as_failed(make_config, monkeypatch):
     summary, _ = summary_and_config(path)
     assert summary["failed_stage"] == "sft" and "gave up at step 2" in summary["error"]
     assert [r["global_step"] for r in history(path) if "sft/loss" in r][:1] == [1]  # what was logged is kept
+
+
+def test_a_resumed_run_continues_the_global_step_axis(tmp_path, monkeypatch):
+    """Killed in its second stage and resumed: the first stage is loaded, not retrained, and the W&B
+    steps of the second stage still follow the first's (3, 4 before the kill, 5 after)."""
+    import os
+    import signal
+
+    from aligner.errors import Interrupted
+    from aligner.hookspecs import hookimpl
+    from aligner.plugins import temporary_plugin
+
+    from .test_trackers import _two_stage_config
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    class KillInDpo:
+        @hookimpl
+        def on_step_end(self, run, step, metrics):
+            if run.stage.name == "dpo" and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    config = _two_stage_config(tmp_path, wandb={"project": "tests", "mode": "offline"})
+    with temporary_plugin(KillInDpo(), name="kill"), pytest.raises(Interrupted):
+        aligner.train(config)
+    aligner.train(config, resume=True)
+    files = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    rows = [row for f in files for row in history(wait_until_complete(f))]
+    assert [r["global_step"] for r in rows if "sft/loss" in r] == [1, 2]
+    assert [r["global_step"] for r in rows if "dpo/loss" in r] == [3, 4, 5]

@@ -21,6 +21,7 @@ import torch
 
 from aligner.protocols import Options
 from aligner.reporting.tracking import to_float
+from aligner.training import reference_state
 from aligner.training.resume import Position, load_weights
 from aligner.training.run_state import RunState
 
@@ -83,7 +84,8 @@ class StepServices:
         self.trainable = trainable
         self.guard = guard
         self._policy_of = policy_of
-        self._after_step = getattr(run.stage.peft, "after_optimizer_step", None)
+        self._after_step = run.stage.peft.after_optimizer_step  # the protocol's default does nothing
+        self._reference = run.stage.reference
 
     @property
     def accelerator(self) -> Any:
@@ -131,7 +133,8 @@ class StepServices:
     def update(self) -> Update:
         """Apply the accumulated gradients: skipped (and counted) if any loss or gradient since the
         last update is non-finite, else clipped to ``train.max_grad_norm``, an optimizer and LR
-        schedule step, and the PEFT backend's after-step call (e.g. AdaLoRA's rank allocation)."""
+        schedule step, the PEFT backend's after-step call (e.g. AdaLoRA's rank allocation) and the
+        reference's (``after_weights_changed``)."""
         max_norm = self.run.stage.config.train.max_grad_norm
         if not self.guard.step_ok(self.trainable):
             # A NaN/inf loss or gradient: no update at all (it would poison every weight).
@@ -140,10 +143,17 @@ class StepServices:
         grad_norm = self.run.accelerator.clip_grad_norm_(self.trainable, max_norm) if max_norm else None
         self.optimizer.step()
         self.scheduler.step()
-        if self._after_step is not None:  # reads the gradients, so before they are zeroed
-            self._after_step(self._policy_of(self.unwrapped()), self.scheduler.last_epoch)
+        # Reads the gradients, so before they are zeroed.
+        self._after_step(self._policy_of(self.unwrapped()), self.scheduler.last_epoch)
         self.optimizer.zero_grad(set_to_none=True)
+        self.after_weights_changed()
         return Update(applied=True, grad_norm=grad_norm)
+
+    def after_weights_changed(self) -> None:
+        """Tell the stage's reference an update was applied (its optional ``after_optimizer_step``,
+        e.g. ``ema`` folding the new weights in). ``update()`` calls it; an algorithm that changes the
+        weights without ``update()`` (MeZO) calls it after its own update, once the LR schedule stepped."""
+        reference_state.after_update(self._reference, self._policy_of(self.unwrapped()), self.scheduler.last_epoch)
 
     def mean_metrics(self, collected: list[dict[str, Any]]) -> dict[str, float]:
         """Average metric dicts (micro-batches, updates) and then over processes."""

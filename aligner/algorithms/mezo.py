@@ -11,10 +11,11 @@ inference. The losses, data formats, batches and evaluation are exactly the ``of
 algorithm's (this class is that algorithm with another ``train_step``).
 
 Of the runner's ``StepServices.update`` MeZO keeps the non-finite guard (a non-finite L+ or L-
-skips the step, counted and limited by ``train.max_nonfinite_steps``) and the LR schedule (stepped
-here). It does not use the optimizer's ``step()`` (so AdamW, which allocates its state lazily, never
-holds any memory), gradient clipping (there is no gradient) or the PEFT backend's after-step call
-(it reads gradients, e.g. AdaLoRA's rank allocation).
+skips the step, counted and limited by ``train.max_nonfinite_steps``), the LR schedule (stepped
+here) and the reference's after-update call (``ema`` follows MeZO's updates). It does not use the
+optimizer's ``step()`` (so AdamW, which allocates its state lazily, never holds any memory),
+gradient clipping (there is no gradient) or the PEFT backend's after-step call (it reads
+gradients, e.g. AdaLoRA's rank allocation).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class MeZO(OfflineAlgorithm):
             # torch warns when a schedule steps without optimizer.step(); skipping it is the point here.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             step.scheduler.step()
+        step.after_weights_changed()  # a reference that follows training (ema) sees the update
         metrics = step.mean_metrics(collected)
         metrics["projected_grad"] = sum(g for _, g in directions) / len(directions)
         metrics["epoch"] = epoch + consumed / max(len(self._sampler), 1)

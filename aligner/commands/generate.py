@@ -149,13 +149,11 @@ def generate(source: ModelSource, prompts: list[Any], adapters: list[str | None]
     import contextlib
     from types import SimpleNamespace
 
-    import torch
-
     from aligner.config import ModelConfig
     from aligner.data.sources import Row
     from aligner.data.templates import load_template
     from aligner.data.tokenize import tokenize_rows
-    from aligner.modeling.loading import load_tokenizer
+    from aligner.modeling.loading import load_tokenizer, pick_device
     from aligner.online.sampler import decode, sample
 
     # The run saved its tokenizer (pad token and all) next to the model: load it as the run did.
@@ -166,7 +164,7 @@ def generate(source: ModelSource, prompts: list[Any], adapters: list[str | None]
     tokenized = tokenize_rows(rows, "prompt", tokenizer, rendering, max_length=source.max_prompt_length + 1,
                               max_prompt_length=source.max_prompt_length)
     model = _load(source, adapters, tokenizer, base)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(pick_device())
     results = []
     for name in adapters:
         if name is not None:

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from aligner.config import ModelConfig, Strict, read_config_source, validation_error
-from aligner.errors import ConfigError, DataError, os_error
+from aligner.commands.jsonl_output import append_lines, check_output, done_indices, drop_torn_line
+from aligner.config import ModelConfig, Strict, read_config_source, resolve_config_path, validation_error
+from aligner.errors import ConfigError, os_error
 
 log = logging.getLogger("aligner")
 
@@ -56,6 +56,16 @@ class LabelConfig(Strict):
     batch_size: int = Field(16, gt=0, description="prompts per chunk (each sampled num_completions times)")
     seed: int = 0
 
+    @field_validator("judge")
+    @classmethod
+    def _judge_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Built once here (judges load their models lazily), so a bad judge option is reported with its
+        # key path, file and line before anything is sampled.
+        from aligner.online.rewards import build_judge
+
+        build_judge(value)
+        return value
+
 
 def load_label_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> LabelConfig:
     """Validate a label config (YAML path or dict); relative ``prompts``/``model.path`` follow the file."""
@@ -64,90 +74,10 @@ def load_label_config(source: str | Path | dict, overrides: list[str] | tuple[st
         config = LabelConfig.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, origin, root=LabelConfig) from None
-    config.prompts = _resolve(config.prompts, base, "prompts")
+    config.prompts = resolve_config_path(config.prompts, base, "prompts")
     if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
-        config.model.path = _resolve(config.model.path, base, "model.path")
+        config.model.path = resolve_config_path(config.model.path, base, "model.path")
     return config
-
-
-def _resolve(value: str, base: Path, key: str) -> str:
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else base / path
-    if not path.exists():
-        raise ConfigError(f"file not found for '{key}': {path}")
-    return str(path)
-
-
-def _done_indices(*paths: Path) -> set[int]:
-    """Prompt indices already written (a torn last line from a crash is ignored).
-
-    Read before anything is appended: a line that is not UTF-8 (other than a torn last one, which a
-    crash can cut inside a character) means the file is not this command's output, and is an error.
-    """
-    done: set[int] = set()
-    for path in paths:
-        if not path.is_file():
-            continue
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise os_error(exc, path, "could not read") from exc
-        lines = raw.split(b"\n")
-        for number, line in enumerate(lines, start=1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                if number == len(lines):  # torn: _drop_torn_line cuts it
-                    continue
-                raise DataError(f"{path}, line {number}: not UTF-8; it is appended to, so it must be the JSONL this "
-                                "command wrote (move it aside, or choose another 'output')") from None
-            try:
-                done.add(int(json.loads(text)["provenance"]["prompt_index"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return done
-
-
-def _drop_torn_line(path: Path) -> None:
-    """Cut a last line left half-written by a crash, so appended rows start on a line of their own."""
-    if not path.is_file():
-        return
-    try:
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
-    except OSError as exc:
-        raise os_error(exc, path, "could not repair the torn last line of") from exc
-
-
-def _check_output(output: Path, ties_path: Path) -> None:
-    """Refuse an output that cannot be written as a file, before the model loads or anything is written."""
-    for path in (output, ties_path):
-        if path.is_dir():
-            raise ConfigError(f"'output' {output}: {path} is a directory, not a file")
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"'output' {output}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"'output' {output}: {parent} is not writable")
-            return
-
-
-def _append(path: Path, lines: list[str]) -> None:
-    """Append ``lines`` with one unbuffered write, so a full disk is reported here, naming ``path``.
-
-    Unbuffered: a buffered file would meet the error again when closed, after it was reported.
-    With no lines it only creates the file (both files exist once labelling starts, as before).
-    """
-    data = "".join(lines).encode()
-    try:
-        with path.open("ab", buffering=0) as handle:
-            written = 0
-            while written < len(data):
-                written += handle.write(data[written:])
-    except OSError as exc:
-        raise os_error(exc, path, "could not write") from exc
 
 
 def preference_of(scores: list[float], min_margin: float = 0.0) -> tuple[int, int] | None:
@@ -175,12 +105,11 @@ def load_for_sampling(config: Any, rows: list[Any]) -> tuple[Any, Any, Any, Any]
 
     ``config`` has the fields of a ``LabelConfig`` that name the model, tokenizer, template and lengths.
     """
-    import torch
     from accelerate.utils import set_seed
 
     from aligner.data.templates import load_template
     from aligner.data.tokenize import tokenize_rows
-    from aligner.modeling.loading import load_model, load_tokenizer
+    from aligner.modeling.loading import load_model, load_tokenizer, pick_device
     from aligner.training.threads import apply_threads
 
     tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
@@ -190,13 +119,14 @@ def load_for_sampling(config: Any, rows: list[Any]) -> tuple[Any, Any, Any, Any]
     set_seed(config.seed)
     apply_threads("auto")  # torch's own default oversubscribes shared CPUs
     model = load_model(config.model, tokenizer)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(pick_device())
     return tokenizer, template, tokenized, model
 
 
 def label(config: LabelConfig) -> dict[str, int]:
     """Label every not-yet-labelled prompt; return counts (``labelled``, ``ties``, ``skipped``)."""
     from aligner.data.loading import load_validated
+    from aligner.judges import give_tokenizer
     from aligner.online.rewards import build_judge
     from aligner.online.sampler import sample
 
@@ -204,15 +134,15 @@ def label(config: LabelConfig) -> dict[str, int]:
         judge = build_judge(config.judge)
     except ValueError as exc:
         raise ConfigError(f"invalid 'judge': {exc}") from None
-    if config.pairwise and not callable(getattr(judge, "compare", None)):
+    if config.pairwise and judge.compare is None:  # the protocol's default: the judge only scores
         raise ConfigError(f"judge '{judge.name}' has no pairwise 'compare'; set 'pairwise: false'")
     _, rows = load_validated(config.prompts, "prompt", config.split, config.max_prompts)
     output = Path(config.output)
     ties_path = output.with_name(output.name + ".ties.jsonl")
-    _check_output(output, ties_path)
-    done = _done_indices(output, ties_path)
+    check_output(output, ties_path)
+    done = done_indices(output, ties_path)
     for path in (output, ties_path):
-        _drop_torn_line(path)
+        drop_torn_line(path)
     todo = [i for i in range(len(rows)) if i not in done]
     counts = {"labelled": 0, "ties": 0, "skipped": len(rows) - len(todo)}
     if counts["skipped"]:
@@ -221,12 +151,13 @@ def label(config: LabelConfig) -> dict[str, int]:
         return counts
 
     tokenizer, template, tokenized, model = load_for_sampling(config, [rows[i] for i in todo])
+    give_tokenizer(judge, tokenizer)  # the sampling model's tokenizer, for a judge that asks (set_tokenizer)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(exc, output.parent, "could not create the directory of 'output'") from exc
     for path in (output, ties_path):  # created (or found writable) before the first prompt is sampled
-        _append(path, [])
+        append_lines(path, [])
     k = config.num_completions
     provenance_base = {"judge": judge.name, "model": config.model.path or "tiny", "num_completions": k,
                        "temperature": config.temperature, "top_p": config.top_p,
@@ -256,9 +187,9 @@ def label(config: LabelConfig) -> dict[str, int]:
                       "rejected": completions[worst], "provenance": provenance}
             labelled.append(json.dumps(record) + "\n")
         # Written per chunk, so a crash (or a full disk) loses at most the chunk being labelled.
-        _append(output, labelled)
+        append_lines(output, labelled)
         counts["labelled"] += len(labelled)
-        _append(ties_path, tied)
+        append_lines(ties_path, tied)
         counts["ties"] += len(tied)
         log.info("labelled %d / %d prompts", begin + len(chunk), len(tokenized.examples))
     return counts

@@ -41,18 +41,6 @@ class PushError(AlignerError):
     """The push could not be made: no token, no final model, the Hub refused or could not be reached."""
 
 
-def repo_id_problem(repo_id: str) -> str | None:
-    """Why ``repo_id`` is not a valid model repository id (``name`` or ``namespace/name``), or ``None``."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        return f"not a valid Hub repository id: {str(exc).splitlines()[0]}"
-    return None
-
-
 def token_source() -> str | None:
     """Where huggingface_hub would take the token from, without reading it; ``None`` when nowhere."""
     from huggingface_hub import constants
@@ -171,6 +159,9 @@ def plan_push(run_dir: str | Path, repo_id: str | None = None, private: bool | N
     ``repo_id``, ``private``, ``revision`` and ``commit_message`` default to the run's ``hub`` section
     (``private``: true). ``final_dir`` skips the look-up (the runner knows it).
     """
+    # Imported here: the config package loads torch, and `aligner --help` must not.
+    from aligner.config.schema import repo_id_problem
+
     run_dir, named_final = locate_run(Path(run_dir))
     config = _read_run_config(run_dir)
     hub = config.get("hub") or {}

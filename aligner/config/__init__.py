@@ -6,7 +6,10 @@ from aligner.config.loading import (
     apply_override,
     dump_config,
     load_config,
+    located_option_problems,
     read_config_source,
+    resolve_config_path,
+    validate_located,
     validate_plugin_options,
     validation_error,
 )
@@ -33,5 +36,6 @@ __all__ = [
     "SECRET_KEYS", "ConfigOrigin", "DataConfig", "EvalConfig", "GenerationEvalConfig", "HubConfig", "LossChoice",
     "ModelConfig", "PluginChoice", "RunConfig", "SourceConfig", "StageConfig", "Strict", "TensorBoardConfig",
     "TinyModelConfig", "TrainConfig", "WandbConfig", "apply_override", "dump_config", "format_loc", "key_where",
-    "load_config", "read_config_source", "validate_plugin_options", "validation_error",
+    "load_config", "located_option_problems", "read_config_source", "resolve_config_path", "validate_located", "validate_plugin_options",
+    "validation_error",
 ]

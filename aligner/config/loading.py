@@ -23,7 +23,7 @@ from pydantic import (
 from aligner.config.origin import ConfigOrigin, format_loc
 from aligner.config.schema import PluginChoice, RunConfig, SourceConfig
 from aligner.data.loading import read_text
-from aligner.errors import ConfigError, suggest
+from aligner.errors import ConfigError, OptionProblem, OptionProblems, suggest
 
 
 def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
@@ -46,17 +46,57 @@ def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel
     return model
 
 
-def _shown_input(value: Any) -> str:
+# Keys whose value is never echoed in an error: a secret may have been pasted into them by mistake
+# (``api_key_env: sk-...``).
+_UNSHOWN_KEYS = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd|auth|credentials?)(_|$)", re.IGNORECASE)
+
+
+def _shown_input(value: Any, loc: tuple = ()) -> str:
     """`` (got VALUE)`` for a scalar a user mistyped; nothing for a mapping or list: the message already
-    names the key inside it, and a whole mapping could echo a secret pasted into one of its options."""
-    if isinstance(value, (dict, list)):
+    names the key inside it, and a whole mapping could echo a secret pasted into one of its options;
+    nothing for a key whose name says it holds (the name of) a credential."""
+    if isinstance(value, (dict, list)) or (loc and _UNSHOWN_KEYS.search(str(loc[-1]))):
         return ""
     return f" (got {value!r})"
+
+
+def option_problems(exc: ValidationError, options_model: type[BaseModel], plugin: str) -> list[OptionProblem]:
+    """Each error of validating ``plugin``'s options as a problem below its mapping, with the problems of
+    plugins nested in those options (an ``OptionProblems`` a validator raised) one level deeper."""
+    problems: list[OptionProblem] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        nested = (err.get("ctx") or {}).get("error")
+        if isinstance(nested, OptionProblems):
+            problems.extend(p.under(loc) for p in nested.problems)
+        elif err["type"] == "extra_forbidden":
+            owner = _model_at(loc, options_model)
+            valid = (["name"] if len(loc) == 1 else []) + (list(owner.model_fields) if owner else [])
+            problems.append(OptionProblem(loc, err["msg"], "unknown", plugin, tuple(valid)))
+        elif err["type"] == "missing":
+            problems.append(OptionProblem(loc, err["msg"], "missing", plugin))
+        else:
+            problems.append(OptionProblem(loc, err["msg"].removeprefix("Value error, "), "invalid", plugin,
+                                          shown=_shown_input(err.get("input"), loc)))
+    return problems
+
+
+def describe_problems(problems: list[OptionProblem], loc: tuple, source: ConfigOrigin) -> list[str]:
+    """The messages of ``problems`` of a plugin mapping at ``loc``: full key path, file and line, suggestion."""
+    described = []
+    for problem in problems:
+        full = (*loc, *problem.loc)
+        where = source.where((*full, "name") if problem.kind == "plugin" else full)
+        described.append(problem.describe(format_loc(full), where))
+    return described
 
 
 def _describe(error: dict, source: ConfigOrigin, root: type[BaseModel] | None = None) -> str:
     loc = tuple(error["loc"])
     where = source.where(loc)
+    nested = (error.get("ctx") or {}).get("error")
+    if isinstance(nested, OptionProblems):  # a plugin named inside the config (``judge:`` of a label config)
+        return "; ".join(describe_problems(nested.problems, loc, source))
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc, root)
         valid = list(owner.model_fields) if owner else []
@@ -161,6 +201,16 @@ def read_config_source(source: str | Path | dict,
     for override in overrides:
         apply_override(data, override, origin)
     return data, base_dir, origin
+
+
+def resolve_config_path(value: str, base: Path, key: str) -> str:
+    """``value`` as a path relative to ``base`` (the config file's directory, from ``read_config_source``)
+    unless absolute; ``ConfigError`` naming ``key`` if nothing is there."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise ConfigError(f"file not found for '{key}': {path}")
+    return str(path)
 
 
 def load_config(
@@ -275,25 +325,27 @@ def _looks_local(value: str, base_dir: Path) -> bool:
 
 def validate_plugin_options(options_model: type[BaseModel], choice: PluginChoice, loc: tuple, config: RunConfig) -> Any:
     """Validate a plugin's options (the keys beside ``name``) against its ``Options`` model."""
-    source = config.origin
     try:
         return options_model.model_validate(choice.options())
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            err_loc = (*loc, *err["loc"])
-            where = source.where(err_loc)
-            if err["type"] == "extra_forbidden":
-                valid = ["name", *options_model.model_fields]
-                problems.append(
-                    f"unknown option '{format_loc(err_loc)}' for '{choice.name}'{where}{suggest(err['loc'][-1], valid)}"
-                )
-            else:
-                problems.append(
-                    f"invalid value for '{format_loc(err_loc)}'{where}: {err['msg'].removeprefix('Value error, ')}"
-                    f"{_shown_input(err.get('input'))}"
-                )
+        problems = describe_problems(option_problems(exc, options_model, choice.name), loc, config.origin)
         raise ConfigError("; ".join(problems)) from None
+
+
+def validate_located(model: type[BaseModel], data: Any, loc: tuple, source: ConfigOrigin, plugin: str) -> Any:
+    """Validate ``data`` found at ``loc`` of a config against ``model`` (a reward source, a plugin's
+    options), every problem named by key path, file and line; ``plugin`` names what the keys belong to."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = describe_problems(option_problems(exc, model, plugin), loc, source)
+        raise ConfigError("; ".join(problems)) from None
+
+
+def located_option_problems(exc: OptionProblems, loc: tuple, source: ConfigOrigin) -> ConfigError:
+    """A ConfigError naming each of a nested plugin's problems, raised outside validation (``loc`` is
+    where the exception's keys start)."""
+    return ConfigError("; ".join(describe_problems(exc.problems, loc, source)))
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

@@ -364,6 +364,18 @@ class TensorBoardConfig(Strict):
         return self
 
 
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` is not a valid model repository id (``name`` or ``namespace/name``), or ``None``."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return f"not a valid Hub repository id: {str(exc).splitlines()[0]}"
+    return None
+
+
 class HubConfig(Strict):
     """Push the final model to the Hugging Face Hub after the run. The token comes from the environment
     (``HF_TOKEN``) or huggingface_hub's login, never from the config."""
@@ -382,8 +394,6 @@ class HubConfig(Strict):
         if self.push and not self.repo_id:
             raise ValueError("'push: true' needs 'repo_id' ('name' or 'namespace/name')")
         if self.repo_id is not None:
-            from aligner.commands.push import repo_id_problem
-
             problem = repo_id_problem(self.repo_id)
             if problem:
                 raise ValueError(problem)

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from aligner.commands.label import _resolve
-from aligner.config import ModelConfig, Strict, read_config_source, validation_error
+from aligner.config import ModelConfig, Strict, read_config_source, resolve_config_path, validation_error
 from aligner.constitutional.constitution import BUNDLED
 
 
@@ -57,12 +56,12 @@ def load_revise_config(source: str | Path | dict, overrides: list[str] | tuple[s
         config = ReviseConfig.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, origin, root=ReviseConfig) from None
-    config.prompts = _resolve(config.prompts, base, "prompts")
-    config.constitution = _resolve(config.constitution, base, "constitution")
+    config.prompts = resolve_config_path(config.prompts, base, "prompts")
+    config.constitution = resolve_config_path(config.constitution, base, "constitution")
     for key in ("critique_template", "revision_template"):
         value = getattr(config, key)
         if value.endswith((".yaml", ".yml")):
-            setattr(config, key, _resolve(value, base, key))
+            setattr(config, key, resolve_config_path(value, base, key))
     if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
-        config.model.path = _resolve(config.model.path, base, "model.path")
+        config.model.path = resolve_config_path(config.model.path, base, "model.path")
     return config

@@ -20,7 +20,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from aligner.commands.label import _append, _check_output, _done_indices, _drop_torn_line, load_for_sampling
+from aligner.commands.jsonl_output import append_lines, check_output, done_indices, drop_torn_line
+from aligner.commands.label import load_for_sampling
 from aligner.constitutional.config import ReviseConfig
 from aligner.constitutional.constitution import Principle, load_constitution
 from aligner.constitutional.templates import critique_prompt, load_few_shot_template, revision_prompt
@@ -90,9 +91,9 @@ def revise(config: ReviseConfig) -> dict[str, int]:
     reviser = import_callable(config.reviser, "reviser") if config.reviser else None
     _, rows = load_validated(config.prompts, "prompt", config.split, config.max_prompts)
     output = Path(config.output)
-    _check_output(output, output)
-    done = _done_indices(output)
-    _drop_torn_line(output)
+    check_output(output, output)
+    done = done_indices(output)
+    drop_torn_line(output)
     todo = [i for i in range(len(rows)) if i not in done]
     counts = {"revised": 0, "skipped": len(rows) - len(todo)}
     if counts["skipped"]:
@@ -106,7 +107,7 @@ def revise(config: ReviseConfig) -> dict[str, int]:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(exc, output.parent, "could not create the directory of 'output'") from exc
-    _append(output, [])  # created (or found writable) before the first prompt is sampled
+    append_lines(output, [])  # created (or found writable) before the first prompt is sampled
     provenance_base = {"model": config.model.path or "tiny", "reviser": config.reviser or "model",
                        "constitution": config.constitution, "rounds": config.rounds, "seed": config.seed,
                        "temperature": config.temperature, "top_p": config.top_p}
@@ -117,7 +118,7 @@ def revise(config: ReviseConfig) -> dict[str, int]:
             lines = _revise_chunk(chunk, [todo[e["row_id"]] for e in chunk], rows, principles, generate,
                                   critique_template, revision_template, reviser, config, provenance_base)
             # Written per chunk, so a crash (or a full disk) loses at most the chunk being revised.
-            _append(output, lines)
+            append_lines(output, lines)
             counts["revised"] += len(lines)
             progress.update(begin + len(chunk))
     finally:

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from aligner.config import DataConfig, RunConfig, load_config
-from aligner.data.loading import RejectedRow, Row, SourceReport, load_validated
+from aligner.data.loading import RejectedRow, Row, SourceReport
 from aligner.data.sources import source_label
-from aligner.data.templates import load_template
 from aligner.data.tokenize import COMPLETION_FIELDS, TokenizedData, prompt_token_limit, tokenize_rows
-from aligner.errors import AlignerError, DataError
-from aligner.protocols import PREFERENCE, SFT
+from aligner.errors import DataError
+from aligner.protocols import PREFERENCE
+from aligner.training.stages import Problems, is_chat, prepare_stage_collecting, stage_template
 
 log = logging.getLogger("aligner")
 
@@ -296,130 +296,44 @@ def format_reports(reports: list[SplitReport]) -> str:
     return "\n".join(body)
 
 
-def _is_chat(rows: list[Row]) -> bool:
-    return bool(rows) and isinstance(rows[0].data.get("prompt"), list)
-
-
-def _training_format(config: RunConfig, index: int, data_format: str) -> str:
-    """The format training runs the rows as: preference rows of a stage whose losses read only the
-    chosen completion run as sft rows (``aligner.training.stages.reads_only_chosen``)."""
-    from aligner.plugins import get_registry
-    from aligner.training.stages import reads_only_chosen
-
-    stage = config.stages[index]
-    if data_format != PREFERENCE:
-        return data_format
-    try:
-        algorithm = get_registry("algorithm").get(stage.algorithm.name)
-        losses = [get_registry("loss").get(choice.name) for choice in stage.losses]
-    except AlignerError:  # an unknown name is reported as a problem of its own
-        return data_format
-    return SFT if reads_only_chosen(losses, algorithm) else data_format
-
-
-def _format_problem(config: RunConfig, index: int, data_format: str) -> list[str]:
-    """What cannot train on this data format: the stage's algorithm, or (when the algorithm trains on
-    the dataset's own completions) its losses; unknown plugin names included."""
-    from aligner.plugins import get_registry
-    from aligner.protocols import PROMPT_ONLY
-
-    stage = config.stages[index]
-    try:
-        algorithm = get_registry("algorithm").get(stage.algorithm.name, where=f"'stages[{index}].algorithm.name'")
-    except AlignerError as exc:
-        return [str(exc)]
-    if data_format not in algorithm.data_formats:
-        return [f"algorithm '{algorithm.name}' ('stages[{index}].algorithm.name') trains on "
-                f"{'/'.join(algorithm.data_formats)} data, not {data_format} ('stages[{index}].data.format' if the "
-                "guess is wrong)"]
-    problems = []
-    for j, choice in enumerate(stage.losses):
-        try:
-            cls = get_registry("loss").get(choice.name, where=f"'stages[{index}].losses[{j}].name'")
-        except AlignerError as exc:
-            problems.append(str(exc))
-            continue
-        # Online algorithms make their own completions: whether their losses fit is the algorithm's check.
-        if data_format != PROMPT_ONLY and data_format not in cls.data_formats:
-            problems.append(f"loss '{choice.name}' trains on {'/'.join(cls.data_formats)} data, not {data_format}")
-    return problems
-
-
-def _generation_tokens(config: RunConfig, index: int) -> int:
-    """The most tokens a stage's algorithm generates per prompt (``max_new_tokens``; 0 when offline)."""
-    from aligner.plugins import get_registry
-
-    choice = config.stages[index].algorithm
-    try:
-        cls = get_registry("algorithm").get(choice.name)
-        return cls(cls.Options(**choice.options())).generation_tokens()
-    except Exception:  # an unknown algorithm or bad options are reported by the config checks
-        return 0
-
-
 def check_stage(config: RunConfig, index: int, tokenizer: Any, show_tokens: int = SHOW_TOKENS) -> list[SplitReport]:
-    """Reports for the train and eval splits of one stage (``show_tokens`` rows per source shown as tokens)."""
-    from aligner.training.stages import _split_eval
+    """Reports for the train and eval splits of one stage (``show_tokens`` rows per source shown as tokens).
 
+    The stage is prepared by training's own code (``aligner.training.stages``), collecting every
+    problem instead of stopping at the first: unknown plugins and bad options, rows whose format the
+    algorithm or a loss cannot train on, every rejected row, a template or prompt limit that cannot
+    work. Problems of the stage are reported on its train split, those that keep every split from
+    being tokenized on every split."""
     stage = config.stages[index]
     data = stage.data
-    rejected: list[RejectedRow] = []
-    train_sources: list[SourceReport] = []
-    eval_sources: list[SourceReport] = []
-    try:
-        data_format, train_rows = load_validated(data.train, data.format, data.split, data.max_rows, rejected,
-                                                 sources=train_sources)
-    except DataError as exc:
-        report = SplitReport(stage.name, "train", source_label(data.train), data.format, rejected=rejected,
-                             problems=[str(exc)], sources=train_sources)
-        return [report]
-    problems = _format_problem(config, index, data_format)
-    splits: list[tuple[str, str, list[Row], list[RejectedRow]]] = []
-    eval_rows: list[Row] = []
-    eval_rejected: list[RejectedRow] = []
-    if data.eval is not None:
-        try:
-            _, eval_rows = load_validated(data.eval, data_format, data.split, collect_errors=eval_rejected,
-                                          sources=eval_sources)
-        except DataError as exc:
-            problems.append(str(exc))
-        splits.append(("eval", source_label(data.eval), eval_rows, eval_rejected))
-    elif data.eval_fraction > 0:
-        train_rows, eval_rows = _split_eval(train_rows, data.eval_fraction, config.seed)
-        splits.append(("eval", f"{data.eval_fraction:g} of train held out", eval_rows, []))
-    splits.insert(0, ("train", source_label(data.train), train_rows, rejected))
-    trained_as = _training_format(config, index, data_format)
-    if trained_as != data_format:
-        from aligner.training.stages import chosen_as_sft
-
-        splits = [(split, source, chosen_as_sft(rows), bad) for split, source, rows, bad in splits]
-    # What keeps every split from being tokenized is reported on every split, not on train alone
-    # (an eval split would otherwise say "? kept" with no reason).
-    every_split: list[str] = []
-    template = None
-    try:
-        template = load_template(data.template, tokenizer,
-                                 chat_data=any(_is_chat(rows) for _, _, rows, _ in splits))
-    except AlignerError as exc:
-        every_split.append(f"stage '{stage.name}' ('stages[{index}].data.template'): {exc}")
-    max_prompt_length = data.max_prompt_length
-    try:
-        max_prompt_length = prompt_token_limit(data, trained_as, _generation_tokens(config, index), stage.name, index)
-    except AlignerError as exc:
-        every_split.append(str(exc))
-    train_keys = {_row_key(r) for r in splits[0][2]}
+    problems = Problems(collect=True)
+    prepared, rows = prepare_stage_collecting(config, index, problems)
+    if rows.train is None:
+        return [SplitReport(stage.name, "train", source_label(data.train), data.format,
+                            rejected=rows.train_rejected, problems=problems.messages, sources=rows.train_sources)]
+    splits = [("train", source_label(data.train), rows.train, rows.train_rejected, rows.train_sources)]
+    if rows.eval_label is not None:
+        splits.append(("eval", rows.eval_label, rows.eval, rows.eval_rejected, rows.eval_sources))
+    every_split = Problems(collect=True)
+    template = every_split.attempt(lambda: stage_template(stage, index, is_chat(rows.train[:1], rows.eval[:1]),
+                                                          tokenizer))
+    generation = prepared.algorithm.generation_tokens() if prepared is not None else 0
+    max_prompt_length = every_split.attempt(lambda: prompt_token_limit(data, rows.data_format, generation,
+                                                                       stage.name, index))
+    max_prompt_length = data.max_prompt_length if max_prompt_length is None else max_prompt_length
+    trained_as = rows.data_format if rows.data_format != rows.row_format else None
+    train_keys = {_row_key(r) for r in rows.train}
     reports = []
-    for split, source, rows, bad in splits:
-        tokenized = (tokenize_rows(rows, trained_as, tokenizer, template, data.max_length, max_prompt_length)
-                     if template is not None else None)
-        report = split_report(stage.name, split, source, data, data_format, rows, bad, tokenized,
-                              train_keys if split == "eval" else None,
-                              trained_as=trained_as if trained_as != data_format else None)
+    for split, source, split_rows, rejected, sources in splits:
+        tokenized = (tokenize_rows(split_rows, rows.data_format, tokenizer, template, data.max_length,
+                                   max_prompt_length) if template is not None else None)
+        report = split_report(stage.name, split, source, data, rows.row_format, split_rows, rejected, tokenized,
+                              train_keys if split == "eval" else None, trained_as=trained_as)
         report.max_prompt_length = max_prompt_length  # the limit in force (prompt-only data leaves room)
-        report.sources = train_sources if split == "train" else eval_sources
-        report.problems = (problems if split == "train" else []) + every_split
+        report.sources = sources
+        report.problems = (problems.messages if split == "train" else []) + every_split.messages
         if tokenized is not None:
-            report.token_views = token_views(rows, tokenized, tokenizer, show_tokens)
+            report.token_views = token_views(split_rows, tokenized, tokenizer, show_tokens)
         reports.append(report)
     return reports
 

@@ -7,17 +7,22 @@ and hands out, on each access, the same dict of plain Python lists that the toke
 store (``row_id``, ``prompt_ids``, ``prompt``, ``<field>_ids``, and ``label``/``margin`` where the
 row has them), so every reader (collate, samplers, evaluation, generation, the reference cache)
 works unchanged. It is read-only: a dict it returns is a fresh copy, and editing it changes nothing.
+
+Only ids live in the arrays: an example's prompt text (for judges), label and margin are read from
+its row when the example is asked for (``rows[row_id].data``), so a million examples hold no
+million Python strings beside the rows they came from (themselves compact: ``aligner.data.rows``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-# A row without a margin (``margin`` is optional per row).
-_NO_MARGIN = object()
+# The ``array`` type code of a 4-byte signed int (C ``int`` on every platform aligner runs on).
+_INT32 = next(code for code in ("i", "l") if array(code).itemsize == 4)
 
 
 def flatten(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -34,28 +39,30 @@ class CompactExamples(Sequence):
     __hash__ = None  # type: ignore[assignment]  # mutable-looking container compared by value
 
     def __init__(self, fields: tuple[str, ...], row_ids: np.ndarray, ids: dict[str, tuple[np.ndarray, np.ndarray]],
-                 prompts: list[Any], labels: list[Any] | None = None, margins: list[Any] | None = None):
+                 rows: Sequence[Any], with_labels: bool, prompt_text: Callable[[Any], Any]):
         self.fields = fields  # id fields, "prompt" first: ("prompt", "chosen", "rejected")
         self.row_ids = row_ids
         self.ids = ids  # field -> (flat int32 ids, int64 offsets)
-        self.prompts = prompts
-        self.labels = labels
-        self.margins = margins
+        self.rows = rows  # the tokenized rows: text, label and margin are read from rows[row_id].data
+        self.with_labels = with_labels
+        self.prompt_text = prompt_text  # a row's prompt -> the judge's text
 
     def __len__(self) -> int:
         return len(self.row_ids)
 
     def _example(self, i: int) -> dict[str, Any]:
-        example: dict[str, Any] = {"row_id": int(self.row_ids[i])}
+        row_id = int(self.row_ids[i])
+        data = row_data(self.rows, row_id)
+        example: dict[str, Any] = {"row_id": row_id}
         for f in self.fields:
             flat, offsets = self.ids[f]
             example[f + "_ids"] = flat[offsets[i]:offsets[i + 1]].tolist()
             if f == "prompt":
-                example["prompt"] = self.prompts[i]
-        if self.labels is not None:
-            example["label"] = self.labels[i]
-        if self.margins is not None and self.margins[i] is not _NO_MARGIN:
-            example["margin"] = self.margins[i]
+                example["prompt"] = self.prompt_text(data["prompt"])
+        if self.with_labels:
+            example["label"] = data["label"]
+        if "margin" in data:
+            example["margin"] = data["margin"]
         return example
 
     def __getitem__(self, index: Any) -> Any:
@@ -84,63 +91,53 @@ class CompactExamples(Sequence):
         return np.diff(self.ids[f][1])
 
     def nbytes(self) -> int:
-        """Bytes of the id arrays (the Python objects of prompts and labels are the rows')."""
+        """Bytes of the id arrays (prompts, labels and margins are the rows')."""
         return int(self.row_ids.nbytes + sum(a.nbytes + o.nbytes for a, o in self.ids.values()))
 
 
+def row_data(rows: Sequence[Any], i: int) -> dict[str, Any]:
+    """``rows[i].data``, without building the row's location where ``rows`` can skip it."""
+    data_at = getattr(rows, "data_at", None)
+    return data_at(i) if data_at is not None else rows[i].data
+
+
 class ExampleBuilder:
-    """Collects kept examples one at a time and packs them into arrays every ``chunk`` examples, so
-    the ids of a large dataset are never held as Python lists all at once."""
+    """Collects kept examples one at a time straight into growing int arrays (``array``: 4 bytes an
+    id, grown in place), handed to numpy without a copy, so the ids of a large dataset are never
+    held as Python lists, nor twice over."""
 
-    def __init__(self, fields: tuple[str, ...], with_labels: bool, chunk: int = 4096):
-        self.fields, self.with_labels, self.chunk = fields, with_labels, chunk
-        self._pending: dict[str, list[list[int]]] = {f: [] for f in fields}
-        self._packed: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {f: [] for f in fields}
-        self.row_ids: list[int] = []
-        self.prompts: list[Any] = []
-        self.labels: list[Any] = []
-        self.margins: list[Any] = []
+    def __init__(self, fields: tuple[str, ...], with_labels: bool):
+        self.fields, self.with_labels = fields, with_labels
+        self._ids = {f: array(_INT32) for f in fields}
+        self._ends = {f: array("q") for f in fields}
+        self._row_ids = array("q")
 
-    def add(self, row_id: int, prompt_text: Any, ids: dict[str, list[int]], label: Any = None,
-            margin: Any = _NO_MARGIN) -> None:
-        """Keep one example: ``ids`` maps every field (``prompt`` included) to its token ids."""
-        self.row_ids.append(row_id)
-        self.prompts.append(prompt_text)
-        self.labels.append(label)
-        self.margins.append(margin)
+    def add(self, row_id: int, ids: dict[str, list[int]]) -> None:
+        """Keep the example of row ``row_id``: ``ids`` maps every field (``prompt`` included) to its token ids."""
+        self._row_ids.append(row_id)
         for f in self.fields:
-            self._pending[f].append(ids[f])
-        if len(self._pending[self.fields[0]]) >= self.chunk:
-            self._pack()
+            flat = self._ids[f]
+            flat.extend(ids[f])
+            self._ends[f].append(len(flat))
 
-    def _pack(self) -> None:
-        for f in self.fields:
-            if self._pending[f]:
-                self._packed[f].append(flatten(self._pending[f]))
-                self._pending[f] = []
-
-    def build(self) -> CompactExamples:
-        """The examples added so far, as one ``CompactExamples``."""
-        self._pack()
+    def build(self, rows: Sequence[Any], prompt_text: Callable[[Any], Any]) -> CompactExamples:
+        """The examples added so far, as one ``CompactExamples`` over ``rows`` (what ``row_id`` indexes)."""
         ids = {}
         for f in self.fields:
-            parts = self._packed[f]
-            flats = [p[0] for p in parts] or [np.zeros(0, dtype=np.int32)]
-            # Each part's offsets start at 0: shift them by the ids before it and drop the repeated 0.
-            starts = np.cumsum([0] + [len(p[0]) for p in parts])
-            offsets = [np.zeros(1, dtype=np.int64)] + [p[1][1:] + s for p, s in zip(parts, starts, strict=False)]
-            ids[f] = (np.concatenate(flats), np.concatenate(offsets))
-        margins = self.margins if any(m is not _NO_MARGIN for m in self.margins) else None
-        return CompactExamples(self.fields, np.asarray(self.row_ids, dtype=np.int64), ids, self.prompts,
-                               self.labels if self.with_labels else None, margins)
+            offsets = np.zeros(len(self._ends[f]) + 1, dtype=np.int64)
+            offsets[1:] = np.frombuffer(self._ends[f], dtype=np.int64)
+            # The array's memory becomes the numpy array's (no copy); the builder starts new ones.
+            flat = np.frombuffer(self._ids[f], dtype=np.int32) if len(self._ids[f]) else np.zeros(0, dtype=np.int32)
+            ids[f] = (flat, offsets)
+        row_ids = np.frombuffer(self._row_ids, dtype=np.int64).copy()
+        self._ids = {f: array(_INT32) for f in self.fields}
+        self._ends = {f: array("q") for f in self.fields}
+        self._row_ids = array("q")
+        return CompactExamples(self.fields, row_ids, ids, rows, self.with_labels, prompt_text)
 
 
 def compact_from_arrays(fields: tuple[str, ...], row_ids: np.ndarray, ids: dict[str, tuple[np.ndarray, np.ndarray]],
-                        rows: list[Any], with_labels: bool, prompt_text: Any) -> CompactExamples:
+                        rows: Sequence[Any], with_labels: bool, prompt_text: Callable[[Any], Any]) -> CompactExamples:
     """``CompactExamples`` over stored arrays, with the text, label and margin of each example read from
     its row (``rows[row_id].data``; ``prompt_text`` turns a row's prompt into the judge's text)."""
-    picked = [rows[i].data for i in row_ids.tolist()]
-    margins = [d.get("margin", _NO_MARGIN) for d in picked]
-    return CompactExamples(fields, row_ids, ids, [prompt_text(d["prompt"]) for d in picked],
-                           [d["label"] for d in picked] if with_labels else None,
-                           margins if any(m is not _NO_MARGIN for m in margins) else None)
+    return CompactExamples(fields, row_ids, ids, rows, with_labels, prompt_text)

@@ -9,15 +9,18 @@ config key it comes from and the source and line/row of the row.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aligner.data.converters import CONVERTERS, ROW_FORMATS, detect_converter
 from aligner.data.formats import detect_format, validate_row
+from aligner.data.rows import RowBlockBuilder, Rows
 from aligner.data.sources import (
     SAVED_DATASET_FILES,
     FolderSource,
+    RawRows,
     RejectedRow,
     Row,
     is_repo_folder,
@@ -28,6 +31,7 @@ from aligner.data.sources import (
     mix,
     mixture_counts,
     read_in_memory,
+    read_raw,
     read_rows,
     read_text,
     reject,
@@ -62,23 +66,26 @@ class SourceReport:
 
 
 def _read_source(source: Any, split: str, errors: list[RejectedRow] | None,
-                 max_rows: int | None) -> tuple[str, list[Row]]:
-    """The raw rows of one source (a path, or a configured source) and its label for locations."""
+                 max_rows: int | None) -> tuple[str, RawRows]:
+    """The raw rows of one source (a path, or a configured source), streamed, and its label for reports."""
     if isinstance(source, str | Path):
         if is_repo_folder(Path(source)):
-            return load_dataset_source(FolderSource(str(source)), split, max_rows)
-        return str(source), read_rows(source, split, errors, max_rows)
+            raw = load_dataset_source(FolderSource(str(source)), split, max_rows)
+            return raw.label, raw
+        return str(source), read_raw(source, split, errors, max_rows)
     split = source.split or split
     if getattr(source, "dataset", None) is not None:
-        return read_in_memory(source, split, max_rows)
+        raw = read_in_memory(source, split, max_rows)
+        return raw.label, raw
     path = Path(source.path)
     if path.exists() and (path.is_file() or is_saved_dataset(path)) and source.data_files is None:
         if source.subset:
             raise DataError(f"{key_text(source, 'subset')}: {path} is a single dataset; 'subset' only applies "
                             "to dataset repo folders and hub ids")
-        return str(path), read_rows(path, split, errors, max_rows)
+        return str(path), read_raw(path, split, errors, max_rows)
     if path.exists() or looks_like_hub_id(source.path):
-        return load_dataset_source(source, split, max_rows)
+        raw = load_dataset_source(source, split, max_rows)
+        return raw.label, raw
     raise DataError(f"{key_text(source)}: data file not found: {path}")
 
 
@@ -135,53 +142,58 @@ def _detected_layout(row: dict[str, Any], data_format: str | None, location: str
 
 
 def _load_one(source: Any, data_format: str | None, split: str, max_rows: int | None,
-              errors: list[RejectedRow] | None, report: SourceReport | None) -> tuple[str, list[Row]]:
-    """Read, map, convert and validate the rows of one source."""
+              errors: list[RejectedRow] | None, report: SourceReport | None) -> tuple[str, Rows]:
+    """Read, map, convert and validate the rows of one source, streaming: each raw row is validated
+    as it is read and kept compactly (``aligner.data.rows``); reading stops after ``max_rows``."""
     collected: list[RejectedRow] | None = [] if errors is not None else None
-    label, rows = _read_source(source, split, collected, max_rows)
-    if max_rows is not None:
-        rows = rows[:max_rows]
+    label, raw = _read_source(source, split, collected, max_rows)
     if report is not None:
         report.label = label
-    if not rows:
+    stream = iter(raw.rows)
+    first = next(stream, None)
+    if first is None:
         unreadable = f" ({len(collected)} unreadable lines)" if collected else ""
         if collected and errors is not None:
             errors.extend(collected)
         raise DataError(f"{label}: no rows{unreadable}")
     columns = dict(getattr(source, "columns", None) or {})
     if columns:
-        _check_mapping(rows[0].data, columns, source, label)
+        _check_mapping(first[0], columns, source, label)
     converter, fmt = _declared_layout(source, data_format)
     decided = converter is not None or fmt is not None and getattr(source, "format", None) is not None
-    valid = []
-    for row in rows:
+    kept = RowBlockBuilder(raw.label, raw.unit)
+    read = 0
+    for data, position in itertools.chain((first,), stream):
+        read += 1
+        location = f"{raw.label}, {raw.unit} {position}"
         try:
-            data = map_columns(row.data, columns, source, row.location) if columns else row.data
+            if columns:
+                data = map_columns(data, columns, source, location)
             # The layout is decided by the first row that is a usable object.
             if not decided:
-                converter, fmt = _detected_layout(data, fmt, row.location)
+                converter, fmt = _detected_layout(data, fmt, location)
                 decided = True
             if converter is not None:
-                data = CONVERTERS[converter].convert(data, row.location)
-            row.data = validate_row(data, fmt, row.location)  # type: ignore[arg-type]
+                data = CONVERTERS[converter].convert(data, location)
+            data = validate_row(data, fmt, location)  # type: ignore[arg-type]
         except DataError as exc:
-            reject(exc, row.location, collected)
+            reject(exc, location, collected)
             continue
-        valid.append(row)
+        kept.append(data, position)
     if errors is not None and collected is not None:
         errors.extend(collected)
     if report is not None:
         report.layout, report.data_format = converter or "native", fmt
-        report.rows_read, report.valid, report.rejected = len(rows), len(valid), len(collected or [])
-        report.used = len(valid)
+        report.rows_read, report.valid, report.rejected = read, len(kept), len(collected or [])
+        report.used = len(kept)
     if fmt is None:
         raise DataError(f"{label}: no row has a recognisable format")
-    return fmt, valid
+    return fmt, Rows.of(kept.build())
 
 
 def load_validated(source: Any, data_format: str | None, split: str = "train",
                    max_rows: int | None = None, collect_errors: list[RejectedRow] | None = None,
-                   seed: int | None = None, sources: list[SourceReport] | None = None) -> tuple[str, list[Row]]:
+                   seed: int | None = None, sources: list[SourceReport] | None = None) -> tuple[str, Rows]:
     """Read and validate every row of ``source``; return the data format and the rows.
 
     ``source`` is a path (str or Path), a configured source (``aligner.config.SourceConfig``) or a
@@ -190,6 +202,9 @@ def load_validated(source: Any, data_format: str | None, split: str = "train",
     source, line and field. With a ``collect_errors`` list (``aligner data check``), every bad row is
     appended there and left out, so one pass reports all of them. A source with no rows at all still
     raises. ``sources``, when given, receives one ``SourceReport`` per source.
+
+    The rows come back as ``aligner.data.rows.Rows``: a read-only sequence of ``Row`` (data and
+    location) held as one compact buffer per source, not a list of Python objects.
     """
     entries = list(source) if isinstance(source, list | tuple) else [source]
     if not entries:

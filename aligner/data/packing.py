@@ -4,18 +4,23 @@ A collated SFT batch stays one right-padded row per sequence (the losses, token 
 read it that way); only the policy's forward pass runs the packed layout:
 
 - every sequence keeps its own position ids (0, 1, 2, ... from its first token), and
-- a token attends only to the earlier tokens of its own sequence: a block-diagonal causal mask
-  (``sdpa``: boolean, ``eager``: additive, built by ``aligner.modeling.shared_prompt.pack_rows``), or, with a
-  FlashAttention-style kernel, no mask at all and the whole micro-batch in one row, whose restarting
-  position ids transformers turns into the kernel's variable-length (varlen) sequence boundaries.
+- a token attends only to the earlier tokens of its own sequence. With ``sdpa`` or ``eager`` on CPU
+  (the default; ``aligner.modeling.segment_attention``) the whole micro-batch is one row without
+  padding and without a mask, and attention runs sequence by sequence (one causal SDPA call each);
+  elsewhere, or with ``ALIGNER_SEGMENT_ATTENTION=0``, the packed rows get a block-diagonal causal
+  mask (``sdpa``: boolean, ``eager``: additive, built by ``aligner.modeling.shared_prompt.pack_rows``).
+  With a FlashAttention-style kernel the whole micro-batch is one row without a mask too, whose
+  restarting position ids transformers turns into the kernel's variable-length (varlen) boundaries.
 
 Each token therefore sees the same keys at the same positions as in its own row, and its log-prob
 and gradient are those of the unpacked layout up to the order of float sums.
 
-Rows go to packed rows first-fit decreasing. ``data.packing: true`` packs into rows as wide as the
-micro-batch's longest sequence: attention and the mask can never cost more than the padded batch's,
-and the linear layers skip the padding. ``data.packing: N`` packs into rows of ``N`` tokens (at least
-the longest sequence): fewer, wider rows, which pays off where the linear layers dominate attention.
+With a dense mask, rows go to packed rows first-fit decreasing. ``data.packing: true`` packs into
+rows as wide as the micro-batch's longest sequence: attention and the mask can never cost more than
+the padded batch's, and the linear layers skip the padding. ``data.packing: N`` packs into rows of
+``N`` tokens (at least the longest sequence): fewer, wider rows, which pays off where the linear
+layers dominate attention. Segment by segment (and varlen), attention costs per sequence whatever
+the row's width, so every value of ``data.packing`` gives one row.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 
 from aligner.errors import ConfigError
+from aligner.modeling.segment_attention import segments_apply
 from aligner.modeling.shared_prompt import PackedRows, RowPacking, attention_kind, pack_rows
 from aligner.protocols import SFT
 
@@ -98,8 +104,9 @@ def sequence_packing(batch: dict[str, Any], decoder: torch.nn.Module) -> RowPack
     if window is not None and int(lengths.max()) > int(window):
         return None
     listed = lengths.tolist()
-    if mode == "varlen":
-        capacity = sum(listed)  # the kernel's cost is per sequence: one row, no padding at all
+    if mode == "varlen" or segments_apply(decoder, lengths.device):
+        # The kernel's (or the segment-by-segment attention's) cost is per sequence: one row, no padding at all.
+        capacity = sum(listed)
     else:
         capacity = max(listed) if width_setting is True else int(width_setting)
     pack = torch.tensor(first_fit_decreasing(listed, capacity), dtype=torch.long, device=lengths.device)

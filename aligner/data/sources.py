@@ -9,6 +9,10 @@ JSON Lines files are parsed here line by line rather than by ``datasets`` so tha
 name the exact line (``datasets`` reports a pyarrow schema error for the whole file). CSV, Parquet,
 JSON arrays, ``save_to_disk`` folders, folders laid out like a hub dataset repo and hub ids go
 through ``datasets``; their rows are located by index.
+
+Rows are streamed, not held: a JSON Lines file is read a chunk at a time and a ``datasets`` table a
+batch at a time (``RawRows``), so ``max_rows`` stops reading after the rows it uses, and the loader
+keeps each validated row compactly (``aligner.data.rows``) as it goes.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from aligner.data.rows import Row as Row  # re-exported: rows are imported from here
+from aligner.data.rows import RowBlockBuilder, Rows, concat
 from aligner.errors import DataError, os_error
 
 # What ``datasets``' ``save_to_disk`` leaves in a folder: a Dataset's state, or a DatasetDict's index.
@@ -28,14 +37,6 @@ SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 # Suffixes that make a missing name a missing local file rather than a hub id.
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".tsv", ".yaml", ".yml")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-@dataclass
-class Row:
-    """One validated row and where it came from (for error messages)."""
-
-    data: dict[str, Any]
-    location: str
 
 
 @dataclass
@@ -94,42 +95,108 @@ def read_text(path: str | Path) -> str:
         raise DataError(_not_utf8(f"{path}, line {line_number}", raw, exc, line_start)) from None
 
 
-def _read_jsonl(path: Path, errors: list[RejectedRow] | None = None) -> list[Row]:
-    rows = []
+# Bytes read per chunk of a JSON Lines file: the file is streamed, never held whole.
+READ_CHUNK = 1 << 20
+
+
+def _lines(handle: Any) -> Iterator[bytes]:
+    """The lines of a binary file, split where ``bytes.splitlines`` splits them (\\n, \\r\\n and a
+    lone \\r, as text mode's universal newlines do), read a chunk at a time."""
+    carry = b""
+    while chunk := handle.read(READ_CHUNK):
+        lines = (carry + chunk).splitlines(keepends=True)
+        # The last piece may continue in the next chunk (no end yet, or a \\r whose \\n follows).
+        carry = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        for line in lines:
+            yield line.rstrip(b"\r\n")
+    if carry:
+        yield carry.rstrip(b"\r\n")
+
+
+def _iter_jsonl(path: Path, errors: list[RejectedRow] | None = None,
+                max_rows: int | None = None) -> Iterator[tuple[dict[str, Any], int]]:
+    """Each JSON object of a JSON Lines file with its line number; reading stops after ``max_rows``
+    objects, so the rest of the file is neither read nor parsed."""
     # Bytes, decoded line by line: a byte that is not UTF-8 is a located error of its own line (the
-    # text decoder would raise for the whole file, with no line). bytes.splitlines ends lines where
-    # text mode's universal newlines do (\n, \r\n and a lone \r), so line numbers are unchanged.
+    # text decoder would raise for the whole file, with no line). Lines end where text mode's
+    # universal newlines end them (\\n, \\r\\n and a lone \\r), so line numbers are unchanged.
     try:
-        content = path.read_bytes()
+        handle = path.open("rb")
     except OSError as exc:  # permissions, an I/O error: one located line, like a bad row
         raise DataError(str(os_error(exc, path, "could not read"))) from exc
-    for line_number, raw in enumerate(content.splitlines(), start=1):
-        where = f"{path}, line {line_number}"
+    found = 0
+    with handle:
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            reject(DataError(_not_utf8(where, raw, exc)), where, errors)
-            continue
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-        except json.JSONDecodeError as exc:
-            reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
-            continue
-        if not isinstance(value, dict):
-            reject(DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}"),
-                   where, errors)
-            continue
-        rows.append(Row(value, where))
-    return rows
+            lines = enumerate(_lines(handle), start=1)
+            for line_number, raw in lines:
+                if max_rows is not None and found >= max_rows:
+                    return
+                value = _parse_line(path, line_number, raw, errors)
+                if value is not None:
+                    found += 1
+                    yield value, line_number
+        except OSError as exc:
+            raise DataError(str(os_error(exc, path, "could not read"))) from exc
 
 
-def _located(loaded: Any, label: str, unit: str = "row", first: int = 0, max_rows: int | None = None) -> list[Row]:
-    """A ``datasets.Dataset``'s rows as located ``Row``s; only the first ``max_rows`` are materialised."""
+def _parse_line(path: Path, line_number: int, raw: bytes, errors: list[RejectedRow] | None) -> dict[str, Any] | None:
+    """One line's JSON object, or ``None`` for a blank line or (when collecting) a rejected one."""
+    if not raw.strip():
+        return None
+    where = f"{path}, line {line_number}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        reject(DataError(_not_utf8(where, raw, exc)), where, errors)
+        return None
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)  # the line alone, so an error's column is on this line
+    except json.JSONDecodeError as exc:
+        reject(DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"), where, errors)
+        return None
+    if not isinstance(value, dict):
+        reject(DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}"), where, errors)
+        return None
+    return value
+
+
+@dataclass
+class RawRows:
+    """A source's raw rows as they are read: each row's dict and its position (the N of ``unit N``
+    in ``"<label>, <unit> N"``, the row's location), streamed rather than held."""
+
+    label: str
+    unit: str
+    rows: Iterator[tuple[dict[str, Any], int]]
+
+    def collect(self) -> Rows:
+        """Every row, held compactly (``aligner.data.rows``)."""
+        builder = RowBlockBuilder(self.label, self.unit)
+        for data, position in self.rows:
+            builder.append(data, position)
+        return Rows.of(builder.build())
+
+
+# Rows taken from a ``datasets.Dataset`` at a time: its Arrow table is never turned into Python whole.
+DATASET_BATCH = 1000
+
+
+def _located(loaded: Any, label: str, unit: str = "row", first: int = 0, max_rows: int | None = None) -> RawRows:
+    """A ``datasets.Dataset``'s rows, located; only the first ``max_rows`` are read."""
     if max_rows is not None and len(loaded) > max_rows:
         loaded = loaded.select(range(max_rows))
-    return [Row(dict(r), f"{label}, {unit} {i + first}") for i, r in enumerate(loaded.to_list())]
+
+    def rows() -> Iterator[tuple[dict[str, Any], int]]:
+        at = first
+        for batch in loaded.iter(batch_size=DATASET_BATCH):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns), strict=True):
+                yield dict(zip(columns, values, strict=True)), at
+                at += 1
+
+    return RawRows(label, unit, rows())
 
 
 def _pick_split(loaded: Any, split: str, label: str, key: str) -> Any:
@@ -142,7 +209,7 @@ def _pick_split(loaded: Any, split: str, label: str, key: str) -> Any:
     return loaded
 
 
-def _read_with_datasets(path: Path, split: str, max_rows: int | None = None) -> list[Row]:
+def _read_with_datasets(path: Path, split: str, max_rows: int | None = None) -> RawRows:
     import datasets
 
     suffix = path.suffix.lower()
@@ -175,11 +242,17 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def read_rows(path: str | Path, split: str = "train", errors: list[RejectedRow] | None = None,
-              max_rows: int | None = None) -> list[Row]:
-    """All rows of a local data file or ``save_to_disk`` folder, each with its location.
+              max_rows: int | None = None) -> Rows:
+    """The raw rows of a local data file or ``save_to_disk`` folder, each with its location (see ``read_raw``)."""
+    return read_raw(path, split, errors, max_rows).collect()
+
+
+def read_raw(path: str | Path, split: str = "train", errors: list[RejectedRow] | None = None,
+             max_rows: int | None = None) -> RawRows:
+    """The rows of a local data file or ``save_to_disk`` folder, streamed with their positions.
 
     With an ``errors`` list, unparseable JSON Lines are collected there instead of raising.
-    ``max_rows`` lets ``datasets``-read files materialise only the rows that are used.
+    ``max_rows`` stops reading after that many rows: the rest of the file is not read.
     """
     path = Path(path)
     if not path.exists():
@@ -188,11 +261,11 @@ def read_rows(path: str | Path, split: str = "train", errors: list[RejectedRow] 
         # datasets would say "neither a `Dataset` directory nor a `DatasetDict` directory".
         raise DataError(f"{path}: is a directory, not a data file (nor a folder written by datasets' save_to_disk)")
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path, errors)
+        return RawRows(str(path), "line", _iter_jsonl(path, errors, max_rows))
     return _read_with_datasets(path, split, max_rows)
 
 
-def read_in_memory(source: Any, split: str, max_rows: int | None = None) -> tuple[str, list[Row]]:
+def read_in_memory(source: Any, split: str, max_rows: int | None = None) -> RawRows:
     """Rows of an in-memory ``datasets.Dataset`` (or the ``split`` of a ``DatasetDict``) handed to the
     Python API, located as ``<label>, row N``."""
     dataset = source.dataset
@@ -204,7 +277,7 @@ def read_in_memory(source: Any, split: str, max_rows: int | None = None) -> tupl
         dataset, label = dataset[split], f"<in-memory dataset[{split}]>"
     else:
         label = "<in-memory dataset>"
-    return label, _located(dataset, label, max_rows=max_rows)
+    return _located(dataset, label, max_rows=max_rows)
 
 
 def _hub_offline() -> bool:
@@ -213,10 +286,10 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")
 
 
-def load_dataset_source(source: Any, split: str, max_rows: int | None = None) -> tuple[str, list[Row]]:
+def load_dataset_source(source: Any, split: str, max_rows: int | None = None) -> RawRows:
     """Rows of a folder laid out like a hub dataset repo (data files, optionally a README with configs)
     or of a hub dataset id, read by ``datasets.load_dataset`` with the source's ``split``, ``subset``,
-    ``revision`` and ``data_files``. Returns the source's label (used in row locations) and its rows."""
+    ``revision`` and ``data_files``; the rows are located by the source's label."""
     import datasets
 
     path = source.path
@@ -234,7 +307,7 @@ def load_dataset_source(source: Any, split: str, max_rows: int | None = None) ->
         loaded = datasets.load_dataset(path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets and the hub client raise many types
         raise DataError(_load_failure(source, path, split, local, exc)) from None
-    return label, _located(loaded, label, max_rows=max_rows)
+    return _located(loaded, label, max_rows=max_rows)
 
 
 def _load_failure(source: Any, path: str, split: str, local: bool, exc: Exception) -> str:
@@ -277,23 +350,25 @@ def mixture_counts(sizes: list[int], weights: list[float] | None = None,
     return [min(n, round(s * size)) for n, s in zip(sizes, shares, strict=True)]
 
 
-def draw(rows: list[Row], count: int, rng: random.Random) -> list[Row]:
-    """``count`` rows of ``rows`` drawn without repeats (whole copies first when ``count`` exceeds them)."""
-    copies, rest = divmod(count, len(rows)) if rows else (0, 0)
-    picked = rows * copies
-    picked += [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
+def draw(size: int, count: int, rng: random.Random) -> list[int]:
+    """Positions of ``count`` of ``size`` rows drawn without repeats (whole copies first when ``count``
+    exceeds them)."""
+    copies, rest = divmod(count, size) if size else (0, 0)
+    picked = list(range(size)) * copies
+    picked += sorted(rng.sample(range(size), rest))
     return picked
 
 
-def mix(parts: list[list[Row]], counts: list[int], seed: int) -> list[Row]:
+def mix(parts: list[Rows], counts: list[int], seed: int) -> Rows:
     """Draw ``counts[i]`` rows of ``parts[i]`` and shuffle them together; the same seed gives the same
     mixture (each source draws from its own generator, so one source's size does not change another's
-    sample)."""
-    mixed: list[Row] = []
-    for index, (rows, count) in enumerate(zip(parts, counts, strict=True)):
-        mixed += draw(rows, count, random.Random(f"{seed}:source:{index}"))
-    random.Random(f"{seed}:mixture").shuffle(mixed)
-    return mixed
+    sample). Only index arrays are built: the rows stay in their sources' blocks."""
+    drawn = [part.select(np.asarray(draw(len(part), count, random.Random(f"{seed}:source:{index}")), dtype=np.int64))
+             for index, (part, count) in enumerate(zip(parts, counts, strict=True))]
+    mixed = concat(drawn)
+    order = list(range(len(mixed)))
+    random.Random(f"{seed}:mixture").shuffle(order)  # the same swaps as shuffling the rows themselves
+    return mixed.select(order)
 
 
 @dataclass

@@ -19,10 +19,15 @@ Everything else of an example (the judge's prompt text, a label, a margin) and e
 read back from the rows themselves, which were loaded and validated before this cache is asked:
 each located error of loading and validation is raised on a warm run exactly as on a cold one,
 and a row that failed validation never reaches the tokenizer, let alone the cache.
+
+Once per run. Every process of a distributed run asks for the same entry before any process group
+exists; the first takes the entry's lock file (``building``), tokenizes and writes the entry, and
+the others wait on the lock and read it: the rows are tokenized once, not once per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -30,17 +35,19 @@ import logging
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aligner.references.logprob_store import default_cache_dir
 from aligner.data.examples import CompactExamples, compact_from_arrays, flatten
-from aligner.data.sources import Row
-from aligner.data.tokenize import COMPLETION_FIELDS, TokenizedData, prompt_for_judge
+from aligner.data.rows import Row, Rows
+from aligner.data.tokenized import COMPLETION_FIELDS, TokenizedData, prompt_for_judge
 from aligner.protocols import UNPAIRED
+from aligner.references.logprob_store import default_cache_dir
+from aligner.version import __version__
 
 log = logging.getLogger("aligner")
 
@@ -74,13 +81,14 @@ def cache_enabled() -> bool:
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """A hash of the modules whose code decides the ids and the entry layout (tokenizing, rendering
-    templates, packing examples, this one): editing any of them is a new key, with no version to bump."""
-    import aligner
-    from aligner.data import examples, templates, tokenize
+    templates, packing examples, this one): editing any of them is a new key, with no version to bump.
 
-    digest = hashlib.sha256(f"{FORMAT_VERSION};{aligner.__version__};".encode())
-    for module in (tokenize, templates, examples):
-        digest.update(Path(module.__file__).read_bytes())
+    ``tokenize`` is read as a file, not imported: it calls this module, which must not import it back."""
+    from aligner.data import examples, templates, tokenized
+
+    digest = hashlib.sha256(f"{FORMAT_VERSION};{__version__};".encode())
+    for source in (Path(__file__).with_name("tokenize.py"), *(Path(m.__file__) for m in (tokenized, templates, examples))):
+        digest.update(source.read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
 
@@ -128,11 +136,15 @@ def template_fingerprint(template: Any) -> str | None:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def rows_fingerprint(rows: list[Row], data_format: str) -> str:
+def rows_fingerprint(rows: Sequence[Row], data_format: str) -> str:
     """A hash of what each row gives the tokenizer (its prompt and completion values), in order.
 
     Locations, labels and margins are not part of it: they are read back from the rows on a hit.
+    Rows loaded by ``load_validated`` (``aligner.data.rows.Rows``) are hashed by their stored bytes,
+    without decoding a row (their labels and margins are then part of the hash: a change only misses).
     """
+    if isinstance(rows, Rows):
+        return f"rows:{rows.fingerprint()}"
     fields = ("prompt", *COMPLETION_FIELDS[data_format])
     digest = hashlib.sha256()
     # ``default=str``: a message may carry extra keys of any type; they must not stop a run.
@@ -148,7 +160,7 @@ def rows_fingerprint(rows: list[Row], data_format: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(rows: list[Row], data_format: str, tokenizer: Any, template: Any, max_length: int,
+def cache_key(rows: Sequence[Row], data_format: str, tokenizer: Any, template: Any, max_length: int,
               max_prompt_length: int) -> str | None:
     """The entry key for these inputs, or ``None`` if the tokenizer or template cannot be fingerprinted."""
     tokenizer_part = tokenizer_fingerprint(tokenizer)
@@ -171,7 +183,7 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-        digest.update(a.tobytes())
+        digest.update(memoryview(a).cast("B"))  # the array's own bytes, not a copy of them
     return digest.hexdigest()
 
 
@@ -195,7 +207,7 @@ def to_arrays(data: TokenizedData) -> tuple[dict[str, np.ndarray], dict[str, Any
     return arrays, info
 
 
-def from_arrays(arrays: dict[str, np.ndarray], info: dict[str, Any], rows: list[Row]) -> TokenizedData:
+def from_arrays(arrays: dict[str, np.ndarray], info: dict[str, Any], rows: Sequence[Row]) -> TokenizedData:
     """Rebuild the ``TokenizedData`` that ``to_arrays`` stored, reading the rest of each example from
     ``rows``; ``CorruptEntry`` if the arrays do not fit the rows."""
     data_format = info["data_format"]
@@ -226,6 +238,39 @@ def from_arrays(arrays: dict[str, np.ndarray], info: dict[str, Any], rows: list[
     return data
 
 
+# The dtypes an entry's arrays have (``to_arrays``), by their safetensors names.
+_DTYPES = {"I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+
+
+def read_entry(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """A safetensors entry's metadata and arrays, the arrays memory-mapped read-only rather than read
+    into memory: a million rows' ids are paged in from the file (shared, reclaimable) instead of being
+    copied, twice over, by ``safe_open``. Only int32/int64 arrays, which are all an entry holds, are
+    read; anything else (or a header that does not fit the file) is a ``CorruptEntry``."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise CorruptEntry("truncated header")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise CorruptEntry("malformed header")
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + length
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    arrays = {}
+    for name, spec in header.items():
+        dtype = _DTYPES.get(spec["dtype"])
+        begin, end = (int(x) for x in spec["data_offsets"])
+        shape = tuple(int(x) for x in spec["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if dtype is None or not 0 <= begin <= end <= size - start or end - begin != count * dtype.itemsize:
+            raise CorruptEntry(f"array {name!r} does not fit the file")
+        arrays[name] = mapped[start + begin:start + end].view(dtype).reshape(shape)
+    return metadata, arrays
+
+
 class TokenCache:
     """The tokenized-data entries in one directory."""
 
@@ -236,19 +281,15 @@ class TokenCache:
         """Where the entry ``key`` lives."""
         return self.directory / f"{key}{SUFFIX}"
 
-    def load(self, key: str, rows: list[Row]) -> TokenizedData | None:
+    def load(self, key: str, rows: Sequence[Row]) -> TokenizedData | None:
         """The entry's data for ``rows``, ``None`` if absent; ``CorruptEntry`` if present but damaged."""
         path = self.path(key)
         if not path.exists():
             return None
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="np") as handle:
-                metadata = dict(handle.metadata() or {})
-                arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise CorruptEntry(f"unreadable ({exc})") from None
+            metadata, arrays = read_entry(path)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptEntry(f"unreadable ({type(exc).__name__}: {exc})") from None
         if metadata.get("key") != key or "checksum" not in metadata:
             raise CorruptEntry("missing key or checksum")
         if _checksum(arrays) != metadata["checksum"]:
@@ -294,30 +335,67 @@ def resolve(cache: TokenCache | bool | None, n_rows: int) -> TokenCache | None:
     return TokenCache()
 
 
-def cached_tokenize(rows: list[Row], data_format: str, tokenizer: Any, template: Any, max_length: int,
-                    max_prompt_length: int, store: TokenCache, build: Any) -> TokenizedData:
-    """``build()``'s data, read from ``store`` when an intact entry for these inputs exists, else built
-    and written there. A damaged entry is rebuilt with a warning; a cache that cannot be written only
-    warns (the run goes on with the ids it just computed)."""
-    key = cache_key(rows, data_format, tokenizer, template, max_length, max_prompt_length)
-    if key is None:
-        return build()
+@contextlib.contextmanager
+def building(store: TokenCache, key: str) -> Iterator[None]:
+    """Hold the entry's lock file (``.<key>.lock``, an exclusive ``flock``) while it is built.
+
+    The processes of a distributed run tokenize before any process group exists (the model and the
+    accelerator come after): the first to take the lock tokenizes and writes the entry, the others
+    wait on it and then read that entry, so the data is tokenized once per run (and once for runs
+    sharing the cache). The lock goes with the process: one that dies releases it. Where no lock can
+    be taken (an unwritable cache, a file system without locks) each process goes on alone.
+    """
     try:
-        hit = store.load(key, rows)
+        import fcntl
+
+        store.directory.mkdir(parents=True, exist_ok=True)
+        handle = open(store.directory / f".{key}.lock", "ab")  # noqa: SIM115 - closed below, which unlocks
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        handle.close()
+
+
+def _load_entry(store: TokenCache, key: str, rows: Sequence[Row]) -> TokenizedData | None:
+    """The intact entry for ``rows``, or ``None`` (absent; damaged or unreadable, with a warning)."""
+    try:
+        return store.load(key, rows)
     except CorruptEntry as exc:
         log.warning("tokenized-data cache entry %s is corrupt (%s); tokenizing again and replacing it",
                     store.path(key), exc)
-        hit = None
     except OSError as exc:
         log.warning("could not read tokenized-data cache entry %s (%s); tokenizing again", store.path(key), exc)
-        hit = None
-    if hit is not None:
-        log.info("tokenized %d rows: loaded from cache %s", len(rows), store.path(key))
-        return hit
-    data = build()
-    try:
-        store.save(key, data)
-    except OSError as exc:
-        log.warning("could not write the tokenized-data cache in %s (%s); the next run tokenizes again",
-                    store.directory, exc)
-    return data
+    return None
+
+
+def cached_tokenize(rows: Sequence[Row], data_format: str, tokenizer: Any, template: Any, max_length: int,
+                    max_prompt_length: int, store: TokenCache, build: Any) -> TokenizedData:
+    """``build()``'s data, read from ``store`` when an intact entry for these inputs exists, else built
+    and written there. A damaged entry is rebuilt with a warning; a cache that cannot be written only
+    warns (the run goes on with the ids it just computed). Processes asking for the same entry at
+    once build it once (``building``): the others wait and read it."""
+    key = cache_key(rows, data_format, tokenizer, template, max_length, max_prompt_length)
+    if key is None:
+        return build()
+    hit = store.path(key).exists() and _load_entry(store, key, rows)
+    if not hit:
+        with building(store, key):
+            # Another process may have written it while this one waited for the lock.
+            hit = store.path(key).exists() and _load_entry(store, key, rows)
+            if not hit:
+                data = build()
+                try:
+                    store.save(key, data)
+                except OSError as exc:
+                    log.warning("could not write the tokenized-data cache in %s (%s); the next run tokenizes again",
+                                store.directory, exc)
+                return data
+    log.info("tokenized %d rows: loaded from cache %s", len(rows), store.path(key))
+    return hit

@@ -33,78 +33,27 @@ so that it leaves (almost) none is warned about before any model loads (``prompt
 Scale. Texts go to the tokenizer ``ENCODE_BATCH`` at a time (straight to the ``tokenizers`` backend
 where that gives the same result: ``_rust_tokenizer``); kept ids are stored as int32 arrays
 (``aligner.data.examples``); and the result is cached on disk by a fingerprint of its inputs
-(``aligner.data.token_cache``), so a second run on the same data skips all of this.
+(``aligner.data.token_cache``), so a second run on the same data skips all of this, and the
+processes of a distributed run tokenize once between them. The rows come in compact
+(``aligner.data.rows``) and are decoded ``ENCODE_BATCH`` at a time; an example's text, label and
+margin are read back from its row when used, never copied per example.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from aligner.data.examples import CompactExamples, ExampleBuilder
+from aligner.data.examples import ExampleBuilder
 from aligner.data.loading import Row
-from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, UNPAIRED
+from aligner.data.tokenized import COMPLETION_FIELDS, TokenizedData, prompt_for_judge
+from aligner.protocols import PREFERENCE, PROMPT_ONLY, UNPAIRED
 
 if TYPE_CHECKING:
     from aligner.data.token_cache import TokenCache
 
 log = logging.getLogger("aligner")
-
-COMPLETION_FIELDS = {SFT: ("completion",), PREFERENCE: ("chosen", "rejected"), UNPAIRED: ("completion",), PROMPT_ONLY: ()}
-
-
-@dataclass
-class TokenizedData:
-    """Token ids of every kept row, plus counts of what truncation did."""
-
-    data_format: str
-    # ``CompactExamples`` (ids as int32 arrays, dicts of lists on access) from ``tokenize_rows``.
-    examples: Sequence[dict[str, Any]]
-    dropped: Counter = field(default_factory=Counter)
-    truncated_rows: int = 0
-    # Where each dropped row came from and why, for ``aligner data check`` and the drop-limit report.
-    dropped_rows: list[tuple[str, str]] = field(default_factory=list)
-    # Tokens per input row before truncation (prompt + longest completion), kept or not.
-    full_lengths: list[int] = field(default_factory=list)
-    # Input row index of each ``dropped_rows`` entry: a cache entry stores indices, not locations.
-    dropped_ids: list[int] = field(default_factory=list)
-
-    def drop(self, row: Row, reason: str, row_id: int = -1) -> None:
-        """Count ``row`` (input row ``row_id``) as dropped for ``reason``."""
-        self.dropped[reason] += 1
-        self.dropped_rows.append((row.location, reason))
-        self.dropped_ids.append(row_id)
-
-    def lengths(self, shared_prompt: bool = False) -> list[int]:
-        """Tokens per example as batched, for length grouping: prompt + longest completion.
-
-        With ``shared_prompt`` a preference pair is one row of prompt + chosen + rejected
-        (``aligner.modeling.shared_prompt``), so that total is what grouping must even out.
-        """
-        fields = COMPLETION_FIELDS[self.data_format]
-        if isinstance(self.examples, CompactExamples):  # from the offsets, without building a dict per example
-            total = self.examples.id_lengths("prompt")
-            if shared_prompt and self.data_format == PREFERENCE:
-                return (total + self.examples.id_lengths("chosen") + self.examples.id_lengths("rejected")).tolist()
-            if fields:
-                total = total + np.max([self.examples.id_lengths(f) for f in fields], axis=0)
-            return total.tolist()
-        if shared_prompt and self.data_format == PREFERENCE:
-            return [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in self.examples]
-        return [len(e["prompt_ids"]) + max((len(e[f + "_ids"]) for f in fields), default=0) for e in self.examples]
-
-
-def prompt_for_judge(prompt: str | list[dict[str, str]]) -> str:
-    """The plain text a judge sees as the prompt: the string, or the last user message."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else prompt[-1]["content"]
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -292,7 +241,7 @@ def encode_prompt_completion(tokenizer: Any, prompt_text: str, completion_text: 
     return prompt_ids, completion_ids
 
 
-def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: Any,
+def tokenize_rows(rows: Sequence[Row], data_format: str, tokenizer: Any, template: Any,
                   max_length: int, max_prompt_length: int,
                   cache: TokenCache | bool | None = None) -> TokenizedData:
     """Tokenize validated rows; drop (and count) rows with no completion token left.
@@ -311,7 +260,7 @@ def tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: A
         lambda: _tokenize_rows(rows, data_format, tokenizer, template, max_length, max_prompt_length))
 
 
-def _tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: Any,
+def _tokenize_rows(rows: Sequence[Row], data_format: str, tokenizer: Any, template: Any,
                    max_length: int, max_prompt_length: int) -> TokenizedData:
     data = TokenizedData(data_format, [])
     fields = COMPLETION_FIELDS[data_format]
@@ -320,7 +269,7 @@ def _tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: 
     # already write it, and tokenizers without one (Qwen, GPT-2), get none.
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     for begin in range(0, len(rows), ENCODE_BATCH):
-        chunk = rows[begin:begin + ENCODE_BATCH]
+        chunk = list(rows[begin:begin + ENCODE_BATCH])  # each row decoded once (``Rows`` decode on access)
         split = split_prompt_completions(
             tokenizer, [template.prompt_text(row.data["prompt"]) for row in chunk],
             [[template.completion_text(row.data[f]) for f in fields] for row in chunk])
@@ -330,7 +279,7 @@ def _tokenize_rows(rows: list[Row], data_format: str, tokenizer: Any, template: 
                 prompt_ids = [bos, *prompt_ids]
             _add_row(data, examples, row_id, row, prompt_ids, dict(zip(fields, completion_ids, strict=True)), bos,
                      max_length, max_prompt_length)
-    data.examples = examples.build()
+    data.examples = examples.build(rows, prompt_for_judge)
     return data
 
 
@@ -363,9 +312,8 @@ def _add_row(data: TokenizedData, examples: ExampleBuilder, row_id: int, row: Ro
         data.drop(row, "chosen and rejected identical after truncation", row_id)
         return
     data.truncated_rows += cut
-    extra = {"margin": row.data["margin"]} if "margin" in row.data else {}
-    examples.add(row_id, prompt_for_judge(row.data["prompt"]), {"prompt": prompt_ids, **completions},
-                 label=row.data["label"] if data_format == UNPAIRED else None, **extra)
+    # The prompt's text, a label and a margin are read back from the row when the example is used.
+    examples.add(row_id, {"prompt": prompt_ids, **completions})
 
 
 def row_has_text(value: Any) -> bool:

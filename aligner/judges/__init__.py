@@ -16,11 +16,14 @@ def saved_model_dir(value: str) -> str:
     return str(path.resolve())
 
 
-def pick_device(requested: str | None) -> torch.device:
-    """``requested``, or the GPU when there is one, else the CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def give_tokenizer(judge: Any, tokenizer: Any) -> None:
+    """Give the judge the policy's tokenizer (``set_tokenizer``: optional, a no-op unless the judge
+    defines it; the registry gives every judge class the default).
+
+    Called once, before the judge's first ``score`` or ``compare``: by the training run (the judges of an
+    online algorithm, of its reward sources and of ``eval.generate``) and by ``aligner label``.
+    """
+    judge.set_tokenizer(tokenizer)
 
 
 def load_judge_model(model_class: Any, path: str, device: str | None,
@@ -30,6 +33,8 @@ def load_judge_model(model_class: Any, path: str, device: str | None,
     ``model_class`` is the transformers auto class to load with (causal LM, sequence classifier).
     """
     from transformers import AutoTokenizer
+
+    from aligner.modeling.loading import pick_device
 
     where = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

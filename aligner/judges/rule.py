@@ -12,7 +12,7 @@ import importlib
 import re
 from collections.abc import Callable
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
@@ -45,6 +45,16 @@ class RuleJudge:
         regex: str | None = None
         keywords: list[str] | None = None
         penalty_keywords: list[str] = []
+
+        @field_validator("regex")
+        @classmethod
+        def _compiles(cls, value: str | None) -> str | None:
+            if value is not None:
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ValueError(f"not a valid regular expression: {exc}") from None
+            return value
 
         @model_validator(mode="after")
         def _exactly_one(self):

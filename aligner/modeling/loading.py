@@ -78,9 +78,15 @@ def load_tokenizer(config: RunConfig) -> Any:
             # transformers raises ValueError for a folder without tokenizer files ("Couldn't instantiate
             # the backend tokenizer"), OSError for a missing one.
             raise ConfigError(f"could not load the tokenizer from '{source}' (tokenizer / model.path): {exc}") from None
+    return prepare_tokenizer(tokenizer, f"the tokenizer from '{source}'")
+
+
+def prepare_tokenizer(tokenizer: Any, what: str = "the tokenizer") -> Any:
+    """Make a tokenizer ready for training: right padding, and the EOS token for padding when it has
+    no pad token (padding is always masked out of attention and loss; the log says so)."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError(f"the tokenizer from '{source}' has neither a pad nor an EOS token; set one")
+            raise ConfigError(f"{what} has neither a pad nor an EOS token; set one")
         tokenizer.pad_token = tokenizer.eos_token
         log.warning("tokenizer has no pad token; padding with the EOS token %r (padding is masked out)",
                     tokenizer.eos_token)
@@ -180,6 +186,34 @@ def load_reward_model(config: ModelConfig, tokenizer: Any) -> torch.nn.Module:
     return model
 
 
+def adopt_model(model: torch.nn.Module, tokenizer: Any, forward_kind: str = "logprobs") -> torch.nn.Module:
+    """A model object handed to the Python API (``aligner.train(..., model=...)``), checked to have the
+    head the stages need and made to fit the tokenizer as a loaded one would be; it trains in place."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ConfigError(f"model= must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if forward_kind == "reward":
+        if not type(model).__name__.endswith("ForSequenceClassification") or model.config.num_labels != 1:
+            raise ConfigError(f"model= is a {type(model).__name__}; the run's losses train a reward model: pass a "
+                              "sequence-classification model with num_labels=1")
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    elif model.get_output_embeddings() is None:
+        raise ConfigError(f"model= is a {type(model).__name__} without a language-model head; the run's losses "
+                          "need a causal LM (e.g. AutoModelForCausalLM)")
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def object_label(obj: Any) -> str:
+    """How the run's config names a model or tokenizer object passed to the API: where it was loaded
+    from when it says (``name_or_path``), else ``<in-memory CLASS>``."""
+    name = getattr(obj, "name_or_path", "") or ""
+    return name if name else f"<in-memory {type(obj).__name__}>"
+
+
 # forward kind of a run's losses -> the model class that kind needs (see aligner.training.micro_batch.FORWARDS)
 MODEL_LOADERS = {"logprobs": load_causal_lm, "reward": load_reward_model}
 
@@ -246,3 +280,11 @@ def _drop_input_require_grads(inner: torch.nn.Module) -> None:
     # transformers drops its embedding-output hook on disable only for peft's own adapters
     if getattr(inner, "_require_grads_hooks", None):
         inner.disable_input_require_grads()
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested``, or the GPU when there is one, else the CPU: where a model outside the training
+    loop (a judge's, ``aligner label``'s, ``aligner generate``'s) runs."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

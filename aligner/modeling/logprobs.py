@@ -34,6 +34,8 @@ from trl.trainer.utils import selective_log_softmax
 
 from aligner.data.packing import PACK_KEY, pack_sequences, sequence_packing
 from aligner.modeling.ddp_forward import ddp_inner, run_as_forward, unwrap_ddp
+from aligner.modeling.plain_head import plain_head_model
+from aligner.modeling.reward_scores import decoder_and_score
 from aligner.modeling.shared_prompt import (
     PackedRows,
     attention_kind,
@@ -43,10 +45,6 @@ from aligner.modeling.shared_prompt import (
     pair_packing,
 )
 from aligner.protocols import SequenceLogProbs
-
-# Model types whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``:
-# nothing (soft-capping, scaling, router losses) happens to the logits after the projection.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
 
 # Logit elements (tokens x vocabulary) per chunk: 2**22 float32 values are 16 MiB, i.e. 27 tokens
 # of a 151,936-token vocabulary or 2,048 tokens of a 2,048-token one.
@@ -67,36 +65,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 @functools.lru_cache(maxsize=32)
 def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def _peft_allows_direct_call(model: torch.nn.Module) -> bool:
-    """Whether calling the PEFT model's base directly computes what its own forward would.
-
-    True for weight-injecting methods (LoRA and relatives change layers in place); false for prompt
-    learning (virtual tokens are added by the wrapper's forward) and methods that need forward hooks.
-    """
-    config = getattr(model, "active_peft_config", None)
-    if config is None:
-        return False
-    if getattr(config, "is_prompt_learning", False) or getattr(config, "alora_invocation_tokens", None):
-        return False
-    return str(getattr(config, "peft_type", "")).split(".")[-1] not in ("POLY",)
-
-
-def plain_head_model(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The transformers model under ``model`` whose decoder and head may be called separately.
-
-    ``None`` for wrappers whose own forward must run (DDP/FSDP/DeepSpeed sync gradients in it),
-    PEFT methods that work inside the wrapper's forward, and model types not on the list.
-    """
-    if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        return None
-    if hasattr(model, "get_base_model"):
-        if not _peft_allows_direct_call(model):
-            return None
-        model = model.get_base_model()
-    config = getattr(model, "config", None)
-    return model if getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES else None
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -164,8 +132,7 @@ def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module,
         hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
         selected = hidden[:, :-1][rows]  # [M, H]: the completion positions of every sequence, flattened
     else:
-        hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                         position_ids=packed.position_ids, use_cache=False).last_hidden_state
+        hidden = packed.hidden_states(decoder)  # a dense mask, or segment by segment without one
         selected = hidden.flatten(0, 1)[packed.flat_index(*rows)]
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     chunk = max(1, chunk_elements // max(vocab, 1))
@@ -235,8 +202,6 @@ def _sharing_decoder(model: torch.nn.Module, forward_kind: str) -> torch.nn.Modu
     ``forward_kind`` ``"reward"`` means a sequence-classification model's score forward.
     """
     if forward_kind == "reward":
-        from aligner.modeling.reward_scores import decoder_and_score
-
         parts = decoder_and_score(unwrap_ddp(model))
     else:
         parts = decoder_and_head(unwrap_ddp(model))

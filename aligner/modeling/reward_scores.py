@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from aligner.modeling.ddp_forward import ddp_inner, run_as_forward
-from aligner.modeling.logprobs import plain_head_model
+from aligner.modeling.plain_head import plain_head_model
 from aligner.modeling.shared_prompt import pack_pairs
 
 
@@ -48,8 +48,7 @@ def _decoder_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tens
     if packed is None:
         hidden = decoder(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     else:
-        hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                         position_ids=packed.position_ids, use_cache=False).last_hidden_state
+        hidden = packed.hidden_states(decoder)  # a dense mask, or segment by segment without one
     # The model's own rule: the rightmost token that is not the pad token, found in the two-row layout.
     columns = torch.arange(ids.shape[1], device=ids.device)
     last = (columns * (ids != pad)).argmax(-1)

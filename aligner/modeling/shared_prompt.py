@@ -27,10 +27,19 @@ builds the packed tensors for either):
   their prompt with no neighbour (a run of one, packed alone) all work. A batch without any run of
   two or more rows is left as it is.
 
-Packed rows are in the order of their first rows, right-padded to the longest. Packing needs an
-attention implementation that takes an arbitrary 4D mask (``sdpa``: boolean, ``eager``: additive);
-FlashAttention-style kernels that only know causal or packed masks keep one row per sequence, as
-does a model whose sliding attention window is shorter than a packed row.
+Packed rows are in the order of their first rows, right-padded to the longest. Packing needs the
+``sdpa`` or ``eager`` attention implementation; FlashAttention-style kernels that only know causal
+or packed masks keep one row per sequence, as does a model whose sliding attention window is
+shorter than a packed row. How the packed rows' attention runs (``pack_rows``):
+
+- on CPU (by default; see ``aligner.modeling.segment_attention`` for the switch), segment by segment
+  without any mask: ``PackedRows.segments`` describes each row (the prompt, then the completions),
+  ``attention_mask`` is ``None``, and ``PackedRows.hidden_states`` runs the decoder with the
+  segment attention function. Attention then costs per completion what its own row costs at most,
+  and nothing of size ``width^2`` is built (a 5950-token pair: 63 MiB peak in one layer instead of
+  204 MiB with the dense mask);
+- elsewhere, or with ``ALIGNER_SEGMENT_ATTENTION=0``, a dense 4D mask (``sdpa``: boolean, ``eager``:
+  additive) in which a completion token sees the prompt and the tokens of its own completion.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from aligner.modeling.segment_attention import SegmentLayout, run_decoder, segments_apply
 
 # attention implementation -> how it reads a custom 4D mask ("bool": True = may attend; "additive":
 # 0 or the dtype's minimum added to the scores)
@@ -80,8 +91,10 @@ class PackedRows:
 
     input_ids: torch.Tensor  # [packs, width]
     position_ids: torch.Tensor  # [packs, width]
-    attention_mask: torch.Tensor  # [packs, 1, width, width]
+    attention_mask: torch.Tensor | None  # [packs, 1, width, width]; None with ``segments`` or a varlen kernel
     packing: RowPacking
+    # Set where attention runs segment by segment (``aligner.modeling.segment_attention``): no dense mask.
+    segments: SegmentLayout | None = None
 
     @property
     def width(self) -> int:
@@ -95,6 +108,16 @@ class PackedRows:
         past the completions packed before the row's own.
         """
         return self.packing.flat_index(rows, cols, self.width)
+
+    def hidden_states(self, decoder: torch.nn.Module) -> torch.Tensor:
+        """``decoder``'s last hidden states over the packed rows ``[packs, width, hidden]``: segment by
+        segment where ``segments`` is set, else with ``attention_mask`` (a dense mask, or none for a
+        varlen kernel)."""
+        if self.segments is not None:
+            return run_decoder(decoder, self.input_ids, self.position_ids, self.segments,
+                               use_cache=False).last_hidden_state
+        return decoder(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                       use_cache=False).last_hidden_state
 
 
 # The pair layout was the first one packed; the name stays for code written against it.
@@ -197,7 +220,12 @@ def group_packing(batch: dict[str, Any], decoder: torch.nn.Module) -> RowPacking
     before = completion.cumsum(0) - completion  # completion tokens of all earlier rows
     packing = RowPacking(pack=pack, slot=index - first_row, shift=before - before[first_row],
                          prompt_lengths=prompt_lengths, lengths=lengths)
-    return packing if _fits(packing, decoder) and _attention_pays_off(packing, batch) else None
+    if not _fits(packing, decoder):
+        return None
+    # Segment by segment, a completion attends to its prompt and itself only: never more than its own row.
+    if segments_apply(decoder, batch["input_ids"].device) or _attention_pays_off(packing, batch):
+        return packing
+    return None
 
 
 def _attention_pays_off(packing: RowPacking, batch: dict[str, Any]) -> bool:
@@ -207,15 +235,31 @@ def _attention_pays_off(packing: RowPacking, batch: dict[str, Any]) -> bool:
     it needs, grow with the square of a row's width: a group of many long completions under a short
     prompt packs into one very wide row. Packing is used only where ``packs x width^2`` does not
     exceed ``rows x batch width^2``, so it can never cost more attention or mask memory than the
-    unpacked layout.
+    unpacked layout. Segment-by-segment attention (no mask) never needs this check.
     """
     packed_width = int(packing.totals().max())
     rows, width = batch["input_ids"].shape
     return packing.packs * packed_width**2 <= rows * width**2
 
 
+def segment_layout(packing: RowPacking, width: int) -> SegmentLayout:
+    """``packing``'s rows as segments: per packed row its prompt length (that of its first row; 0 for
+    SFT packing) and its rows' completion lengths in slot order (empty completions left out)."""
+    pack, slot = packing.pack.tolist(), packing.slot.tolist()
+    prompts, lengths = packing.prompt_lengths.tolist(), packing.lengths.tolist()
+    prompt = [0] * packing.packs
+    completions: list[list[tuple[int, int]]] = [[] for _ in range(packing.packs)]
+    for p, s, first, total in zip(pack, slot, prompts, lengths, strict=True):
+        if s == 0:
+            prompt[p] = first
+        completions[p].append((s, total - first))
+    rows = tuple((prompt[p], tuple(n for _, n in sorted(completions[p]) if n > 0)) for p in range(packing.packs))
+    return SegmentLayout(rows=rows, width=width)
+
+
 def pack_rows(batch: dict[str, Any], decoder: torch.nn.Module, packing: RowPacking) -> PackedRows:
-    """The packed tensors of a right-padded batch laid out by ``packing``."""
+    """The packed tensors of a right-padded batch laid out by ``packing``: with a dense 4D mask, or with
+    a ``SegmentLayout`` and no mask where ``segments_apply`` (``aligner.modeling.segment_attention``)."""
     ids = batch["input_ids"]
     device = ids.device
     packs, width = packing.packs, int(packing.totals().max())
@@ -233,6 +277,9 @@ def pack_rows(batch: dict[str, Any], decoder: torch.nn.Module, packing: RowPacki
     segment = torch.full_like(input_ids, -1).index_put((flat,), ((packing.slot[:, None] + 1) * in_completion)[write])
     input_ids, position_ids, segment = (t.view(packs, width) for t in (input_ids, position_ids, segment))
 
+    if segments_apply(decoder, device):
+        return PackedRows(input_ids=input_ids, position_ids=position_ids, attention_mask=None, packing=packing,
+                          segments=segment_layout(packing, width))
     real = segment >= 0
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     query, key = segment[:, :, None], segment[:, None, :]

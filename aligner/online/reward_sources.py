@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from aligner.errors import AlignerError
+from aligner.errors import AlignerError, OptionProblems
 from aligner.protocols import Options
 
 
@@ -88,7 +88,17 @@ class RewardSources:
         if repeated:
             raise ValueError(f"reward sources need distinct names; repeated: {', '.join(repeated)} (set 'name')")
         built = judges or {}
-        self._call = [_judge_caller(built.get(i) or build_judge(s.judge)) if s.judge is not None
+        self.judges: list[Any] = []  # the judge plugins among the sources, in order
+
+        def judge_of(i: int, source: RewardSourceConfig) -> Any:
+            try:
+                judge = built.get(i) or build_judge(source.judge)
+            except OptionProblems as exc:  # located by the config loader: rewards[i].judge.<key>
+                raise exc.under(i, "judge", label="rewards") from None
+            self.judges.append(judge)
+            return judge
+
+        self._call = [_judge_caller(judge_of(i, s)) if s.judge is not None
                       else _function_caller(import_callable(s.function, what="reward function"), s.options, name)
                       for i, (s, name) in enumerate(zip(sources, self.names, strict=True))]
 
@@ -96,6 +106,14 @@ class RewardSources:
     def of_judge(cls, judge: Any, timeout: float | None = None) -> RewardSources:
         """One judge as the only source, weight 1, named after the judge."""
         return cls([RewardSourceConfig(judge={"name": judge.name})], timeout=timeout, judges={0: judge})
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Give the policy's tokenizer to every judge among the sources that asks for it
+        (``aligner.judges.give_tokenizer``)."""
+        from aligner.judges import give_tokenizer
+
+        for judge in self.judges:
+            give_tokenizer(judge, tokenizer)
 
     def score(self, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
               columns: list[dict[str, Any]], locations: list[str]) -> RewardBatch:
@@ -171,6 +189,15 @@ class RewardSources:
                                   "must be finite")
             checked.append(float(value))
         return checked
+
+
+def give_judges_tokenizer(stage: Any, tokenizer: Any) -> None:
+    """Hand the run's tokenizer to every judge of a prepared stage that asks for it (``Judge.set_tokenizer``):
+    those scoring rollouts (an online algorithm's ``judge``/``rewards``) and held-out generations.
+    Called once the algorithm is set up, before the first evaluation or step."""
+    for sources in (getattr(stage.algorithm, "rewards", None), stage.eval_rewards):
+        if isinstance(sources, RewardSources):
+            sources.set_tokenizer(tokenizer)
 
 
 def _judge_caller(judge: Any) -> Any:

@@ -8,7 +8,6 @@ prompt's index in the train data), and always live on the same process, so group
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from aligner.modeling.logprobs import token_window_start
 from aligner.online.engines import GenerationRequest
 from aligner.online.sampler import decode
 from aligner.protocols import SFT
+from aligner.reporting.samples import write_sample_file
 from aligner.training.micro_batch import move_to
 from aligner.training.resume import Position
 from aligner.training.run_state import RunState
@@ -171,13 +171,9 @@ def write_samples(run: RunState, step: int, columns: dict[str, list[Any]], num_s
     """Write a rollout's rows to ``samples/rollout-step-N.jsonl`` and print the first few as a table."""
     if not run.is_main_process:
         return
-    directory = run.stage_dir / "samples"
-    directory.mkdir(parents=True, exist_ok=True)
     names = list(columns)
     rows = list(zip(*columns.values(), strict=True))
-    with (directory / f"rollout-step-{step}.jsonl").open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(dict(zip(names, row, strict=True))) + "\n")
+    write_sample_file(run.stage_dir, f"rollout-step-{step}.jsonl", [dict(zip(names, row, strict=True)) for row in rows])
     from rich.console import Console
     from rich.table import Table
 

@@ -61,7 +61,7 @@ def lora_kind(peft_backend: Any) -> str | None:
             return "none"
         config = build_peft_config(options.method, dict(options.model_extra or {}))
         return "dora" if getattr(config, "use_dora", False) else "lora"
-    if getattr(peft_backend, "adds_adapters", None) is False:
+    if peft_backend.adds_adapters is False:
         return "none"
     return None
 

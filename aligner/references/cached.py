@@ -39,7 +39,7 @@ from accelerate import PartialState
 from pydantic import Field
 
 from aligner.hookspecs import hookimpl
-from aligner.protocols import Options, ReferenceContext, Requires, SequenceLogProbs
+from aligner.protocols import Options, ReferenceContext, ReferenceNeeds, Requires, SequenceLogProbs
 from aligner.references.disabled_adapter import peft_model_of
 from aligner.references.logprob_store import CorruptEntry, Entry, ReferenceCache
 from aligner.reporting.tracking import Progress
@@ -92,7 +92,7 @@ def _single_sequences(data: Any, context: ReferenceContext):
     from aligner.data.batching import LengthGroupedBatches, collate
     from aligner.protocols import PREFERENCE
 
-    pad = getattr(context.collate_fn, "keywords", {}).get("pad_token_id")
+    pad = context.pad_token_id
     if data.data_format != PREFERENCE or pad is None:
         return None
     sequences = [{"prompt_ids": e["prompt_ids"], "completion_ids": e[field], "row_id": e["row_id"]}
@@ -163,6 +163,14 @@ class CachedReference:
     requires = (Requires("losses", "needs_kl_completions", value=False, default=False,
                          what="scores only the dataset's own sequences (it has values for no others)",
                          hint="use reference 'auto', which picks 'frozen_copy' or 'disabled_adapter' for such a loss"),)
+    # ``reference: auto``'s first choice for offline data: every value computed once, before training,
+    # and reused by later runs on the same model and data.
+    auto_priority = 30
+
+    @classmethod
+    def usable_for(cls, needs: ReferenceNeeds) -> bool:
+        """When every sequence the stage scores is in its dataset (not online samples, not KTO's pairs)."""
+        return needs.needs_reference and needs.offline
 
     class Options(Options):
         """Where the cache lives and how to fill it."""
@@ -229,7 +237,7 @@ class CachedReference:
 
         # Pairs whose prompt runs once are the cheapest layout; where the model cannot run them,
         # single sequences sorted by their own length pad least.
-        shared = (data.data_format == PREFERENCE and getattr(context.collate_fn, "keywords", {}).get("share_prompt")
+        shared = (data.data_format == PREFERENCE and context.share_prompt
                   and can_share_prompts(context.policy))
         single = None if shared else _single_sequences(data, context)
         if single is not None:

@@ -13,7 +13,7 @@ import torch
 
 from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
-from aligner.protocols import Options, ReferenceContext, Requires, SequenceLogProbs
+from aligner.protocols import Options, ReferenceContext, ReferenceNeeds, Requires, SequenceLogProbs
 
 
 def peft_model_of(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -36,6 +36,13 @@ class DisabledAdapterReference:
                          "the policy's base model with its adapters disabled)",
                          hint="use a PEFT backend that adds adapters, or reference 'cached' or 'frozen_copy' with "
                               "full fine-tuning"),)
+    # ``reference: auto`` for values made during training when the backend adds adapters: no second copy.
+    auto_priority = 20
+
+    @classmethod
+    def usable_for(cls, needs: ReferenceNeeds) -> bool:
+        """When the stage needs a reference and its PEFT backend adds adapters to switch off."""
+        return needs.needs_reference and needs.peft_adds_adapters
 
     class Options(Options):
         """No options."""

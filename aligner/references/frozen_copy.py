@@ -19,6 +19,9 @@ class FrozenCopyReference:
     """
 
     name = "frozen_copy"
+    # ``reference: auto``'s last resort: works for every stage that needs a reference (the default
+    # ``usable_for``), at the cost of a second copy of the weights.
+    auto_priority = 10
 
     class Options(Options):
         """Where the copy lives."""

@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from aligner.hookspecs import hookimpl
-from aligner.protocols import Options, ReferenceContext, SequenceLogProbs
+from aligner.protocols import Options, ReferenceContext, ReferenceNeeds, SequenceLogProbs
 
 
 class NoReference:
     """Holds nothing and is never asked for log-probs (the loop checks that no loss needs them)."""
 
     name = "none"
+    # ``reference: auto`` picks it exactly when nothing in the stage reads reference log-probs.
+    auto_priority = 100
+
+    @classmethod
+    def usable_for(cls, needs: ReferenceNeeds) -> bool:
+        """Only for a stage that needs no reference (no reference pass at all)."""
+        return not needs.needs_reference
 
     class Options(Options):
         """No options."""

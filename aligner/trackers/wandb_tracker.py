@@ -1,7 +1,8 @@
 """Weights & Biases tracking, as a plugin on the lifecycle hooks.
 
 Active when the config has a ``wandb`` section. One W&B run covers every stage; metrics are logged
-as ``STAGE/key`` against a global step (steps of earlier stages added). Mode ``auto`` goes online
+as ``STAGE/key`` against a global step (steps of earlier stages added, also after a resume
+that loads finished stages; ``aligner.trackers.base``). Mode ``auto`` goes online
 only when an API key is available (``WANDB_API_KEY`` or a netrc login) and otherwise writes an
 offline run, so a machine without network or login never waits on a prompt. The key itself is
 never read into the config, logged, or written by aligner.
@@ -13,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from aligner.hookspecs import hookimpl
+from aligner.trackers.base import StageTracker, hooks_for
 
 log = logging.getLogger("aligner")
 
@@ -35,25 +36,23 @@ def resolve_mode(mode: str) -> str:
     return "online" if found else "offline"
 
 
-class WandbTracker:
-    """Holds the W&B run across stages."""
+class WandbTracker(StageTracker):
+    """One W&B run across the stages; ``global_step`` is the x-axis of every metric."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.run: Any = None
-        self.offset = 0  # steps of the stages already finished
-        self.stage_steps = 0
 
-    def _active(self, run: Any) -> bool:
-        return run.config.wandb is not None and run.is_main_process
+    def enabled(self, run: Any) -> bool:
+        """A ``wandb`` section in the config."""
+        return run.config.wandb is not None
 
-    def start(self, run: Any) -> None:
-        """Open the W&B run on the first stage."""
-        if self.run is not None or not self._active(run):
-            return
+    def open(self, run: Any) -> bool:
+        """Start the W&B run (offline without a key; nothing in ``disabled`` mode)."""
         settings = run.config.wandb
         mode = resolve_mode(settings.mode)
         if mode == "disabled":
-            return
+            return False
         import wandb
 
         directory = run.output_dir / "wandb"
@@ -66,75 +65,34 @@ class WandbTracker:
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
         log.info("W&B run %s (%s mode) in %s", self.run.id, mode, directory)
+        return True
 
-    def log(self, run: Any, step: int, metrics: dict[str, float], table: list[dict] | None = None) -> None:
-        """Log ``metrics`` under the stage's name at the global step."""
-        if self.run is None:
-            return
-        data: dict[str, Any] = {f"{run.stage.name}/{k}": v for k, v in metrics.items()}
-        data["global_step"] = self.offset + step
+    def write(self, run: Any, global_step: int, values: dict[str, Any], table: list[dict] | None) -> None:
+        """One W&B row: the values, ``global_step`` and the samples as a ``wandb.Table``."""
+        data: dict[str, Any] = {**values, "global_step": global_step}
         if table:
             import wandb
 
             columns = list(table[0])
             data[f"{run.stage.name}/samples"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in table])
         self.run.log(data)
-        self.stage_steps = max(self.stage_steps, step)
 
-    def end_stage(self, run: Any, metrics: dict[str, float]) -> None:
-        """Record a stage's final metrics in the summary; close the run after the last stage."""
-        if self.run is None:
-            return
-        self.run.summary.update({f"{run.stage.name}/final/{k}": v for k, v in metrics.items()})
-        self.offset += self.stage_steps
-        self.stage_steps = 0
-        if run.stage.index == len(run.config.stages) - 1:
+    def write_final(self, run: Any, values: dict[str, float]) -> None:
+        """Final metrics go to the run's summary."""
+        self.run.summary.update(values)
+
+    def close(self, run: Any, error: BaseException | None = None) -> None:
+        """Finish the run; after a failure with exit code 130 (SIGINT/SIGTERM) or 1 and the error in the summary."""
+        if error is None:
             self.run.finish()
-            self.run = None
-            self.offset = 0
+        else:
+            from aligner.errors import Interrupted
 
-
-    def fail(self, run: Any, error: BaseException) -> None:
-        """Close the run marked as failed: exit code 130 after SIGINT/SIGTERM, else 1."""
-        if self.run is None:
-            return
-        from aligner.errors import Interrupted
-
-        self.run.summary.update({"failed_stage": run.stage.name, "error": f"{type(error).__name__}: {error}"[:1000]})
-        interrupted = isinstance(error, Interrupted | KeyboardInterrupt)
-        self.run.finish(exit_code=130 if interrupted else 1)
+            self.run.summary.update({"failed_stage": run.stage.name, "error": f"{type(error).__name__}: {error}"[:1000]})
+            self.run.finish(exit_code=130 if isinstance(error, Interrupted | KeyboardInterrupt) else 1)
         self.run = None
-        self.offset = self.stage_steps = 0
 
 
-_tracker = WandbTracker()
-
-
-@hookimpl
-def on_run_start(run):
-    """Open the W&B run (first stage only)."""
-    _tracker.start(run)
-
-
-@hookimpl
-def on_step_end(run, step, metrics):
-    """Log the step's training metrics."""
-    _tracker.log(run, step, metrics)
-
-
-@hookimpl
-def on_evaluate(run, step, metrics):
-    """Log held-out metrics, with the judged samples as a table when there are any."""
-    _tracker.log(run, step, metrics, table=getattr(run, "last_samples", None))
-
-
-@hookimpl
-def on_run_end(run, metrics):
-    """Write the stage's final metrics to the summary."""
-    _tracker.end_stage(run, metrics)
-
-
-@hookimpl
-def on_run_failed(run, error):
-    """Close the W&B run as failed, so the dashboard does not show a crashed run as finished."""
-    _tracker.fail(run, error)
+_hooks = hooks_for(WandbTracker())
+on_run_start, on_step_end, on_evaluate = _hooks.on_run_start, _hooks.on_step_end, _hooks.on_evaluate
+on_run_end, on_run_failed = _hooks.on_run_end, _hooks.on_run_failed

@@ -293,6 +293,15 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint directories (``step-N``) that carry the completion marker, oldest first."""
+    if not directory.is_dir():
+        return []
+    # Only ``step-<digits>``: a stray ``step-best`` (or anything a user puts there) must not crash readers.
+    found = [p for p in directory.glob("step-*") if STEP_NAME.fullmatch(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 def set_aside(directory: Path) -> Path:
     """Rename a damaged checkpoint to ``damaged-<name>`` beside it (``.2``, ``.3`` if taken); return the new path.
 

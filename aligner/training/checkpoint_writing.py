@@ -26,10 +26,11 @@ from typing import Any
 
 from aligner.training.checkpoint_manifest import (
     MARKER,
-    STEP_NAME,
     CheckpointError,
+    complete_checkpoints,
     manifest,
 )
+from aligner.training.guards import NonFiniteError, check_finite_weights
 
 
 def _save_model(model: Any, tokenizer: Any, directory: Path, state_dict: dict | None = None) -> None:
@@ -57,8 +58,6 @@ def write_atomically(target: Path, model: Any, tokenizer: Any, state: dict[str, 
     state to merge into ``trainer_state.json``. ``state_dict`` replaces the model's own (the
     gathered full weights under FSDP or DeepSpeed ZeRO-3). Non-finite weights are never written.
     """
-    from aligner.training.guards import check_finite_weights
-
     # Under FSDP the model's own tensors are shards, and checking them here (on the main process
     # alone) would start a collective the other processes never join: check the gathered copy.
     check_finite_weights(model if state_dict is None else _StateDictOnly(state_dict), target)
@@ -155,8 +154,6 @@ def write_sharded_atomically(target: Path, model: Any, is_main: bool, write_shar
     ``CheckpointError`` on every process and leaves the previous checkpoint as it was, instead of
     one process raising while the others wait in the next collective.
     """
-    from aligner.training.guards import NonFiniteError
-
     temporary = target.parent / f".tmp-{target.name}"
     bad = _local_nonfinite(model)
     nonfinite = _all_errors(f"non-finite values in {', '.join(bad[:3])}" if bad else None)
@@ -200,15 +197,6 @@ def recover(target: Path) -> None:
     old = target.parent / f".old-{target.name}"
     if not target.exists() and (old / MARKER).is_file():
         old.rename(target)
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint directories (``step-N``) that carry the completion marker, oldest first."""
-    if not directory.is_dir():
-        return []
-    # Only ``step-<digits>``: a stray ``step-best`` (or anything a user puts there) must not crash readers.
-    found = [p for p in directory.glob("step-*") if STEP_NAME.fullmatch(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def prune(directory: Path, keep: int) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
 from aligner.online.sampler import decode, sample_completions
+from aligner.reporting.samples import write_sample_file
 from aligner.reporting.tracking import to_float
 from aligner.training.micro_batch import compute_losses, move_to
 from aligner.training.run_state import RunState
@@ -68,11 +67,7 @@ def evaluate_generations(run: RunState, model: torch.nn.Module) -> dict[str, flo
                          **({n: scored.raw[n][i] for n in sources.names} if settings.rewards is not None else {})}
                         for i, (p, t, s) in enumerate(zip(prompts, texts, scores, strict=True))]
     if run.is_main_process:
-        directory = run.stage_dir / "samples"
-        directory.mkdir(parents=True, exist_ok=True)
-        with (directory / f"step-{run.step}.jsonl").open("w") as handle:
-            for sample in run.last_samples:
-                handle.write(json.dumps(sample) + "\n")
+        write_sample_file(run.stage_dir, f"step-{run.step}.jsonl", run.last_samples)
     if settings.judge is not None:
         return {"eval/judge_score": sum(scores) / len(scores)}
     # Each source's mean where it applies (a verifier's: held-out accuracy), and the weighted total.

@@ -19,6 +19,7 @@ import torch
 from torch.nn.utils import get_total_norm
 
 from aligner.errors import AlignerError
+from aligner.training.checkpoint_manifest import complete_checkpoints
 
 log = logging.getLogger("aligner")
 
@@ -105,8 +106,6 @@ class NonFiniteGuard:
         return False
 
     def _last_checkpoint(self) -> str:
-        from aligner.training.checkpoint_writing import complete_checkpoints
-
         found = complete_checkpoints(Path(self.run.stage_dir) / "checkpoints")
         return str(found[-1]) if found else "none written yet"
 

@@ -41,7 +41,7 @@ def logprob_inputs(model: torch.nn.Module, stage: Any, batch: dict[str, Any]) ->
     policy = completion_logprobs(model, batch, token_level=stage.needs_token_logps)
     # A reference-free stage never runs a reference forward pass.
     reference = stage.reference.logprobs(batch) if stage.losses_need_reference else None
-    extra = kl_completion_logprobs(model, stage, batch) if getattr(stage, "needs_kl_completions", False) else {}
+    extra = kl_completion_logprobs(model, stage, batch) if stage.needs_kl_completions else {}
     return LossInputs(data_format=stage.data_format, policy=policy, reference=reference, batch=batch, extra=extra)
 
 
@@ -64,7 +64,7 @@ def compute_losses(model: torch.nn.Module, stage: Any, batch: dict[str, Any]) ->
     With one loss its metrics keep their names; with several each is prefixed by the loss name
     (``dpo/rewards/margins``) and ``<name>/loss`` is logged too.
     """
-    inputs = FORWARDS[getattr(stage, "forward_kind", "logprobs")](model, stage, batch)
+    inputs = FORWARDS[stage.forward_kind](model, stage, batch)
     total = None
     metrics: dict[str, Any] = {}
     several = len(stage.losses) > 1

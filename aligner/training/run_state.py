@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aligner.config import RunConfig
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from aligner.training.stages import PreparedStage
 
 
 @dataclass
@@ -15,20 +22,32 @@ class RunState:
 
     Hooks may read anything here and set ``should_stop = True`` to end the stage after the current
     step (a checkpoint and the final model are still written).
+
+    - ``config``: the resolved run config; ``output_dir``: the run directory.
+    - ``stage``: the prepared stage being trained (its config, plugins, rows and tokenized data).
+    - ``model``: the module being trained, as the stage's algorithm set it up: the PEFT-wrapped policy,
+      under several processes inside accelerate's wrapper; for PPO a policy + value-head wrapper whose
+      parameter names carry a ``policy.`` prefix (``aligner.online.critic.PolicyWithValueHead``); ``None``
+      before setup.
+    - ``tokenizer``: the run's tokenizer; ``accelerator``: the accelerate ``Accelerator``.
+    - ``step``/``total_steps``: optimizer steps done in this stage and planned for it.
+    - ``should_stop``/``stop_reason``: set by a hook to end the stage after the current step.
+    - ``history``: every step's metrics so far; ``last_samples``: the judged generations of the latest
+      evaluation (``None`` without ``eval.generate``).
     """
 
     config: RunConfig
     output_dir: Path
-    stage: Any = None
-    model: Any = None
-    tokenizer: Any = None
-    accelerator: Any = None
+    stage: PreparedStage | None = None
+    model: torch.nn.Module | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    accelerator: Accelerator | None = None
     step: int = 0
     total_steps: int = 0
     should_stop: bool = False
     stop_reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    last_samples: list[dict[str, Any]] | None = None  # judged generations of the latest evaluation
+    last_samples: list[dict[str, Any]] | None = None
 
     @property
     def stage_dir(self) -> Path:

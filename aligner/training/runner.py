@@ -5,7 +5,8 @@ A stage runs in four visible phases:
 1. setup: wrap the model with the PEFT backend, build the reference (it must see the policy
    *before* any update, also when resuming), let the algorithm build what trains and its data
    stream, then the optimizer (the stage's optimizer plugin, over trainable weights only) and the LR
-   schedule; when resuming, load the checkpoint's weights, training state and the algorithm's own state;
+   schedule; when resuming, load the checkpoint's weights, training state, the algorithm's own state and
+   the reference's (a reference that follows training, like ``ema``, continues from its checkpoint);
 2. evaluate at the start, so every held-out metric has a "before";
 3. train: the algorithm's ``train_step`` (micro-batches of weighted losses, or rollouts and
    updates), each update through ``StepServices.update`` (non-finite guard, clipping, optimizer
@@ -37,11 +38,12 @@ from aligner.algorithms.base import AlgorithmContext, StepServices
 from aligner.errors import Interrupted
 from aligner.modeling.loading import apply_training_switches
 from aligner.modeling.logprobs import completion_logprobs
+from aligner.online.reward_sources import give_judges_tokenizer
 from aligner.plugins import call_hook
 from aligner.protocols import ReferenceContext
 from aligner.reporting.model_card import write_model_card
 from aligner.reporting.tracking import MetricsFile, Progress, report
-from aligner.training import checkpoint_writing, resume
+from aligner.training import checkpoint_writing, reference_state, resume
 from aligner.training.guards import NonFiniteGuard
 from aligner.training.run_state import RunState
 
@@ -61,8 +63,10 @@ def _setup(run: RunState, model: torch.nn.Module, position: resume.Position):
     stage.reference.setup(ReferenceContext(
         policy=model, logprobs_fn=completion_logprobs, peft_backend=stage.peft, device=run.accelerator.device,
         run_dir=str(run.output_dir), stage=stage, autocast=run.accelerator.autocast,
-        collate_fn=stage_collate(stage, run.tokenizer.pad_token_id)))
+        collate_fn=stage_collate(stage, run.tokenizer.pad_token_id), pad_token_id=run.tokenizer.pad_token_id,
+        share_prompt=stage.config.train.share_prompt))
     plan = algorithm.setup(AlgorithmContext(run=run, policy=model, position=position))
+    give_judges_tokenizer(stage, run.tokenizer)  # judges built by the algorithm's setup included
     module = plan.module
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not named:
@@ -124,6 +128,7 @@ def save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sched
     state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps}
     checkpoint_writing.write_atomically(target, run.accelerator.unwrap_model(model), run.tokenizer, state,
                                 extra=lambda d: {**resume.save_training_state(d, optimizer, scheduler, position),
+                                                 **reference_state.save(d, run.stage.reference),
                                                  **(extra_state or {})},
                                 state_dict=weights)
     checkpoint_writing.prune(directory, run.stage.config.train.keep_checkpoints)
@@ -154,7 +159,8 @@ def _save_sharded_checkpoint(run: RunState, model: torch.nn.Module, optimizer: A
             config.save_pretrained(temporary)
         if run.tokenizer is not None:
             run.tokenizer.save_pretrained(temporary)
-        full = {**state, **resume.save_sharded_main(temporary, scheduler, position), **(extra_state or {})}
+        full = {**state, **resume.save_sharded_main(temporary, scheduler, position),
+                **reference_state.save(temporary, run.stage.reference), **(extra_state or {})}
         (temporary / "trainer_state.json").write_text(json.dumps(full, indent=2))
 
     checkpoint_writing.write_sharded_atomically(
@@ -225,8 +231,7 @@ def finish_stage(run: RunState, model: torch.nn.Module, metrics_file: MetricsFil
         report(run.stage.name, before, after)
     call_hook("on_run_end", run=run, metrics=final)
     policy = run.stage.algorithm.policy_of(unwrapped)
-    release = getattr(run.stage.peft, "release", None)
-    return (release(policy) if release else policy), final
+    return run.stage.peft.release(policy), final  # the protocol's default returns it unchanged
 
 
 def _logged_evaluation(run: RunState, step: int) -> dict[str, float]:
@@ -252,7 +257,11 @@ def _resume(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: An
     else:
         algorithm.load_weights(run.accelerator.unwrap_model(model), directory)
         position = resume.load_training_state(directory, optimizer, scheduler)
-    algorithm.load_state_dict(resume.read_trainer_state(directory).get("algorithm", {}))
+    trainer_state = resume.read_trainer_state(directory)
+    algorithm.load_state_dict(trainer_state.get("algorithm", {}))
+    # After the reference's setup (which saw the policy before the checkpoint's weights): a reference
+    # that follows training (ema) continues from its checkpointed state, not from a fresh copy.
+    reference_state.load(directory, trainer_state, run.stage.reference)
     run.step = position.step
     log.info("stage '%s': resumed from %s (step %d)", run.stage.name, directory, run.step)
     return position
@@ -292,6 +301,9 @@ def train_stage(run: RunState, model: torch.nn.Module,
     with stop_on_signals(run), contextlib.closing(algorithm):  # close(): a colocated engine frees its memory
         while run.step < run.total_steps and not run.should_stop:
             started = time.perf_counter()
+            # The rate this step's updates use: the schedule steps after each update, so reading it
+            # afterwards would log the next step's rate.
+            learning_rate = scheduler.get_last_lr()[0]
             result = algorithm.train_step(services)
             # The step's data (and sampling RNG) is used up even when the guard skipped every update:
             # a checkpoint after it must not hand the same batch out again.
@@ -300,7 +312,7 @@ def train_stage(run: RunState, model: torch.nn.Module,
                 continue  # every update of the step was skipped by the guard: the step does not count
             run.step += 1
             last = dict(result.metrics)
-            last["learning_rate"] = scheduler.get_last_lr()[0]
+            last["learning_rate"] = learning_rate
             last["nonfinite_steps_skipped"] = guard.skipped
             last["seconds_per_step"] = time.perf_counter() - started
             call_hook("on_step_end", run=run, step=run.step, metrics=last)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from aligner.config import (
     PluginChoice,
@@ -17,17 +18,24 @@ from aligner.config import (
     StageConfig,
     format_loc,
     key_where,
+    located_option_problems,
+    validate_located,
     validate_plugin_options,
 )
-from aligner.data.loading import Row, load_validated
+from aligner.data.loading import RejectedRow, Row, SourceReport, load_validated
 from aligner.data.packing import check_packing
+from aligner.data.rows import Rows
+from aligner.data.sources import source_label
+from aligner.data.templates import load_template
 from aligner.data.tokenize import TokenizedData
-from aligner.errors import ConfigError
+from aligner.errors import AlignerError, ConfigError, DataError
 from aligner.plugins import get_registry
 from aligner.protocols import PREFERENCE, PROMPT_ONLY, SFT, Requires
 from aligner.references import choose_reference
 
 log = logging.getLogger("aligner")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,6 +56,7 @@ class PreparedStage:
     train_data: TokenizedData | None = None
     eval_data: TokenizedData | None = None
     optimizer: Any = None  # the optimizer plugin (``stages[i].optimizer``); set by ``prepare_stage``
+    rows: StageRows | None = None  # what reading the rows found (rejected rows, per-source reports)
 
     @property
     def name(self) -> str:
@@ -63,12 +72,12 @@ class PreparedStage:
     @property
     def needs_token_logps(self) -> bool:
         """Whether any loss asked for per-token log-probs."""
-        return any(getattr(loss, "needs_token_logps", False) for loss, _ in self.losses)
+        return any(loss.needs_token_logps for loss, _ in self.losses)
 
     @property
     def needs_kl_completions(self) -> bool:
         """Whether any loss reads log-probs of mismatched prompt/completion pairs (KTO's KL estimate)."""
-        return any(getattr(loss, "needs_kl_completions", False) for loss, _ in self.losses)
+        return any(loss.needs_kl_completions for loss, _ in self.losses)
 
     @property
     def forward_kind(self) -> str:
@@ -79,9 +88,9 @@ class PreparedStage:
 def forward_kind_of(losses: list[Any], where: str = "") -> str:
     """The one ``forward_kind`` the losses share (``logprobs`` unless declared, or without losses); a
     ConfigError if they differ."""
-    kinds = {getattr(loss, "forward_kind", "logprobs") for loss in losses} or {"logprobs"}
+    kinds = {loss.forward_kind for loss in losses} or {"logprobs"}
     if len(kinds) > 1:
-        detail = ", ".join(f"{loss.name}: {getattr(loss, 'forward_kind', 'logprobs')}" for loss in losses)
+        detail = ", ".join(f"{loss.name}: {loss.forward_kind}" for loss in losses)
         raise ConfigError(f"{where}losses that need different model forwards cannot share a stage ({detail})")
     return kinds.pop()
 
@@ -96,20 +105,18 @@ def instantiate(kind: str, choice: PluginChoice, loc: tuple, config: RunConfig) 
 
 def _eval_rewards(generate: Any, loc: tuple, config: RunConfig) -> Any:
     """The reward sources that score held-out generations: the one judge, or the listed ``rewards``."""
-    from pydantic import ValidationError
-
-    from aligner.errors import AlignerError
+    from aligner.errors import AlignerError, OptionProblems
     from aligner.online.reward_sources import RewardSourceConfig, RewardSources
 
     if generate.judge is not None:
         return RewardSources.of_judge(instantiate("judge", generate.judge, (*loc, "judge"), config))
     where = f"'{format_loc((*loc, 'rewards'))}'" + config.origin.where((*loc, "rewards"))
+    sources = [validate_located(RewardSourceConfig, r, (*loc, "rewards", i), config.origin, "reward source")
+               for i, r in enumerate(generate.rewards)]
     try:
-        return RewardSources([RewardSourceConfig.model_validate(r) for r in generate.rewards], timeout=None)
-    except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                           for e in exc.errors())
-        raise ConfigError(f"invalid reward source in {where}: {detail}") from None
+        return RewardSources(sources, timeout=None)
+    except OptionProblems as exc:  # a source's judge: rewards[i].judge.<key>
+        raise located_option_problems(exc, (*loc, "rewards"), config.origin) from None
     except (AlignerError, ValueError) as exc:
         raise ConfigError(f"invalid reward source in {where}: {exc}") from None
 
@@ -176,7 +183,7 @@ def check_requirements(stage: PreparedStage, config: RunConfig) -> None:
     plugins = _stage_plugins(stage)
     for role, entries in plugins.items():
         for plugin, loc in entries:
-            for need in getattr(plugin, "requires", ()):
+            for need in plugin.requires:
                 for other, other_loc in plugins[need.role]:
                     if other is not plugin and not need.satisfied_by(other):
                         raise _unmet(stage, role, plugin, loc, need, other, other_loc, config)
@@ -186,66 +193,152 @@ def reads_only_chosen(losses: list[Any], algorithm: Any) -> bool:
     """Whether a stage with these losses (instances or classes) reads only the chosen completion of a
     preference pair, so its rows can run as ``sft`` rows (the algorithm must train on those too)."""
     return bool(losses) and SFT in algorithm.data_formats and all(
-        SFT in loss.data_formats and tuple(getattr(loss, "preference_completions", ("chosen", "rejected"))) == ("chosen",)
+        SFT in loss.data_formats and tuple(loss.preference_completions) == ("chosen",)
         for loss in losses)
 
 
 def chosen_as_sft(rows: list[Row]) -> list[Row]:
     """Preference rows as ``sft`` rows of their prompt and chosen completion (same locations)."""
+    if isinstance(rows, Rows):  # loaded rows stay compact (aligner.data.rows)
+        return rows.map_data(lambda d: {"prompt": d["prompt"], "completion": d["chosen"]})
     return [Row({"prompt": r.data["prompt"], "completion": r.data["chosen"]}, r.location) for r in rows]
 
 
-def _split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """``rows`` split into (train, held out): a seeded random ``fraction`` held out, order kept in both."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     cut = int(round(len(rows) * fraction))
     held = set(order[:cut])
+    if isinstance(rows, Rows):  # index arrays over the same compact rows, not lists of decoded ones
+        return rows.select([i for i in range(len(rows)) if i not in held]), rows.select(sorted(held))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
-    """Resolve one stage's plugins and load and validate its rows."""
+class Problems:
+    """Where stage preparation puts what is wrong: raised at once by default (training stops at the
+    first problem, before any model loads), or collected (``aligner data check`` runs the same
+    preparation and reports every problem, every rejected row included)."""
+
+    def __init__(self, collect: bool = False) -> None:
+        self.collecting = collect
+        self.messages: list[str] = []
+
+    def report(self, error: AlignerError) -> None:
+        """Raise ``error``, or keep its message when collecting."""
+        if not self.collecting:
+            raise error
+        self.messages.append(str(error))
+
+    def attempt(self, step: Callable[[], T]) -> T | None:
+        """``step()``, or ``None`` after reporting the ``AlignerError`` it raised (when collecting)."""
+        try:
+            return step()
+        except AlignerError as exc:
+            self.report(exc)
+            return None
+
+
+@dataclass
+class StageRows:
+    """A stage's validated rows, with what reading them found (for ``aligner data check``).
+
+    ``row_format`` is the rows' own format; ``data_format`` the one training runs them as (``sft``
+    for preference rows of a stage whose losses read only the chosen completion). ``train`` is
+    ``None`` when the training data could not be read at all (collected problems say why).
+    """
+
+    row_format: str | None
+    data_format: str | None
+    train: list[Row] | None
+    eval: list[Row]
+    eval_label: str | None = None  # the eval split's source in reports; None: no eval split
+    train_rejected: list[RejectedRow] = field(default_factory=list)
+    eval_rejected: list[RejectedRow] = field(default_factory=list)
+    train_sources: list[SourceReport] = field(default_factory=list)
+    eval_sources: list[SourceReport] = field(default_factory=list)
+
+
+def _format_mismatch(algorithm: Any, stage: StageConfig, index: int, data_format: str) -> ConfigError:
+    """The error for rows whose format the stage's algorithm does not train on, with the key to change."""
+    online = [n for n in get_registry("algorithm").names()
+              if PROMPT_ONLY in get_registry("algorithm").get(n).data_formats]
+    hint = (f"prompt-only data needs an online algorithm: set 'stages[{index}].algorithm.name' to one of "
+            f"{', '.join(online)}" if data_format == PROMPT_ONLY else
+            f"set 'stages[{index}].data.format' if the guess is wrong")
+    return ConfigError(f"algorithm '{algorithm.name}' of stage '{stage.name}' trains on "
+                       f"{'/'.join(algorithm.data_formats)} data, but {source_label(stage.data.train)} is "
+                       f"{data_format} data ({hint})")
+
+
+def load_stage_rows(config: RunConfig, index: int, algorithm: Any, losses: list[Any] | None,
+                    problems: Problems) -> StageRows:
+    """Read and validate a stage's train and eval rows, check their format against ``algorithm`` and
+    run preference rows as ``sft`` rows when ``losses`` read only the chosen completion. ``algorithm``
+    or ``losses`` is ``None`` when it could not be built (collected problems): the checks that need
+    it are skipped."""
     stage = config.stages[index]
-    base = ("stages", index)
-    algorithm = instantiate("algorithm", stage.algorithm, (*base, "algorithm"), config)
-    losses = []
-    for i, choice in enumerate(stage.losses):
-        _refuse_algorithm_as_loss(choice, (*base, "losses", i), config)
-        loss = instantiate("loss", choice, (*base, "losses", i), config)
-        losses.append((loss, choice.weight))
-    forward_kind = forward_kind_of([loss for loss, _ in losses], where=f"stage '{stage.name}': ")
+    data = stage.data
+    collecting = problems.collecting
+    rows = StageRows(None, None, None, [])
+    try:
+        row_format, train = load_validated(data.train, data.format, data.split, data.max_rows,
+                                           rows.train_rejected if collecting else None,
+                                           sources=rows.train_sources)
+    except DataError as exc:
+        problems.report(exc)
+        return rows
+    rows.row_format = rows.data_format = row_format
+    rows.train = train
+    if algorithm is not None and row_format not in algorithm.data_formats:
+        problems.report(_format_mismatch(algorithm, stage, index, row_format))
+    if data.eval is not None:
+        rows.eval_label = source_label(data.eval)
+        try:
+            _, rows.eval = load_validated(data.eval, row_format, data.split,
+                                          collect_errors=rows.eval_rejected if collecting else None,
+                                          sources=rows.eval_sources)
+        except DataError as exc:
+            problems.report(exc)
+    elif data.eval_fraction > 0:
+        rows.train, rows.eval = split_eval(rows.train, data.eval_fraction, config.seed)
+        rows.eval_label = f"{data.eval_fraction:g} of train held out"
+    if (row_format == PREFERENCE and algorithm is not None and losses is not None
+            and reads_only_chosen(losses, algorithm)):
+        # Only chosen completions are trained on (SFT on a preference set): running the rejected ones
+        # too would double the compute and inflate tokens/s for nothing.
+        rows.train, rows.eval = chosen_as_sft(rows.train), chosen_as_sft(rows.eval)
+        rows.data_format = SFT
+        log.info("stage '%s': its losses read only the chosen completions of the preference rows; they run as "
+                 "sft rows (prompt + chosen), the rejected completions are not computed", stage.name)
+    return rows
+
+
+def _build_loss(choice: PluginChoice, loc: tuple, config: RunConfig) -> Any:
+    _refuse_algorithm_as_loss(choice, loc, config)
+    return instantiate("loss", choice, loc, config)
+
+
+def _check_forward_kind(losses: list[Any], stage: StageConfig, index: int) -> None:
+    forward_kind = forward_kind_of(losses, where=f"stage '{stage.name}': ")
     if forward_kind == "reward" and stage.eval.generate is not None:
         raise ConfigError(f"stage '{stage.name}': a reward model cannot generate; remove "
                           f"'stages[{index}].eval.generate' (its held-out metric is eval/accuracy)")
-    data_format, train_rows = load_validated(stage.data.train, stage.data.format, stage.data.split, stage.data.max_rows)
-    if data_format not in algorithm.data_formats:
-        online = [n for n in get_registry("algorithm").names()
-                  if PROMPT_ONLY in get_registry("algorithm").get(n).data_formats]
-        hint = (f"prompt-only data needs an online algorithm: set 'stages[{index}].algorithm.name' to one of "
-                f"{', '.join(online)}" if data_format == PROMPT_ONLY else
-                f"set 'stages[{index}].data.format' if the guess is wrong")
-        raise ConfigError(f"algorithm '{algorithm.name}' of stage '{stage.name}' trains on "
-                          f"{'/'.join(algorithm.data_formats)} data, but {stage.data.train} is {data_format} data ({hint})")
-    if stage.data.eval is not None:
-        _, eval_rows = load_validated(stage.data.eval, data_format, stage.data.split)
-    elif stage.data.eval_fraction > 0:
-        train_rows, eval_rows = _split_eval(train_rows, stage.data.eval_fraction, config.seed)
-    else:
-        eval_rows = []
-    if data_format == PREFERENCE and reads_only_chosen([loss for loss, _ in losses], algorithm):
-        # Only chosen completions are trained on (SFT on a preference set): running the rejected ones
-        # too would double the compute and inflate tokens/s for nothing.
-        train_rows, eval_rows = chosen_as_sft(train_rows), chosen_as_sft(eval_rows)
-        data_format = SFT
-        log.info("stage '%s': its losses read only the chosen completions of the preference rows; they run as "
-                 "sft rows (prompt + chosen), the rejected completions are not computed", stage.name)
+
+
+def _resolve_rest(config: RunConfig, index: int, algorithm: Any, losses: list[tuple[Any, float]],
+                  rows: StageRows) -> PreparedStage:
+    """The plugins that depend on the rows (PEFT backend, reference, held-out scoring, optimizer), the
+    prepared stage, and every plugin's own check of it."""
+    stage = config.stages[index]
+    base = ("stages", index)
     needs_reference = algorithm.needs_reference(losses)
-    scores_extra = any(getattr(loss, "needs_kl_completions", False) for loss, _ in losses)
+    scores_extra = any(loss.needs_kl_completions for loss, _ in losses)
     # The backend first: whether it adds adapters decides what 'reference: auto' picks.
     peft = instantiate("peft backend", stage.peft, (*base, "peft"), config)
-    reference_name = choose_reference(stage.reference.name, needs_reference, data_format, stage.peft.name,
+    reference_name = choose_reference(stage.reference.name, needs_reference, rows.data_format, stage.peft.name,
                                       scores_extra_sequences=scores_extra,
-                                      peft_adds_adapters=getattr(peft, "adds_adapters", None))
+                                      peft_adds_adapters=peft.adds_adapters)
     if needs_reference and reference_name == "none":
         needing = [loss.name for loss, _ in losses if loss.needs_reference]
         raise ConfigError(f"stage '{stage.name}': reference 'none' was chosen but "
@@ -256,24 +349,66 @@ def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
     eval_rewards = None
     if stage.eval.generate is not None:
         eval_rewards = _eval_rewards(stage.eval.generate, (*base, "eval", "generate"), config)
-        if not eval_rows:
+        if not rows.eval:
             raise ConfigError(f"stage '{stage.name}': eval.generate needs held-out prompts; set "
                               f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
     optimizer = instantiate("optimizer", stage.optimizer, (*base, "optimizer"), config)
-    prepared = PreparedStage(index, stage, data_format, algorithm, losses, reference_name, reference, peft,
-                             eval_rewards, train_rows, eval_rows, optimizer=optimizer)
+    prepared = PreparedStage(index, stage, rows.data_format, algorithm, losses, reference_name, reference, peft,
+                             eval_rewards, rows.train, rows.eval, optimizer=optimizer, rows=rows)
     check_requirements(prepared, config)
     check_packing(prepared)  # before any model loads, also for a later stage of a multi-stage run
     algorithm.check_stage(prepared)
-    check_optimizer = getattr(optimizer, "check_stage", None)  # optional: refuse a stage it cannot train
-    if check_optimizer is not None:
-        check_optimizer(prepared)
+    optimizer.check_stage(prepared)  # refuses a stage it cannot train (the default accepts)
     # Losses may look at the validated data (class balance, batch size) and warn before any training.
     for loss, _ in losses:
-        check = getattr(loss, "check_stage", None)
-        if check is not None:
-            check(prepared)
+        loss.check_stage(prepared)
     return prepared
+
+
+def prepare_stage_collecting(config: RunConfig, index: int,
+                             problems: Problems) -> tuple[PreparedStage | None, StageRows]:
+    """Resolve one stage's plugins and load and validate its rows, reporting each problem to
+    ``problems``: every step that can still run does. The prepared stage is ``None`` when some plugin
+    or the training rows could not be built (only when collecting; the problems say why)."""
+    stage = config.stages[index]
+    base = ("stages", index)
+    algorithm = problems.attempt(lambda: instantiate("algorithm", stage.algorithm, (*base, "algorithm"), config))
+    built = [problems.attempt(lambda i=i, c=c: _build_loss(c, (*base, "losses", i), config))
+             for i, c in enumerate(stage.losses)]
+    losses = None if None in built else [(loss, choice.weight) for loss, choice in zip(built, stage.losses, strict=True)]
+    if losses is not None:
+        problems.attempt(lambda: _check_forward_kind([loss for loss, _ in losses], stage, index))
+    rows = load_stage_rows(config, index, algorithm, None if losses is None else [loss for loss, _ in losses],
+                           problems)
+    if algorithm is None or losses is None or rows.train is None:
+        return None, rows
+    return problems.attempt(lambda: _resolve_rest(config, index, algorithm, losses, rows)), rows
+
+
+def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
+    """Resolve one stage's plugins and load and validate its rows; the first problem raises.
+
+    ``aligner data check`` runs the same preparation collecting every problem
+    (``prepare_stage_collecting``)."""
+    prepared, _ = prepare_stage_collecting(config, index, Problems())
+    assert prepared is not None  # without collecting, whatever left it unbuilt has raised
+    return prepared
+
+
+def stage_template(stage: StageConfig, index: int, chat_rows: bool, tokenizer: Any) -> Any:
+    """The template ``stages[index]``'s rows render with (training and ``aligner data check`` alike);
+    an ``AlignerError`` names the stage and its key."""
+    try:
+        return load_template(stage.data.template, tokenizer, chat_data=chat_rows)
+    except AlignerError as exc:
+        # Say which stage's setting it is; the template module only knows the name.
+        raise type(exc)(f"stage '{stage.name}' ('stages[{index}].data.template'): {exc}") from None
+
+
+def is_chat(*splits: list[Row] | None) -> bool:
+    """Whether a stage's rows hold chat messages (either split: chat eval rows need a chat template
+    as much as chat train rows do)."""
+    return any(bool(rows) and isinstance(rows[0].data.get("prompt"), list) for rows in splits)
 
 
 def prepare_stages(config: RunConfig) -> list[PreparedStage]:
