@@ -18,15 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from aligner.config import RunConfig, dump_config, key_where, load_config
 from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.tokenize import prompt_token_limit, tokenize_rows
-from aligner.errors import AlignerError, ConfigError
+from aligner.errors import ConfigError
 from aligner.plugins import call_hook, temporary_plugin
+from aligner.training.distributed import build_accelerator, launch_is_main_process, on_main_then_shared
 from aligner.training.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.training.run_dir import check_output_dir, discard_if_untouched, start_run
 from aligner.training.run_state import RunResult, RunState
@@ -64,63 +64,6 @@ def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
             stage.eval_data = tokenized
 
 
-def _multi_process_cpu() -> bool:
-    """Several processes (torchrun) and no GPU: accelerate needs ``cpu=True`` to join them with gloo.
-
-    FSDP and DeepSpeed need accelerators; launched on CPUs with their accelerate config, the
-    processes run as plain data parallel (every process holds the whole model), which is said.
-    """
-    import os
-
-    import torch
-
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    sharded = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-               if os.environ.get(flag, "").lower() in ("1", "true")]
-    if multi_cpu and sharded and not _fsdp2_requested() and int(os.environ.get("RANK", "0")) == 0:
-        log.warning("%s needs GPUs: on CPUs the %s processes run as data parallel over gloo, each holding the "
-                    "whole model (FSDP2, fsdp_version: 2, does run on CPUs)", sharded[0], os.environ["WORLD_SIZE"])
-    return multi_cpu
-
-
-def _fsdp2_requested() -> bool:
-    """Whether the launch asks for FSDP2 (accelerate's FSDP config with ``fsdp_version: 2``)."""
-    import os
-
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and os.environ.get("FSDP_VERSION") == "2"
-
-
-def _accelerator(precision: str) -> Any:
-    """The run's ``Accelerator``; FSDP2 is switched on for processes on CPUs too.
-
-    accelerate turns FSDP on for GPU processes only, but torch's FSDP2 (``fully_shard``) runs on gloo:
-    with several CPU processes and an FSDP2 config, the model and optimizer are sharded as on GPUs
-    (tests/test_fsdp.py trains, kills, resumes and compares such a run).
-    """
-    from accelerate import Accelerator
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    multi_cpu = _multi_process_cpu()
-    accelerator = Accelerator(mixed_precision=_precision(precision), cpu=multi_cpu)
-    if multi_cpu and _fsdp2_requested():
-        # Both shared states: AcceleratorState copies PartialState's fields whenever it is built again.
-        PartialState().distributed_type = DistributedType.FSDP
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    return accelerator
-
-
-def _precision(requested: str) -> str:
-    import torch
-
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
 def _output_where(config: RunConfig, given: str | Path | None) -> str:
     """Where ``output_dir`` came from, for errors: the argument (``--output-dir``) or the config's line."""
     if given is not None:
@@ -146,31 +89,7 @@ def _resume_plan(stages: list[PreparedStage], out: Path, accelerator: Any) -> Re
             result[stage.name] = (finished, None if finished else latest_checkpoint(out / stage.name))
         return result
 
-    return _on_main_then_shared(accelerator, plan)
-
-
-def _on_main_then_shared(accelerator: Any, compute: Any) -> Any:
-    """Run ``compute`` on the main process only and hand its result, or its error, to every process.
-
-    An error raised on one process while the others wait at a collective would hang the run under
-    launchers that do not tear the group down: here every process raises it together.
-    """
-    outcome: list[Any] = [None, None]
-    if accelerator.is_main_process:
-        try:
-            outcome = [compute(), None]
-        except Exception as exc:  # handed on below, then raised on every process
-            outcome = [None, exc]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(outcome, from_process=0)
-    if outcome[1] is not None:
-        error = outcome[1]
-        if accelerator.is_main_process or isinstance(error, AlignerError):
-            raise error
-        raise AlignerError(f"stopped: the main process failed: {error}")
-    return outcome[0]
+    return on_main_then_shared(accelerator, plan)
 
 
 def _restore_finished_stage(stage: PreparedStage, model: Any, out: Path) -> tuple[Any, dict[str, float]]:
@@ -264,7 +183,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     out = Path(resolved.output_dir)
     where = _output_where(resolved, output_dir)
     # Only the main process writes; RANK is set by torchrun before any accelerator exists.
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = launch_is_main_process()
     check_output_dir(out, where, resolved.resume, overwrite, main_process=main_process)
     # 'auto' resumes only a run that is there; a fresh run has nothing to verify or continue.
     resuming = bool(resolved.resume) and (out / "config.yaml").is_file()
@@ -272,7 +191,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     for stage in stages:
         tokenize_stage(stage, tokenizer)
 
-    accelerator = _accelerator(resolved.precision)
+    accelerator = build_accelerator(resolved.precision)
     plan = _resume_plan(stages, out, accelerator) if resuming else {}
     set_seed(resolved.seed)
     kind = kinds.pop()
@@ -282,7 +201,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     apply_threads(resolved.threads)
 
     # Every check passed and the model loaded: only now is an earlier run replaced and config.yaml written.
-    created = bool(_on_main_then_shared(accelerator, lambda: start_run(
+    created = bool(on_main_then_shared(accelerator, lambda: start_run(
         out, where, replace=overwrite and not resuming, write_config=lambda path: dump_config(resolved, path))))
     created = created and accelerator.is_main_process
     accelerator.wait_for_everyone()

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from aligner.errors import AlignerError
+from aligner.training.distributed import launch_is_main_process
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(args.config, args.overrides, output_dir=args.output_dir, resume=True if args.resume else None,
                    overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
+    if launch_is_main_process():  # once per run, not once per process
         print(f"final model: {result.final_model_dir}")
     return 0
 

@@ -78,17 +78,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(make_config,
 def test_an_fsdp_launch_on_cpus_says_it_runs_as_data_parallel(monkeypatch, caplog):
     import logging
 
-    from aligner.api import _multi_process_cpu
+    from aligner.training.distributed import multi_process_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with caplog.at_level(logging.WARNING, logger="aligner"):
-        assert _multi_process_cpu()
+        assert multi_process_cpu()
     assert "FSDP needs GPUs: on CPUs the 2 processes run as data parallel over gloo" in caplog.text
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="aligner"):
-        assert _multi_process_cpu()
+        assert multi_process_cpu()
     assert caplog.text == ""

@@ -2,7 +2,7 @@
 
 accelerate (1.15) turns FSDP on only where there are accelerators: ``Accelerator(cpu=True)`` gives
 plain multi-CPU data parallel even when launched with the FSDP config. torch's FSDP2 itself runs on
-gloo, so aligner (``aligner.api._accelerator``) switches accelerate's state to FSDP with the plugin
+gloo, so aligner (``aligner.training.distributed.build_accelerator``) switches accelerate's state to FSDP with the plugin
 that the config's environment describes (``FSDP_VERSION=2``, ...) when several CPU processes ask for
 FSDP2. This is the product's own path, end to end: ``accelerator.prepare`` shards the model with
 ``fully_shard``, the runner checkpoints every process's shard, resume loads them.

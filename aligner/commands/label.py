@@ -29,32 +29,22 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from aligner.commands.jsonl_output import append_lines, check_output, done_indices, drop_torn_line
-from aligner.config import ModelConfig, Strict, read_config_source, resolve_config_path, validation_error
+from aligner.commands.prompt_sampling import PromptSamplingConfig, load_for_sampling
+from aligner.config import read_config_source, resolve_config_path, validation_error
 from aligner.errors import ConfigError, os_error
 
 log = logging.getLogger("aligner")
 
 
-class LabelConfig(Strict):
+class LabelConfig(PromptSamplingConfig):
     """What ``aligner label`` samples from, how, and which judge decides."""
 
     output: str = Field(description="the preference JSONL to write (appended to; resumable)")
-    model: ModelConfig
-    tokenizer: str | None = Field(None, description="'builtin', a directory; default: the model's")
-    prompts: str = Field(description="prompt-only rows (JSONL, or anything aligner reads)")
-    split: str = "train"
-    max_prompts: int | None = Field(None, gt=0)
-    template: str = "plain"
-    max_prompt_length: int = Field(256, gt=0)
     judge: dict[str, Any]
     pairwise: bool = Field(False, description="compare every pair with the judge's 'compare' (needs one)")
     min_margin: float = Field(1e-6, ge=0, description="best and worst scores closer than this are a tie")
     num_completions: int = Field(4, ge=2)
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, gt=0, description="prompts per chunk (each sampled num_completions times)")
-    seed: int = 0
 
     @field_validator("judge")
     @classmethod
@@ -97,30 +87,6 @@ def pairwise_wins(judge: Any, prompt: str, completions: list[str]) -> list[float
         wins[i] += p
         wins[j] += 1.0 - p
     return wins
-
-
-def load_for_sampling(config: Any, rows: list[Any]) -> tuple[Any, Any, Any, Any]:
-    """What ``label`` and ``revise`` sample with: the tokenizer, the template, ``rows`` tokenized as
-    prompts, and the model on its device (seeded, torch threads set as for a training run).
-
-    ``config`` has the fields of a ``LabelConfig`` that name the model, tokenizer, template and lengths.
-    """
-    from accelerate.utils import set_seed
-
-    from aligner.data.templates import load_template
-    from aligner.data.tokenize import tokenize_rows
-    from aligner.modeling.loading import load_model, load_tokenizer, pick_device
-    from aligner.training.threads import apply_threads
-
-    tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
-    template = load_template(config.template, tokenizer, chat_data=isinstance(rows[0].data["prompt"], list))
-    tokenized = tokenize_rows(rows, "prompt", tokenizer, template, max_length=config.max_prompt_length + 1,
-                              max_prompt_length=config.max_prompt_length)
-    set_seed(config.seed)
-    apply_threads("auto")  # torch's own default oversubscribes shared CPUs
-    model = load_model(config.model, tokenizer)
-    model.to(pick_device())
-    return tokenizer, template, tokenized, model
 
 
 def label(config: LabelConfig) -> dict[str, int]:

@@ -19,20 +19,19 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from aligner.config import ModelConfig, Strict, read_config_source, resolve_config_path, validation_error
+from aligner.commands.prompt_sampling import PromptSamplingConfig
+from aligner.config import read_config_source, resolve_config_path, validation_error
 from aligner.constitutional.constitution import BUNDLED
 
 
-class ReviseConfig(Strict):
+class ReviseConfig(PromptSamplingConfig):
     """The model that answers, critiques and revises; the prompts; the constitution; sampling settings."""
 
     output: str = Field(description="the SFT JSONL to write (appended to; resumable)")
-    model: ModelConfig
-    tokenizer: str | None = Field(None, description="'builtin', a directory; default: the model's")
-    prompts: str = Field(description="prompt-only rows (JSONL, or anything aligner reads)")
-    split: str = "train"
-    max_prompts: int | None = Field(None, gt=0)
     template: str = Field("plain", description="the data template the answers (and the SFT rows) use")
+    max_prompt_length: int = Field(256, gt=0, description="answer prompts are cut from the left to this")
+    max_new_tokens: int = Field(32, gt=0, description="per answer, critique and revision")
+    temperature: float = Field(1.0, ge=0, description="0 is greedy")
     constitution: str = Field(str(BUNDLED), description="YAML with 'principles' (name, critique, revision)")
     rounds: int = Field(1, ge=1, description="critique-and-revision rounds, each with a principle drawn at random")
     critique_template: str = Field("critique", description="few-shot critique prompt: a shipped name or a YAML path")
@@ -40,13 +39,7 @@ class ReviseConfig(Strict):
     reviser: str | None = Field(None, description=(
         "'module:function' (prompt, answer, principle) -> (critique, revision) used instead of the model for "
         "critiques and revisions (a rule stand-in for models too small to critique); default: the model"))
-    max_prompt_length: int = Field(256, gt=0, description="answer prompts are cut from the left to this")
     max_context_length: int = Field(448, gt=0, description="critique/revision prompts are cut from the left to this")
-    max_new_tokens: int = Field(32, gt=0, description="per answer, critique and revision")
-    temperature: float = Field(1.0, ge=0, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(16, gt=0, description="prompts per chunk (written together)")
-    seed: int = 0
 
 
 def load_revise_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> ReviseConfig:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aligner.commands.jsonl_output import append_lines, check_output, done_indices, drop_torn_line
-from aligner.commands.label import load_for_sampling
+from aligner.commands.prompt_sampling import load_for_sampling
 from aligner.constitutional.config import ReviseConfig
 from aligner.constitutional.constitution import Principle, load_constitution
 from aligner.constitutional.templates import critique_prompt, load_few_shot_template, revision_prompt

@@ -2,8 +2,8 @@
 
 A million short rows as Python objects (a ``Row`` with a dict of strings and a location string each)
 take about a kilobyte apiece: a gigabyte before anything is tokenized. Here a source's validated rows
-are kept as ``RowBlock``: every row's dict serialized into one buffer (pickle; the bytes are made and
-read in this process only, never stored), its byte offsets, and its position in the source (the
+are kept as ``RowBlock``: every row's dict serialized into one buffer (compact JSON: rows come from
+JSON or Arrow data, so nothing is lost; anything else is kept as its text), its byte offsets, and its position in the source (the
 line of a JSON Lines file, the row of a dataset) as an int array. ``Rows`` is the read-only sequence
 the rest of aligner sees: ``rows[i]`` decodes one ``Row`` with the same ``data`` and the same
 ``location`` (``"train.jsonl, line 7"``) that a list of rows held, so every located message is
@@ -15,13 +15,17 @@ A ``Row`` handed out is a fresh copy: editing its ``data`` changes nothing store
 from __future__ import annotations
 
 import hashlib
-import pickle
+import json
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# JSON rather than pickle: unpickling is never done on data (tests/test_safe_loading.py), even bytes
+# made in this process. A value JSON has no type for (a date in a parquet column) is kept as its text.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
 @dataclass
@@ -49,8 +53,8 @@ class RowBlock:
 
     def data(self, i: int) -> dict[str, Any]:
         """Row ``i``'s validated dict (a fresh copy)."""
-        value = pickle.loads(self.buffer[self.offsets[i]:self.offsets[i + 1]])
-        return dict(zip(self.keys, value, strict=True)) if isinstance(value, tuple) else value
+        value = json.loads(bytes(self.buffer[self.offsets[i]:self.offsets[i + 1]]))
+        return dict(zip(self.keys, value, strict=True)) if isinstance(value, list) else value
 
     def location(self, i: int) -> str:
         """Row ``i``'s location, as error messages write it."""
@@ -90,7 +94,7 @@ class RowBlockBuilder:
             self._keys = tuple(data)
         # A row with the first row's keys (in order) is stored as its values alone.
         value = tuple(data.values()) if tuple(data) == self._keys else data
-        self._buffer += pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        self._buffer += _encode(value).encode()
         self._ends.append(len(self._buffer))
         self._positions.append(position)
 

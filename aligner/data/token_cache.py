@@ -28,12 +28,10 @@ the others wait on the lock and read it: the rows are tokenized once, not once p
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -42,16 +40,15 @@ from typing import Any
 
 import numpy as np
 
+from aligner.data.cache_files import SUFFIX, default_cache_dir, entry_metadata, write_entry
 from aligner.data.examples import CompactExamples, compact_from_arrays, flatten
 from aligner.data.rows import Row, Rows
 from aligner.data.tokenized import COMPLETION_FIELDS, TokenizedData, prompt_for_judge
 from aligner.protocols import UNPAIRED
-from aligner.references.logprob_store import default_cache_dir
 from aligner.version import __version__
 
 log = logging.getLogger("aligner")
 
-SUFFIX = ".safetensors"
 FORMAT_VERSION = "1"
 # Below this many rows tokenizing takes milliseconds: an entry would cost more than it saves.
 MIN_ROWS = 1000
@@ -64,7 +61,7 @@ class CorruptEntry(Exception):
 
 
 def default_token_cache_dir() -> Path:
-    """``tokenized`` beside the reference cache (``aligner.references.logprob_store.default_cache_dir``)."""
+    """``tokenized`` beside the reference cache (``aligner.data.cache_files.default_cache_dir``)."""
     return default_cache_dir("tokenized")
 
 
@@ -307,22 +304,8 @@ class TokenCache:
         from safetensors.numpy import save_file
 
         arrays, info = to_arrays(data)
-        metadata = {"key": key, "format": FORMAT_VERSION, "checksum": _checksum(arrays),
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "info": json.dumps(info, sort_keys=True)}
-        temporary = None
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".tmp-{key[:16]}-", suffix=SUFFIX, dir=self.directory)
-            os.close(handle)
-            save_file(arrays, temporary, metadata=metadata)
-            with open(temporary, "rb") as written:
-                os.fsync(written.fileno())
-            os.replace(temporary, self.path(key))
-        finally:
-            if temporary is not None and os.path.exists(temporary):
-                os.unlink(temporary)
-        return self.path(key)
+        metadata = entry_metadata(key, FORMAT_VERSION, _checksum(arrays), info)
+        return write_entry(self.directory, key, lambda path: save_file(arrays, path, metadata=metadata))
 
 
 def resolve(cache: TokenCache | bool | None, n_rows: int) -> TokenCache | None:
@@ -384,12 +367,15 @@ def cached_tokenize(rows: Sequence[Row], data_format: str, tokenizer: Any, templ
     key = cache_key(rows, data_format, tokenizer, template, max_length, max_prompt_length)
     if key is None:
         return build()
-    hit = store.path(key).exists() and _load_entry(store, key, rows)
-    if not hit:
+    present = store.path(key).exists()
+    hit = _load_entry(store, key, rows) if present else None
+    if hit is None:
         with building(store, key):
-            # Another process may have written it while this one waited for the lock.
-            hit = store.path(key).exists() and _load_entry(store, key, rows)
-            if not hit:
+            # Another process may have written it while this one waited for the lock (a damaged
+            # entry, already warned about, is rebuilt without reading it again).
+            if not present and store.path(key).exists():
+                hit = _load_entry(store, key, rows)
+            if hit is None:
                 data = build()
                 try:
                     store.save(key, data)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
 from aligner.config import ModelConfig, RunConfig, TinyModelConfig, TrainConfig
 from aligner.errors import ConfigError
+from aligner.training.distributed import launch_is_main_process
 
 log = logging.getLogger("aligner")
 
@@ -148,7 +148,7 @@ def _model_dtype(config: ModelConfig) -> torch.dtype:
     """The resolved ``model.dtype``, after checking the attention implementation can run in it."""
     dtype = resolve_dtype(config.dtype)
     check_attn_implementation(config, dtype)
-    if config.dtype == "auto" and os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+    if config.dtype == "auto" and launch_is_main_process():  # once per run, not once per process
         log.info("model dtype: %s (model.dtype: auto)", str(dtype).removeprefix("torch."))
     return dtype
 
@@ -240,7 +240,7 @@ def apply_training_switches(model: torch.nn.Module, train: TrainConfig) -> None:
     # without an accelerator): offloading is skipped, and the log says so.
     offload = train.activation_offload and torch.accelerator.is_available()
     set_gradient_checkpointing(model, train.gradient_checkpointing, offload=offload)
-    if train.gradient_checkpointing and os.environ.get("RANK", "0") == "0":  # once per stage, not per process
+    if train.gradient_checkpointing and launch_is_main_process():  # once per stage, not per process
         note = {(True, True): ", inputs offloaded to CPU", (True, False): "; activation_offload: nothing to offload "
                 "without an accelerator"}.get((train.activation_offload, offload), "")
         log.info("gradient checkpointing: on (non-reentrant%s)", note)

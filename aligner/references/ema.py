@@ -30,7 +30,6 @@ parameters cannot be swapped for a whole copy.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,14 +40,7 @@ from aligner.errors import ConfigError
 from aligner.hookspecs import hookimpl
 from aligner.protocols import Options, ReferenceContext, ReferenceStep, SequenceLogProbs
 from aligner.training.checkpoint_manifest import CheckpointError
-
-
-def _sharded_launch() -> str | None:
-    """``FSDP`` or ``DeepSpeed`` when ``accelerate launch`` set this process up for sharded weights."""
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
-            return name
-    return None
+from aligner.training.distributed import sharded_launch
 
 
 class EMAReference:
@@ -78,7 +70,7 @@ class EMAReference:
         stage = context.stage
         if stage is not None and getattr(stage, "index", None) is not None:
             self.stage_key = f"stages[{stage.index}].reference"
-        sharded = _sharded_launch()
+        sharded = sharded_launch()
         if sharded:
             raise ConfigError(f"reference 'ema' ('{self.stage_key}') runs on one process or DDP, not {sharded}: "
                               "its weights are sharded and cannot be swapped for a whole copy; use reference "

@@ -19,11 +19,8 @@ complete, correct file (the last writer's sequences); readers never see a partia
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,23 +28,14 @@ from typing import Any
 
 import torch
 
+from aligner.data.cache_files import SUFFIX, default_cache_dir, entry_metadata, write_entry
 from aligner.errors import PathError, os_error
 
-SUFFIX = ".safetensors"
 FORMAT_VERSION = "1"
 
 
 class CorruptEntry(Exception):
     """A cache entry that is truncated, unreadable or fails its checksum."""
-
-
-def default_cache_dir(kind: str = "reference") -> Path:
-    """Where aligner caches ``kind`` (``reference`` log-probs, ``tokenized`` data):
-    ``$ALIGNER_CACHE_DIR/KIND``, else ``$XDG_CACHE_HOME/aligner/KIND``, else ``~/.cache/aligner/KIND``."""
-    if os.environ.get("ALIGNER_CACHE_DIR"):
-        return Path(os.environ["ALIGNER_CACHE_DIR"]) / kind
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "aligner" / kind
 
 
 def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -74,7 +62,7 @@ class ReferenceCache:
     """The entries in one directory."""
 
     def __init__(self, directory: str | Path | None = None):
-        self.directory = Path(directory) if directory else default_cache_dir()
+        self.directory = Path(directory) if directory else default_cache_dir("reference")
 
     def path(self, key: str) -> Path:
         """Where the entry ``key`` lives."""
@@ -110,24 +98,11 @@ class ReferenceCache:
         tensors = {"fingerprints": fingerprints.to(torch.int64).contiguous().cpu(),
                    "logps": logps.to(torch.float32).contiguous().cpu(),
                    "num_tokens": num_tokens.to(torch.int64).contiguous().cpu()}
-        metadata = {"key": key, "format": FORMAT_VERSION, "checksum": _tensor_checksum(tensors),
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "info": json.dumps(info or {}, sort_keys=True)}
-        temporary = None
+        metadata = entry_metadata(key, FORMAT_VERSION, _tensor_checksum(tensors), info)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".tmp-{key[:16]}-", suffix=SUFFIX, dir=self.directory)
-            os.close(handle)
-            save_file(tensors, temporary, metadata=metadata)
-            with open(temporary, "rb") as written:
-                os.fsync(written.fileno())
-            os.replace(temporary, self.path(key))
+            return write_entry(self.directory, key, lambda path: save_file(tensors, path, metadata=metadata))
         except OSError as exc:  # a full disk, a read-only or misplaced cache directory
             raise os_error(exc, self.directory, "could not write the reference cache") from exc
-        finally:
-            if temporary is not None and os.path.exists(temporary):
-                os.unlink(temporary)
-        return self.path(key)
 
     def remove(self, key: str) -> bool:
         """Delete an entry; ``False`` if it was not there."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from aligner.training.checkpoint_manifest import (
     verify_checkpoint,
 )
 from aligner.training.checkpoint_writing import complete_checkpoints
+from aligner.training.distributed import launch_is_main_process
 
 log = logging.getLogger("aligner")
 
@@ -86,7 +86,7 @@ def save_training_state(directory: Path, optimizer: Any, scheduler: Any, positio
 
 def _main_process() -> bool:
     # Every process of a torchrun launch resumes the same directory: one renames and warns.
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch_is_main_process()
 
 
 def _note_unverified(verdict: Verification, stage: str) -> None:

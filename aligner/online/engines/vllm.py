@@ -35,6 +35,7 @@ from aligner.online.engines import GenerationEngine, GenerationRequest, Generati
 from aligner.online.engines.weights import full_weights, lora_problem, save_adapter, save_full
 from aligner.online.sampler import cut_after_eos
 from aligner.protocols import Options
+from aligner.training.distributed import launch_world_size
 
 INSTALL_HINT = "pip install 'aligner-trainer[vllm]'"
 
@@ -77,7 +78,7 @@ class VLLMEngine(GenerationEngine):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"stage '{stage.name}': the generation engine 'vllm' ({where}) needs vLLM, which is "
                               f"not installed: {INSTALL_HINT}")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launch_world_size() > 1:
             raise ConfigError(f"stage '{stage.name}': the generation engine 'vllm' ({where}) runs in one training "
                               f"process only; with several, serve the model (vllm serve) and use openai_server")
         peft = getattr(stage, "peft", None)

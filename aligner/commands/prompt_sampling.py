@@ -1,0 +1,53 @@
+"""What ``aligner label`` and ``aligner revise`` share: a config naming a model, prompt rows and how to
+sample, and loading all of it for sampling.
+
+Each command's config extends ``PromptSamplingConfig`` with its own keys (the judge; the constitution);
+both write a JSONL file that a rerun appends to (``aligner.commands.jsonl_output``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from aligner.config import ModelConfig, Strict
+
+
+class PromptSamplingConfig(Strict):
+    """The keys every prompt-sampling command reads: where to write, the model, the prompts, sampling."""
+
+    output: str = Field(description="the JSONL to write (appended to; resumable)")
+    model: ModelConfig
+    tokenizer: str | None = Field(None, description="'builtin', a directory; default: the model's")
+    prompts: str = Field(description="prompt-only rows (JSONL, or anything aligner reads)")
+    split: str = "train"
+    max_prompts: int | None = Field(None, gt=0)
+    template: str = Field("plain", description="the data template prompts are rendered with")
+    max_prompt_length: int = Field(256, gt=0, description="prompts are cut from the left to this")
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, gt=0, description="prompts per chunk (written together)")
+    seed: int = 0
+
+
+def load_for_sampling(config: PromptSamplingConfig, rows: list[Any]) -> tuple[Any, Any, Any, Any]:
+    """What ``label`` and ``revise`` sample with: the tokenizer, the template, ``rows`` tokenized as
+    prompts, and the model on its device (seeded, torch threads set as for a training run)."""
+    from accelerate.utils import set_seed
+
+    from aligner.data.templates import load_template
+    from aligner.data.tokenize import tokenize_rows
+    from aligner.modeling.loading import load_model, load_tokenizer, pick_device
+    from aligner.training.threads import apply_threads
+
+    tokenizer = load_tokenizer(config)  # reads .tokenizer and .model like a RunConfig
+    template = load_template(config.template, tokenizer, chat_data=isinstance(rows[0].data["prompt"], list))
+    tokenized = tokenize_rows(rows, "prompt", tokenizer, template, max_length=config.max_prompt_length + 1,
+                              max_prompt_length=config.max_prompt_length)
+    set_seed(config.seed)
+    apply_threads("auto")  # torch's own default oversubscribes shared CPUs
+    model = load_model(config.model, tokenizer)
+    model.to(pick_device())
+    return tokenizer, template, tokenized, model
