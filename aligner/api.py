@@ -34,6 +34,8 @@ from aligner.training.stages import PreparedStage, instantiate, is_chat, prepare
 
 log = logging.getLogger("aligner")
 
+IN_MEMORY = "<in-memory object>"  # what the config holds for a model= or tokenizer= object while it loads
+
 
 def tokenize_stage(stage: PreparedStage, tokenizer: Any) -> None:
     """Tokenize a stage's train and eval rows and log what truncation dropped."""
@@ -162,12 +164,19 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     )
     from aligner.training.threads import apply_threads
 
-    given = []  # objects replace what the config would load; the config names them (for the card, the log)
+    # Objects replace what the config would load. The config may leave model/tokenizer out: a
+    # placeholder satisfies its schema (and no path check), then the resolved config names the objects
+    # by where they came from (for config.yaml, the model card and the log).
+    given = []
     if model is not None:
-        given += [f"model.path={object_label(model)}", "model.tiny=null"]
+        given += [f"model.path={IN_MEMORY}", "model.tiny=null"]
     if tokenizer is not None:
-        given.append(f"tokenizer={object_label(tokenizer)}")
+        given.append(f"tokenizer={IN_MEMORY}")
     resolved = load_config(config, [*overrides, *given])
+    if model is not None:
+        resolved.model.path = object_label(model)
+    if tokenizer is not None:
+        resolved.tokenizer = object_label(tokenizer)
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
     if resume is not None:

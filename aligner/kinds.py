@@ -89,7 +89,10 @@ class Kind:
         the names filled."""
         filled = []
         for name, default in self.defaults.items():
-            if hasattr(obj, name):
+            method = inspect.isfunction(default) or isinstance(default, classmethod)
+            # ``check_stage = None`` meant "none" when optional members were read with getattr(..., None):
+            # a method set to None still gets the default (a no-op), as such plugins always behaved.
+            if hasattr(obj, name) and not (method and getattr(obj, name) is None):
                 continue
             if not isinstance(obj, type) and (inspect.isfunction(default) or isinstance(default, classmethod)):
                 default = default.__get__(obj, type(obj))  # an instance registered: bind the method to it
@@ -100,7 +103,8 @@ class Kind:
     def not_methods(self, obj: Any) -> list[str]:
         """Members that must be methods but are not: the required ones, and optional ones whose
         default is a method."""
-        optional = [n for n, d in self.defaults.items() if inspect.isfunction(d) or isinstance(d, classmethod)]
+        optional = [n for n, d in self.defaults.items() if (inspect.isfunction(d) or isinstance(d, classmethod))
+                    and getattr(obj, n, None) is not None]  # None: absent, filled with the default
         return [m for m in (*self.methods, *optional) if hasattr(obj, m) and not callable(getattr(obj, m))]
 
 

@@ -54,3 +54,14 @@ def test_a_model_without_the_head_the_losses_need_is_refused_before_anything_is_
     with pytest.raises(ConfigError, match="model= is a LlamaForSequenceClassification without a language-model head"):
         aligner.train(config, model=model, tokenizer=tokenizer)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_object_from_a_path_the_config_cannot_see_still_trains(make_config, tmp_path, monkeypatch):
+    """A model loaded from a folder relative to the working directory (or since deleted) is the object
+    passed, not a path to check: the run trains and config.yaml names where it came from."""
+    model, tokenizer = _objects()
+    model.name_or_path = "models/sft: v1"  # relative, not there, and not plain YAML
+    config = make_config("sft", steps=1)
+    del config["model"]
+    result = aligner.train(config, model=model, tokenizer=tokenizer)
+    assert yaml.safe_load((result.output_dir / "config.yaml").read_text())["model"]["path"] == "models/sft: v1"

@@ -265,3 +265,18 @@ def test_plain_string_naming_a_dataset_repo_folder(tmp_path, hub_repo):
     assert data.train == str(hub_repo)
     _, rows = load_validated(data.train, None, data.split)
     assert [r.data["prompt"] for r in rows] == ["test 0", "test 1", "test 2"]
+
+
+def test_an_in_memory_dataset_with_a_numpy_format_gives_plain_rows():
+    """``ds.with_format("numpy")`` hands arrays out (a chat prompt as an array of messages); rows must
+    still be what the row checks expect."""
+    import datasets
+
+    from aligner.config import SourceConfig
+    from aligner.data.loading import load_validated
+
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": "b"} for i in range(3)]
+    dataset = datasets.Dataset.from_list(rows).with_format("numpy")
+    data_format, loaded = load_validated(SourceConfig.model_validate(dataset), None)
+    assert data_format == "preference"
+    assert loaded[0].data["prompt"] == [{"role": "user", "content": "q0"}]

@@ -111,6 +111,22 @@ def test_an_optional_method_that_is_not_callable_is_refused_at_registration():
             get_registry("loss")
 
 
+def test_an_optional_method_set_to_none_means_absent_and_gets_the_default():
+    """Before the defaults were declared, plugins wrote ``check_stage = None`` for "none": they still load."""
+    class Explicit(BareLoss):
+        name = "explicit_none"
+        check_stage = None
+
+    class ExplicitPlugin:
+        @aligner.hookimpl
+        def register_losses(self, register):
+            register(Explicit)
+
+    with temporary_plugin(ExplicitPlugin(), "explicit-plugin"):
+        loss = get_registry("loss").get("explicit_none")
+        assert callable(loss.check_stage) and loss.check_stage(loss(loss.Options()), None) is None
+
+
 def test_every_kind_fills_its_defaults_on_a_bare_class():
     for kind in KINDS:
         bare = type("Bare", (), {m: (lambda self, *a: None) for m in kind.methods})
@@ -205,3 +221,20 @@ def test_pairwise_label_refuses_a_judge_without_compare(tmp_path):
                                 "judge": {"name": "rule", "regex": "hi"}})
     with pytest.raises(ConfigError, match="judge 'rule' has no pairwise 'compare'; set 'pairwise: false'"):
         label(config)
+
+
+def test_a_subclass_of_a_built_in_reference_does_not_inherit_its_place_in_auto():
+    from aligner.protocols import ReferenceNeeds
+    from aligner.references import auto_reference
+    from aligner.references.no_reference import NoReference
+
+    class LoggedNone(NoReference):
+        name = "a_logged_none"  # sorts before "none": it would win a tie
+
+    class LoggedPlugin:
+        @aligner.hookimpl
+        def register_reference_policies(self, register):
+            register(LoggedNone)
+
+    with temporary_plugin(LoggedPlugin(), "logged-none"):
+        assert auto_reference(ReferenceNeeds(needs_reference=False)) == "none"

@@ -208,3 +208,26 @@ def test_ppo_updates_each_count_and_only_the_policy_is_followed(tmp_path):
     assert reference.syncs == 2
     assert set(reference.weights) == set(w[2]) and not any("value_head" in n for n in reference.weights)
     assert all(torch.equal(reference.weights[n], w[2][n]) for n in w[2])
+
+
+def test_the_copy_follows_the_policy_when_the_run_moves_or_casts_it_after_setup():
+    """The run moves the model to its device after the reference's setup (accelerate's prepare): the copy
+    must follow it (here a cast to float64 stands in for ``.to("cuda")``, the same code path)."""
+    from aligner.protocols import ReferenceContext, ReferenceStep
+    from aligner.references.ema import EMAReference
+
+    torch.manual_seed(0)
+    policy = torch.nn.Linear(3, 2)
+    start = policy.weight.detach().clone()
+    reference = EMAReference(EMAReference.Options(alpha=0.5, sync_steps=1))
+    reference.setup(ReferenceContext(policy=policy, logprobs_fn=None, peft_backend=None,
+                                     device=torch.device("cpu"), run_dir="."))
+    policy.to(torch.float64)
+    with torch.no_grad():
+        policy.weight.add_(1.0)
+    with reference.swapped_in() as swapped:
+        out = swapped(torch.ones(1, 3, dtype=torch.float64))  # would fail with a float32 copy
+        assert torch.equal(swapped.weight, start.to(torch.float64))
+    assert out.dtype == torch.float64 and policy.weight.dtype == torch.float64
+    reference.after_optimizer_step(ReferenceStep(policy=policy, updates=1))
+    assert torch.allclose(reference.weights["weight"], start.double() + 0.5)

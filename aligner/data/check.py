@@ -307,7 +307,7 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any, show_tokens: int 
     stage = config.stages[index]
     data = stage.data
     problems = Problems(collect=True)
-    prepared, rows = prepare_stage_collecting(config, index, problems)
+    _, rows = prepare_stage_collecting(config, index, problems)
     if rows.train is None:
         return [SplitReport(stage.name, "train", source_label(data.train), data.format,
                             rejected=rows.train_rejected, problems=problems.messages, sources=rows.train_sources)]
@@ -317,8 +317,7 @@ def check_stage(config: RunConfig, index: int, tokenizer: Any, show_tokens: int 
     every_split = Problems(collect=True)
     template = every_split.attempt(lambda: stage_template(stage, index, is_chat(rows.train[:1], rows.eval[:1]),
                                                           tokenizer))
-    generation = prepared.algorithm.generation_tokens() if prepared is not None else 0
-    max_prompt_length = every_split.attempt(lambda: prompt_token_limit(data, rows.data_format, generation,
+    max_prompt_length = every_split.attempt(lambda: prompt_token_limit(data, rows.data_format, rows.generation_tokens,
                                                                        stage.name, index))
     max_prompt_length = data.max_prompt_length if max_prompt_length is None else max_prompt_length
     trained_as = rows.data_format if rows.data_format != rows.row_format else None

@@ -187,6 +187,9 @@ def _located(loaded: Any, label: str, unit: str = "row", first: int = 0, max_row
     """A ``datasets.Dataset``'s rows, located; only the first ``max_rows`` are read."""
     if max_rows is not None and len(loaded) > max_rows:
         loaded = loaded.select(range(max_rows))
+    # Plain Python values whatever format the dataset was given (numpy, torch, pandas), as
+    # ``to_list`` would give them: the row checks expect strings and lists, not arrays.
+    loaded = loaded.with_format(None)
 
     def rows() -> Iterator[tuple[dict[str, Any], int]]:
         at = first

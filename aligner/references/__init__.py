@@ -38,12 +38,19 @@ def auto_reference(needs: ReferenceNeeds) -> str:
     are generated during training and cannot be precomputed) or a loss that scores sequences made
     during training (KTO's mismatched pairs), on the fly: ``disabled_adapter`` (the base model with
     adapters off, no second copy) when the PEFT backend adds adapters, else ``frozen_copy``. A
-    third-party reference takes part by declaring ``auto_priority`` (and ``usable_for``).
+    third-party reference takes part by declaring ``auto_priority`` (and ``usable_for``) on its own
+    class: a subclass of a built-in does not inherit its place in ``auto``.
     """
     registry = get_registry("reference policy")
-    usable = sorted((-cls.auto_priority, name) for name in registry.names()
-                    if (cls := registry.get(name)).auto_priority is not None and cls.usable_for(needs))
+    usable = sorted((-priority, name) for name in registry.names()
+                    if (priority := _own_auto_priority(cls := registry.get(name))) is not None and cls.usable_for(needs))
     if not usable:
         raise ConfigError(f"no registered reference policy can serve 'reference: auto' for this stage ({needs}); "
                           "name one in 'reference'")
     return usable[0][1]
+
+
+def _own_auto_priority(cls: type) -> int | None:
+    """The ``auto_priority`` ``cls`` declares itself (``None`` when only inherited): a plugin that
+    subclasses ``none`` or ``cached`` to add logging must not silently replace it in ``auto``."""
+    return vars(cls).get("auto_priority")

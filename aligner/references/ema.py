@@ -92,17 +92,27 @@ class EMAReference:
         alpha = self.options.alpha
         params = dict(step.policy.named_parameters())
         with torch.no_grad():
-            for name, ref in self.weights.items():
+            for name in list(self.weights):
                 live = params.get(name)
-                if live is None or live.shape != ref.shape:
+                if live is None or live.shape != self.weights[name].shape:
                     raise RuntimeError(f"reference 'ema': the policy's parameter {name!r} is "
                                        f"{'gone' if live is None else f'of shape {tuple(live.shape)}'} since setup "
-                                       f"(was {tuple(ref.shape)}); sharded training (FSDP, DeepSpeed) is not supported")
+                                       f"(was {tuple(self.weights[name].shape)}); sharded training (FSDP, DeepSpeed) "
+                                       "is not supported")
+                ref = self._beside(name, live)
                 if alpha == 1.0:
                     ref.copy_(live)
                 else:
                     ref.mul_(1 - alpha).add_(live.to(ref.dtype), alpha=alpha)
         self.syncs += 1
+
+    def _beside(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The copy of ``name`` on ``param``'s device and in its dtype. The copy is taken at setup, before
+        the run moves the model to its device (or casts it): it follows the parameter there once."""
+        ref = self.weights[name]
+        if ref.device != param.device or ref.dtype != param.dtype:
+            ref = self.weights[name] = ref.to(device=param.device, dtype=param.dtype)
+        return ref
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[torch.nn.Module]:
@@ -113,10 +123,10 @@ class EMAReference:
         modes = [(m, m.training) for m in self.model.modules()]
         swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         try:
-            for name, ref in self.weights.items():
+            for name in self.weights:
                 param = params[name]
                 swapped.append((param, param.data))
-                param.data = ref
+                param.data = self._beside(name, param)
             self.model.eval()
             yield self.model
         finally:

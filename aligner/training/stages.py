@@ -257,6 +257,7 @@ class StageRows:
     eval_rejected: list[RejectedRow] = field(default_factory=list)
     train_sources: list[SourceReport] = field(default_factory=list)
     eval_sources: list[SourceReport] = field(default_factory=list)
+    generation_tokens: int = 0  # the most tokens the stage's algorithm generates per prompt (0: offline)
 
 
 def _format_mismatch(algorithm: Any, stage: StageConfig, index: int, data_format: str) -> ConfigError:
@@ -380,6 +381,7 @@ def prepare_stage_collecting(config: RunConfig, index: int,
         problems.attempt(lambda: _check_forward_kind([loss for loss, _ in losses], stage, index))
     rows = load_stage_rows(config, index, algorithm, None if losses is None else [loss for loss, _ in losses],
                            problems)
+    rows.generation_tokens = algorithm.generation_tokens() if algorithm is not None else 0
     if algorithm is None or losses is None or rows.train is None:
         return None, rows
     return problems.attempt(lambda: _resolve_rest(config, index, algorithm, losses, rows)), rows
