@@ -310,14 +310,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
            "ALIGNER_CACHE_DIR": str(Path(spec["tmp"]) / f"cache-{time.time_ns()}")}  # a cold reference cache
-    for attempt in (1, 2):
+    for attempt in (1, 2, 3):
+        if attempt > 1:
+            time.sleep(30)
         result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                 text=True, check=False, env=env)
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if result.returncode == 0 and lines:
             return json.loads(lines[-1][len("RESULT "):])
         # On a shared machine a child can fail to start (a library that cannot be mapped while memory is
-        # short for a moment): one more try, then the error.
+        # short for a moment): two more tries, half a minute apart, then the error.
         print(f"  case {spec['name']} failed (attempt {attempt}): {result.stderr.strip()[-300:]}", flush=True)
     raise RuntimeError(f"case {spec['name']} failed:\n{result.stderr[-4000:]}")
 

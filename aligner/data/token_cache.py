@@ -346,6 +346,16 @@ def building(store: TokenCache, key: str) -> Iterator[None]:
         handle.close()
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is now (inode, size, modification time), ``None`` when there is none: an
+    entry replaced by another process has a new identity."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _load_entry(store: TokenCache, key: str, rows: Sequence[Row]) -> TokenizedData | None:
     """The intact entry for ``rows``, or ``None`` (absent; damaged or unreadable, with a warning)."""
     try:
@@ -367,13 +377,14 @@ def cached_tokenize(rows: Sequence[Row], data_format: str, tokenizer: Any, templ
     key = cache_key(rows, data_format, tokenizer, template, max_length, max_prompt_length)
     if key is None:
         return build()
-    present = store.path(key).exists()
-    hit = _load_entry(store, key, rows) if present else None
+    seen = _identity(store.path(key))
+    hit = _load_entry(store, key, rows) if seen is not None else None
     if hit is None:
         with building(store, key):
-            # Another process may have written it while this one waited for the lock (a damaged
-            # entry, already warned about, is rebuilt without reading it again).
-            if not present and store.path(key).exists():
+            # Another process may have written it while this one waited for the lock: read it if the
+            # file is new (a damaged entry, already warned about, is not read again unless replaced).
+            now = _identity(store.path(key))
+            if now is not None and now != seen:
                 hit = _load_entry(store, key, rows)
             if hit is None:
                 data = build()
