@@ -129,5 +129,7 @@ def test_a_resumed_run_continues_the_global_step_axis(tmp_path, monkeypatch):
     files = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2
     rows = [row for f in files for row in history(wait_until_complete(f))]
-    assert [r["global_step"] for r in rows if "sft/loss" in r] == [1, 2]
-    assert [r["global_step"] for r in rows if "dpo/loss" in r] == [3, 4, 5]
+    # Two runs started in the same second sort by their random ids: compare the steps, not the file order
+    # (before the fix the resumed run logged dpo's step 3 again at global step 3: [3, 3, 4]).
+    assert sorted(r["global_step"] for r in rows if "sft/loss" in r) == [1, 2]
+    assert sorted(r["global_step"] for r in rows if "dpo/loss" in r) == [3, 4, 5]

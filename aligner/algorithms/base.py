@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from aligner.protocols import Options
-from aligner.reporting.tracking import to_float
+from aligner.reporting.metrics import to_float
 from aligner.training import reference_state
 from aligner.training.resume import Position, load_weights
 from aligner.training.run_state import RunState

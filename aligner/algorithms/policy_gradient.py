@@ -44,7 +44,7 @@ from aligner.online.policy_loss import (
 )
 from aligner.online.rollout import Rollout, generate_rollout, rows_of, shard, write_samples
 from aligner.online.verifiers import length_penalty
-from aligner.reporting.tracking import to_float
+from aligner.reporting.metrics import to_float
 
 
 class PolicyGradientOptions(RolloutOptions):

@@ -33,7 +33,7 @@ from aligner.online.kl import AdaptiveKLController, FixedKLController, kl_per_to
 from aligner.online.policy_loss import logp_gap, policy_gradient_loss
 from aligner.online.rewards import adjust_scores
 from aligner.online.rollout import generate_rollout, rows_of, shard, write_samples
-from aligner.reporting.tracking import to_float
+from aligner.reporting.metrics import to_float
 from aligner.training.resume import load_weights
 
 

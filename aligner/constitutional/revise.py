@@ -82,7 +82,7 @@ def revise(config: ReviseConfig) -> dict[str, int]:
     """Answer, critique and revise every prompt not yet in the output; return ``revised``/``skipped`` counts."""
     from aligner.data.loading import load_validated
     from aligner.judges.rule import import_callable
-    from aligner.reporting.tracking import Progress
+    from aligner.reporting.metrics import Progress
 
     # Everything a user can get wrong is checked before the model loads.
     principles = load_constitution(config.constitution)

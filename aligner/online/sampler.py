@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from aligner.reporting.tracking import Progress
+from aligner.reporting.metrics import Progress
 
 
 @dataclass

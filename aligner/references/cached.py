@@ -42,7 +42,7 @@ from aligner.hookspecs import hookimpl
 from aligner.protocols import Options, ReferenceContext, ReferenceNeeds, Requires, SequenceLogProbs
 from aligner.references.disabled_adapter import peft_model_of
 from aligner.references.logprob_store import CorruptEntry, Entry, ReferenceCache
-from aligner.reporting.tracking import Progress
+from aligner.reporting.metrics import Progress
 
 log = logging.getLogger("aligner")
 

@@ -6,8 +6,8 @@ import torch
 
 from aligner.data.batching import LengthGroupedBatches, stage_collate, stage_lengths
 from aligner.online.sampler import decode, sample_completions
+from aligner.reporting.metrics import to_float
 from aligner.reporting.samples import write_sample_file
-from aligner.reporting.tracking import to_float
 from aligner.training.micro_batch import compute_losses, move_to
 from aligner.training.run_state import RunState
 

@@ -41,8 +41,8 @@ from aligner.modeling.logprobs import completion_logprobs
 from aligner.online.reward_sources import give_judges_tokenizer
 from aligner.plugins import call_hook
 from aligner.protocols import ReferenceContext
+from aligner.reporting.metrics import MetricsFile, Progress, report
 from aligner.reporting.model_card import write_model_card
-from aligner.reporting.tracking import MetricsFile, Progress, report
 from aligner.training import checkpoint_writing, reference_state, resume
 from aligner.training.guards import NonFiniteGuard
 from aligner.training.run_state import RunState
