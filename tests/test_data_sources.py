@@ -280,3 +280,28 @@ def test_an_in_memory_dataset_with_a_numpy_format_gives_plain_rows():
     data_format, loaded = load_validated(SourceConfig.model_validate(dataset), None)
     assert data_format == "preference"
     assert loaded[0].data["prompt"] == [{"role": "user", "content": "q0"}]
+
+
+def test_a_streamed_repo_folder_gives_the_same_located_rows_and_max_rows_stops_the_stream(tmp_path, hub_repo,
+                                                                                         monkeypatch):
+    """``streaming: true`` reads through datasets' streaming (nothing prepared in its cache folder): the
+    rows and their locations are those of the loaded dataset, and ``max_rows`` fetches only that many."""
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    source = {"path": str(hub_repo), "split": "train_prefs", "streaming": True}
+    config = load_config(write_config(tmp_path, run_config(tmp_path, source)))
+    fmt, rows = load_validated(config.stages[0].data.train, None)
+    assert fmt == "preference" and [r.data["prompt"] for r in rows] == [f"train {i}" for i in range(6)]
+    assert rows[2].location == f"{hub_repo}[train_prefs], row 2"
+    _, first = load_validated(config.stages[0].data.train, None, max_rows=2)
+    assert [r.data["prompt"] for r in first] == ["train 0", "train 1"]
+    assert not list(cache.rglob("*.arrow")), "streaming must not prepare an Arrow copy in the datasets cache"
+
+
+def test_streaming_a_local_file_is_refused_naming_the_key(tmp_path):
+    rows = write_jsonl(tmp_path / "pairs.jsonl", pairs(2, "x"))
+    config = load_config(write_config(tmp_path, run_config(tmp_path, {"path": str(rows), "streaming": True})))
+    with pytest.raises(DataError, match=r"'stages\[0\].data.train.streaming' .*: streaming applies to hub ids"):
+        load_validated(config.stages[0].data.train, None)

@@ -100,6 +100,9 @@ class SourceConfig(Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="{aligner name: source column}")
     weight: float | None = Field(None, gt=0)
     fraction: float | None = Field(None, gt=0)
+    streaming: bool = Field(False, description=(
+        "hub ids and dataset repo folders: read rows as they arrive (datasets' streaming), nothing written "
+        "to the datasets cache; with max_rows only those rows are fetched. Local files are always streamed"))
     # Set by ``load_config``: the config key of this source and where it was written (for errors),
     # and the run's seed (mixtures are drawn with it).
     _key: tuple = PrivateAttr(default=())

@@ -75,10 +75,17 @@ def _read_source(source: Any, split: str, errors: list[RejectedRow] | None,
         return str(source), read_raw(source, split, errors, max_rows)
     split = source.split or split
     if getattr(source, "dataset", None) is not None:
+        if source.streaming:
+            raise DataError(f"{key_text(source, 'streaming')}: an in-memory dataset is already loaded; "
+                            "streaming applies to hub ids and dataset repo folders")
         raw = read_in_memory(source, split, max_rows)
         return raw.label, raw
     path = Path(source.path)
-    if path.exists() and (path.is_file() or is_saved_dataset(path)) and source.data_files is None:
+    single = path.exists() and (path.is_file() or is_saved_dataset(path)) and source.data_files is None
+    if source.streaming and single:
+        raise DataError(f"{key_text(source, 'streaming')}: streaming applies to hub ids and dataset repo folders; "
+                        f"{source} is read a row at a time already (max_rows reads only what it uses)")
+    if single:
         if source.subset:
             raise DataError(f"{key_text(source, 'subset')}: {path} is a single dataset; 'subset' only applies "
                             "to dataset repo folders and hub ids")

@@ -306,11 +306,39 @@ def load_dataset_source(source: Any, split: str, max_rows: int | None = None) ->
         kwargs["revision"] = source.revision
     if source.data_files is not None:
         kwargs["data_files"] = source.data_files
+    if source.streaming:
+        kwargs["streaming"] = True
     try:
         loaded = datasets.load_dataset(path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets and the hub client raise many types
         raise DataError(_load_failure(source, path, split, local, exc)) from None
+    if source.streaming:
+        return _located_stream(loaded, label, source, max_rows)
     return _located(loaded, label, max_rows=max_rows)
+
+
+def _located_stream(loaded: Any, label: str, source: Any, max_rows: int | None) -> RawRows:
+    """A streamed ``datasets.IterableDataset``'s rows, located like a loaded one's (``label, row N``);
+    only the first ``max_rows`` are fetched. A failure while streaming names the source's key."""
+    if max_rows is not None:
+        loaded = loaded.take(max_rows)
+    loaded = loaded.with_format(None)  # plain Python values, as for a loaded dataset
+
+    def rows() -> Iterator[tuple[dict[str, Any], int]]:
+        at = 0
+        iterator = iter(loaded)
+        while True:
+            try:
+                row = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - a network or file error mid-stream
+                raise DataError(f"{key_text(source)}: streaming {label} failed at row {at}: "
+                                f"{type(exc).__name__}: {exc}") from None
+            yield dict(row), at
+            at += 1
+
+    return RawRows(label, "row", rows())
 
 
 def _load_failure(source: Any, path: str, split: str, local: bool, exc: Exception) -> str:
@@ -384,6 +412,7 @@ class FolderSource:
     subset: str | None = None
     revision: str | None = None
     data_files: Any = None
+    streaming: bool = False
 
     def __str__(self) -> str:
         return self.path
