@@ -125,7 +125,9 @@ class _StderrHandler(logging.StreamHandler):
 def setup_logging() -> None:
     """aligner's own messages at INFO on stderr; other libraries only at WARNING."""
     logger = logging.getLogger("aligner")
-    if not logger.handlers:
+    # Our own handler, not "any handler": another one left on the logger (a test's capture handler)
+    # must not keep aligner's messages off stderr.
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[aligner] %(message)s"))
         logger.addHandler(handler)

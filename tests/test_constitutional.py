@@ -24,17 +24,6 @@ from .quickstart_sft import quickstart_rows
 PRINCIPLE_NAMES = {p.name for p in load_constitution(BUNDLED)}
 
 
-@pytest.fixture
-def restore_logging():
-    """The CLI attaches a handler to the stderr pytest captured for this test; take it off again."""
-    import logging
-
-    logger = logging.getLogger("aligner")
-    handlers = list(logger.handlers)
-    yield
-    logger.handlers = handlers
-
-
 def _config(tmp_path: Path, n: int = 6, **extra) -> dict:
     """A revise config over ``n`` quickstart prompts with a tiny random model (it writes its own critiques)."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", quickstart_rows("prompts_train.jsonl", n))
@@ -103,7 +92,7 @@ def test_revise_resumes_after_a_partial_output(tmp_path):
     assert revise(load_revise_config(config)) == {"revised": 0, "skipped": 6}
 
 
-def test_bad_constitution_is_one_located_error_line(tmp_path, capsys, restore_logging):
+def test_bad_constitution_is_one_located_error_line(tmp_path, capsys):
     constitution = tmp_path / "constitution.yaml"
     constitution.write_text("principles:\n  - name: a\n    critique: c\n    revision: r\n"
                             "  - name: b\n    critique: c\n")

@@ -476,20 +476,8 @@ def _param(case: Case) -> Any:
     return pytest.param(case, id=case.id, marks=marks)
 
 
-@pytest.fixture
-def restore_logging():
-    """The CLI attaches a handler to the stderr pytest captured for this test; take it off again."""
-    import logging
-
-    logger = logging.getLogger("aligner")
-    handlers = list(logger.handlers)
-    yield
-    logger.handlers = handlers
-
-
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
-def test_fault(case: Case, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture,
-               restore_logging: None) -> None:
+def test_fault(case: Case, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
     if case.run:
         source = request.getfixturevalue("interrupted_run")
         shutil.copytree(source / "run", tmp_path / "run", symlinks=True)
@@ -536,7 +524,7 @@ def test_the_table_is_wide() -> None:
     assert {"config", "override", "data", "check", "run", "verify", "label", "export", "cache", "plot"} <= prefixes
 
 
-def test_debug_shows_the_traceback_of_an_os_error(tmp_path: Path, restore_logging: None) -> None:
+def test_debug_shows_the_traceback_of_an_os_error(tmp_path: Path) -> None:
     """``--debug`` turns the located line back into the exception, with its cause for an OS error."""
     from aligner.errors import AlignerError
 

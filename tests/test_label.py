@@ -44,24 +44,13 @@ def _preference_accuracy(model_dir: str, rows: list[dict]) -> float:
     return sum(wins) / len(wins)
 
 
-@pytest.fixture
-def restore_logging():
-    """The CLI attaches a handler to the stderr pytest captured for this test; take it off again."""
-    import logging
-
-    logger = logging.getLogger("aligner")
-    handlers = list(logger.handlers)
-    yield
-    logger.handlers = handlers
-
-
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory) -> str:
     """A small SFT'd quickstart model, trained once for this module."""
     return train_sft_model(tmp_path_factory.mktemp("sft"))
 
 
-def test_label_then_dpo_improves_held_out_preference_accuracy(sft_model, tmp_path, restore_logging):
+def test_label_then_dpo_improves_held_out_preference_accuracy(sft_model, tmp_path):
     from aligner.api import train
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", _rows("prompts_train.jsonl", 96))

@@ -26,11 +26,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from aligner.commands.jsonl_output import append_lines, check_output, done_indices, drop_torn_line
-from aligner.commands.prompt_sampling import PromptSamplingConfig, load_for_sampling
-from aligner.config import read_config_source, resolve_config_path, validation_error
+from aligner.commands.prompt_sampling import PromptSamplingConfig, load_for_sampling, load_sampling_config
 from aligner.errors import ConfigError, os_error
 
 log = logging.getLogger("aligner")
@@ -59,14 +58,7 @@ class LabelConfig(PromptSamplingConfig):
 
 def load_label_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> LabelConfig:
     """Validate a label config (YAML path or dict); relative ``prompts``/``model.path`` follow the file."""
-    data, base, origin = read_config_source(source, overrides)
-    try:
-        config = LabelConfig.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc, origin, root=LabelConfig) from None
-    config.prompts = resolve_config_path(config.prompts, base, "prompts")
-    if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
-        config.model.path = resolve_config_path(config.model.path, base, "model.path")
+    config, _ = load_sampling_config(LabelConfig, source, overrides)
     return config
 
 

@@ -7,11 +7,12 @@ both write a JSONL file that a rerun appends to (``aligner.commands.jsonl_output
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from aligner.config import ModelConfig, Strict
+from aligner.config import ModelConfig, Strict, read_config_source, resolve_config_path, validation_error
 
 
 class PromptSamplingConfig(Strict):
@@ -30,6 +31,24 @@ class PromptSamplingConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, gt=0, description="prompts per chunk (written together)")
     seed: int = 0
+
+
+C = TypeVar("C", bound=PromptSamplingConfig)
+
+
+def load_sampling_config(config_class: type[C], source: str | Path | dict,
+                         overrides: list[str] | tuple[str, ...] = ()) -> tuple[C, Path]:
+    """Validate a label or revise config (YAML path or dict) with located errors; relative ``prompts``
+    and local ``model.path`` follow the config file. Returns the config and the folder paths follow."""
+    data, base, origin = read_config_source(source, overrides)
+    try:
+        config = config_class.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, origin, root=config_class) from None
+    config.prompts = resolve_config_path(config.prompts, base, "prompts")
+    if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
+        config.model.path = resolve_config_path(config.model.path, base, "model.path")
+    return config, base
 
 
 def load_for_sampling(config: PromptSamplingConfig, rows: list[Any]) -> tuple[Any, Any, Any, Any]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from aligner.commands.prompt_sampling import PromptSamplingConfig
-from aligner.config import read_config_source, resolve_config_path, validation_error
+from aligner.commands.prompt_sampling import PromptSamplingConfig, load_sampling_config
+from aligner.config import resolve_config_path
 from aligner.constitutional.constitution import BUNDLED
 
 
@@ -44,17 +44,10 @@ class ReviseConfig(PromptSamplingConfig):
 
 def load_revise_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> ReviseConfig:
     """Validate a revise config (YAML path or dict); relative paths follow the file."""
-    data, base, origin = read_config_source(source, overrides)
-    try:
-        config = ReviseConfig.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc, origin, root=ReviseConfig) from None
-    config.prompts = resolve_config_path(config.prompts, base, "prompts")
+    config, base = load_sampling_config(ReviseConfig, source, overrides)
     config.constitution = resolve_config_path(config.constitution, base, "constitution")
     for key in ("critique_template", "revision_template"):
         value = getattr(config, key)
         if value.endswith((".yaml", ".yml")):
             setattr(config, key, resolve_config_path(value, base, key))
-    if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
-        config.model.path = resolve_config_path(config.model.path, base, "model.path")
     return config

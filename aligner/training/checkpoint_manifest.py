@@ -314,3 +314,15 @@ def set_aside(directory: Path) -> Path:
             directory.rename(target)
             return target
     raise CheckpointError(f"could not set {directory} aside: {SET_ASIDE_PREFIX}{directory.name}.* all taken")
+
+
+def read_checkpoint_tensors(path: Path) -> dict:
+    """The tensors of a checkpoint's safetensors file; a ``CheckpointError`` naming the file (and how to
+    check the run) when it is damaged or missing, instead of the loader's own error."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type, OSError, ... for a damaged file
+        raise CheckpointError(f"could not load {path}: {exc}; the file is damaged or missing (`aligner verify "
+                              "RUN_DIR` checks a run's checkpoints)") from exc

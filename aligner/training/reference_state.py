@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from aligner.protocols import ReferenceStep
-from aligner.training.checkpoint_manifest import CheckpointError
+from aligner.training.checkpoint_manifest import CheckpointError, read_checkpoint_tensors
 
 STATE_FILE = "reference_state.safetensors"
 STATE_KEY = "reference"  # its JSON part in trainer_state.json
@@ -71,20 +71,10 @@ def load(directory: Path, trainer_state: dict[str, Any], reference: Any) -> None
     if not isinstance(state, dict):
         raise CheckpointError(f"{directory / 'trainer_state.json'} has no valid '{STATE_KEY}' state")
     if isinstance(saved, dict) and saved.get("tensors"):
-        for key, tensor in _read(directory / STATE_FILE).items():
+        for key, tensor in read_checkpoint_tensors(directory / STATE_FILE).items():
             *parents, name = json.loads(key)
             node = state
             for part in parents:
                 node = node.setdefault(part, {})
             node[name] = tensor
     reference.load_state_dict(state)
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error type, OSError, ... for a damaged file
-        raise CheckpointError(f"could not load {path}: {exc}; the file is damaged or missing (`aligner verify "
-                              "RUN_DIR` checks a run's checkpoints)") from exc

@@ -32,6 +32,7 @@ from aligner.training.checkpoint_manifest import (
     MARKER,
     CheckpointError,
     Verification,
+    read_checkpoint_tensors,
     set_aside,
     verify_checkpoint,
 )
@@ -178,16 +179,6 @@ def stage_finished(stage_dir: Path) -> bool:
     return False
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error type, OSError, ... for a damaged file
-        raise CheckpointError(f"could not load {path}: {exc}; the file is damaged (`aligner verify RUN_DIR` "
-                              "checks a run's checkpoints)") from exc
-
-
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
@@ -205,13 +196,13 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
         from peft import set_peft_model_state_dict
 
         if adapter.is_file():
-            set_peft_model_state_dict(model, _read_tensors(adapter))
+            set_peft_model_state_dict(model, read_checkpoint_tensors(adapter))
         for sub in named:
-            set_peft_model_state_dict(model, _read_tensors(sub / "adapter_model.safetensors"), adapter_name=sub.name)
+            set_peft_model_state_dict(model, read_checkpoint_tensors(sub / "adapter_model.safetensors"), adapter_name=sub.name)
         return
     state = {}
     for shard in sorted(directory.glob("model*.safetensors")):  # not value_head.safetensors etc.
-        state.update(_read_tensors(shard))
+        state.update(read_checkpoint_tensors(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
