@@ -162,6 +162,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
         object_label,
         prepare_tokenizer,
     )
+    from aligner.modeling.segment_attention import packed_attention
     from aligner.training.threads import apply_threads
 
     # Objects replace what the config would load. The config may leave model/tokenizer out: a
@@ -218,6 +219,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
         with contextlib.ExitStack() as registered:
             for i, callback in enumerate(callbacks):
                 registered.enter_context(temporary_plugin(callback, name=f"callbacks[{i}]:{callback.name}"))
+            registered.enter_context(packed_attention(resolved.model.packed_attention))
             results = _train_stages(stages, model, resolved, tokenizer, accelerator, out, plan)
     except BaseException:
         # A fresh run that wrote nothing but its config leaves no directory blocking the rerun.

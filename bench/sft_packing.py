@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from aligner.data.batching import LengthGroupedBatches, collate  # noqa: E402
 from aligner.modeling.logprobs import completion_logprobs  # noqa: E402
 from aligner.modeling.segment_attention import ENV as SEGMENTS_ENV  # noqa: E402
+from aligner.optimizers.adamw import fused_kernel_applies  # noqa: E402
 
 PRESETS = {
     # a Llama shape small enough for one CPU thread; rows (= batches x batch size); lengths
@@ -87,7 +88,9 @@ def build_model(preset: dict[str, Any]) -> torch.nn.Module:
 def epoch(model: torch.nn.Module, rows: list[dict[str, Any]], batch_size: int, grouped: bool,
           packing: bool | int, seed: int) -> tuple[int, float, float, float]:
     """One epoch of SFT steps: ``(real tokens, seconds, CPU seconds of this process, mean loss)``."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    parameters = list(model.parameters())
+    # the kernel the trainer's adamw picks (fused: auto)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=fused_kernel_applies(parameters) or None)
     lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
     order = LengthGroupedBatches(lengths, batch_size, seed=seed, group_by_length=grouped)
     tokens, losses = 0, []

@@ -141,8 +141,35 @@ def test_the_default_optimizer_is_torch_adamw_with_the_train_settings(make_confi
     weight = torch.nn.Parameter(torch.zeros(2))
     optimizer = stage.optimizer.build(OptimizerContext([("w", weight)], torch.nn.Module(), torch.nn.Module(),
                                                        learning_rate=2e-4, weight_decay=0.1))
-    reference = torch.optim.AdamW([weight], lr=2e-4, weight_decay=0.1)
+    # fused: auto takes torch's fused kernel for plain CPU weights
+    reference = torch.optim.AdamW([weight], lr=2e-4, weight_decay=0.1, fused=True)
     assert type(optimizer) is torch.optim.AdamW and optimizer.state_dict() == reference.state_dict()
+
+
+def test_adamw_fused_and_loop_kernels_make_the_same_updates(make_config):
+    from aligner.optimizers.adamw import AdamW, fused_kernel_applies
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(64), [torch.randn(64) for _ in range(3)]
+    weights = {}
+    for fused in (True, False):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = AdamW(AdamW.Options(fused=fused)).build(
+            OptimizerContext([("w", weight)], torch.nn.Module(), torch.nn.Module(), learning_rate=1e-2,
+                             weight_decay=0.1))
+        assert optimizer.param_groups[0]["fused"] is (True if fused else None)  # off: torch's default
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        weights[fused] = weight.detach()
+    assert not torch.equal(weights[True], start)
+    torch.testing.assert_close(weights[True], weights[False], atol=1e-6, rtol=1e-6)
+
+    class Sharded(torch.Tensor):  # a tensor subclass such as FSDP's DTensor: no fused kernel for it
+        pass
+
+    assert fused_kernel_applies([torch.zeros(2)]) and not fused_kernel_applies([torch.zeros(2).as_subclass(Sharded)])
+    assert not fused_kernel_applies([])
 
 
 def _prepare(make_config, tmp_path=None, **stage):

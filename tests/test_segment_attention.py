@@ -15,6 +15,7 @@ from aligner.modeling.segment_attention import (
     ENV,
     IMPLEMENTATION,
     SegmentLayout,
+    packed_attention,
     register,
     segment_attention_forward,
     segments_apply,
@@ -207,6 +208,55 @@ def test_when_segments_apply(monkeypatch):
     monkeypatch.setenv(ENV, "1")
     decoder.config._attn_implementation = "flash_attention_2"  # keeps its own varlen path
     assert not segments_apply(decoder, torch.device("cpu"))
+
+
+def test_the_config_key_wins_over_the_environment_variable_only_when_it_is_not_auto(monkeypatch):
+    decoder = decoder_and_head(_model())[0]
+    monkeypatch.setenv(ENV, "0")
+    with packed_attention("segments"):
+        assert segments_apply(decoder, torch.device("cuda"))
+    with packed_attention("auto"):
+        assert not segments_apply(decoder, torch.device("cpu"))  # auto defers to the variable
+    monkeypatch.setenv(ENV, "1")
+    with packed_attention("mask"):
+        assert not segments_apply(decoder, torch.device("cpu"))
+    assert segments_apply(decoder, torch.device("cpu"))  # restored after the block
+    with pytest.raises(ValueError, match="packed attention"):
+        with packed_attention("on"):
+            pass
+
+
+@pytest.mark.parametrize("choice", ["segments", "mask"])
+def test_model_packed_attention_chooses_the_layout_of_a_training_run_with_the_same_losses(
+        choice, make_config, monkeypatch):
+    import json
+
+    import aligner
+
+    from .conftest import sft_rows
+
+    monkeypatch.delenv(ENV, raising=False)
+    calls = []
+    register()
+    from transformers import AttentionInterface
+
+    original = AttentionInterface._global_mapping[IMPLEMENTATION]
+    monkeypatch.setitem(AttentionInterface._global_mapping, IMPLEMENTATION,
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = make_config("sft", rows=sft_rows(8), steps=2)
+    config["stages"][0]["data"]["packing"] = True
+    config["model"]["packed_attention"] = choice
+    result = aligner.train(config)
+    losses = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert bool(calls) == (choice == "segments")
+    # the same maths either way: the losses of the unpacked run
+    config = make_config("sft", rows=sft_rows(8), steps=2)
+    config["output_dir"] += "-unpacked"
+    unpacked = aligner.train(config)
+    expected = [json.loads(line)["loss"] for line in (unpacked.output_dir / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+    assert losses == pytest.approx(expected, abs=1e-4)
 
 
 def test_groups_keep_a_mask_free_layout_with_the_prompt_once():

@@ -71,6 +71,10 @@ class ModelConfig(Strict):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
         None, description="the attention kernel; default: transformers' choice for the model (sdpa where it "
         "has it). flash_attention_2 needs a CUDA GPU, the flash-attn package and bfloat16/float16 weights")
+    packed_attention: Literal["auto", "segments", "mask"] = Field("auto", description=(
+        "how sdpa/eager attention runs over packed rows (data.packing, shared prompts): segments: one "
+        "attention call per sequence, no mask; mask: one call with a block mask; auto: segments on CPU, "
+        "mask elsewhere"))
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

@@ -5,10 +5,12 @@ Only positions that predict a completion token are needed. Two ways to get them:
 - the chunked path (``chunked_completion_logprobs``), used whenever the model's structure is known
   (a plain decoder + LM head, also under a LoRA-style PEFT wrapper): the decoder runs once, its
   hidden states at completion positions only are gathered, and the LM head, log-softmax and gather
-  run over them a chunk of tokens at a time under activation checkpointing. No full-vocabulary
-  logits exist for the prompt or padding, and at most one chunk's logits exist at any moment, in
-  the forward and in the backward pass: memory grows with the chunk size, not with the number of
-  positions times the vocabulary. Preference pairs collated with ``share_prompt`` run as one row
+  run over them a chunk of tokens at a time: through a frozen linear head (every adapter method) the
+  gradient is formed while the chunk's logits exist (``aligner.modeling.head_logprobs``), through a
+  head that trains each chunk runs under activation checkpointing. No full-vocabulary logits exist
+  for the prompt or padding, and at most one chunk's logits exist at any moment, in the forward and
+  in the backward pass: memory grows with the chunk size, not with the number of positions times
+  the vocabulary. Preference pairs collated with ``share_prompt`` run as one row
   per pair that holds the prompt once, and a batch marked ``share_prompt_groups`` (rollout rows,
   where consecutive rows sample the same prompt) as one row per run of rows with the same prompt
   (``aligner.modeling.shared_prompt``), and an SFT batch collated with ``data.packing`` as its sequences
@@ -34,6 +36,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from aligner.data.packing import PACK_KEY, pack_sequences, sequence_packing
 from aligner.modeling.ddp_forward import ddp_inner, run_as_forward, unwrap_ddp
+from aligner.modeling.head_logprobs import frozen_head_logprobs, frozen_linear_head
 from aligner.modeling.plain_head import plain_head_model
 from aligner.modeling.reward_scores import decoder_and_score
 from aligner.modeling.shared_prompt import (
@@ -46,9 +49,11 @@ from aligner.modeling.shared_prompt import (
 )
 from aligner.protocols import SequenceLogProbs
 
-# Logit elements (tokens x vocabulary) per chunk: 2**22 float32 values are 16 MiB, i.e. 27 tokens
-# of a 151,936-token vocabulary or 2,048 tokens of a 2,048-token one.
-DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("ALIGNER_LOGPROB_CHUNK_ELEMENTS", 2**22))
+# Logit elements (tokens x vocabulary) per chunk: 2**24 float32 values are 64 MiB, i.e. 110 tokens
+# of a 151,936-token vocabulary or 8,192 tokens of a 2,048-token one. Smaller chunks save little
+# memory and cost much time: at 27 tokens per chunk a 152k-vocabulary head ran at under half the
+# speed of 110 on one CPU thread (the matrix products are too thin to be efficient).
+DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("ALIGNER_LOGPROB_CHUNK_ELEMENTS", 2**24))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -97,6 +102,20 @@ def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _checkpointed_head_logprobs(head: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor,
+                                chunk: int) -> torch.Tensor:
+    """Target log-probs through any head, chunk by chunk; under autograd each chunk is checkpointed, so
+    only its inputs are kept and its logits are recomputed in the backward pass. When every position
+    fits in one chunk, autograd keeps that chunk's logits instead: no more memory than the chunk's
+    recomputation would take, and one vocabulary-sized product fewer."""
+    grad = torch.is_grad_enabled() and selected.requires_grad and selected.shape[0] > chunk
+    pieces = [checkpoint(_chunk_token_logps, head, selected[begin:begin + chunk], targets[begin:begin + chunk],
+                         use_reentrant=False) if grad
+              else _chunk_token_logps(head, selected[begin:begin + chunk], targets[begin:begin + chunk])
+              for begin in range(0, selected.shape[0], chunk)]
+    return torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+
+
 def _packed(batch: dict[str, Any], decoder: torch.nn.Module) -> PackedRows | None:
     """The packed layout ``batch`` asks for (SFT sequences, or shared prompts: groups before pairs),
     or ``None`` for its own rows."""
@@ -136,14 +155,11 @@ def chunked_completion_logprobs(decoder: torch.nn.Module, head: torch.nn.Module,
         selected = hidden.flatten(0, 1)[packed.flat_index(*rows)]
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     chunk = max(1, chunk_elements // max(vocab, 1))
-    grad = torch.is_grad_enabled() and selected.requires_grad
-    pieces = []
-    for begin in range(0, selected.shape[0], chunk):
-        h, t = selected[begin:begin + chunk], targets[begin:begin + chunk]
-        # Checkpointing keeps only the chunk's inputs for backward; its logits are recomputed then.
-        pieces.append(checkpoint(_chunk_token_logps, head, h, t, use_reentrant=False) if grad
-                      else _chunk_token_logps(head, h, t))
-    flat = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+    if frozen_linear_head(head):
+        # The gradient through a frozen head is formed while each chunk's logits exist: no recompute.
+        flat = frozen_head_logprobs(head, selected, targets, chunk)
+    else:
+        flat = _checkpointed_head_logprobs(head, selected, targets, chunk)
     logps = flat.new_zeros(input_ids.shape[0]).index_add(0, rows[0], flat)
     token_logps = mask = None
     if token_level:

@@ -45,8 +45,12 @@ over the whole row. While ``run_decoder`` runs, the model's config names ``"alig
 thread must not run the same model meanwhile (aligner runs its forwards one at a time).
 
 When it is used (``segments_apply``): for a decoder whose implementation is ``sdpa`` or ``eager``
-(the ones that take the dense mask otherwise), on CPU by default. ``ALIGNER_SEGMENT_ATTENTION=1``
-uses it on every device, ``=0`` never (the dense mask then serves both layouts, as before). The
+(the ones that take the dense mask otherwise), on CPU by default. The config key
+``model.packed_attention`` chooses (``segments``: on every device, ``mask``: never, the dense mask
+then serves both layouts; ``auto``: on CPU); training sets it for its duration with
+``packed_attention``. Code that calls these functions directly (benchmarks, tests) can set the
+environment variable ``ALIGNER_SEGMENT_ATTENTION`` (``1``, ``0``, ``auto``) instead; a config value
+other than ``auto`` wins over it. The
 kernels are torch's SDPA either way, so an ``eager`` model gets SDPA's numerics for packed rows (the
 same values within float rounding; no attention weights are returned). FlashAttention-style kernels
 keep their own variable-length path. Requires a decoder whose layers forward extra keyword arguments
@@ -60,6 +64,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +77,22 @@ LAYOUT_KWARG = "aligner_segments"
 # Implementations whose dense-mask path this one replaces.
 REPLACES = frozenset({"sdpa", "eager"})
 ENV = "ALIGNER_SEGMENT_ATTENTION"  # "auto" (default: on CPU), "1" (every device) or "0" (never)
+# The run's ``model.packed_attention`` while it trains ("auto", "segments" or "mask"); None outside a run.
+_CONFIGURED: ContextVar[str | None] = ContextVar("aligner_packed_attention", default=None)
+PACKED_ATTENTION_CHOICES = ("auto", "segments", "mask")
+
+
+@contextlib.contextmanager
+def packed_attention(choice: str) -> Iterator[None]:
+    """Use ``choice`` (``model.packed_attention``: ``auto``, ``segments`` or ``mask``) for packed rows
+    while the block runs."""
+    if choice not in PACKED_ATTENTION_CHOICES:
+        raise ValueError(f"packed attention must be one of {PACKED_ATTENTION_CHOICES}, got {choice!r}")
+    token = _CONFIGURED.set(choice)
+    try:
+        yield
+    finally:
+        _CONFIGURED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -102,7 +123,11 @@ class SegmentLayout:
 
 def segments_apply(decoder: torch.nn.Module, device: torch.device) -> bool:
     """Whether packed rows of ``decoder`` on ``device`` run segment by segment (else a dense mask)."""
-    setting = os.environ.get(ENV, "auto").strip().lower()
+    configured = _CONFIGURED.get()
+    if configured in ("segments", "mask"):
+        setting = "1" if configured == "segments" else "0"
+    else:
+        setting = os.environ.get(ENV, "auto").strip().lower()
     if setting in ("0", "false", "off", "no"):
         return False
     implementation = getattr(getattr(decoder, "config", None), "_attn_implementation", None) or "eager"
@@ -138,16 +163,18 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                                enable_gqa=query.shape[1] != key.shape[1])
     width = query.shape[2]
     outputs = []
-    for row, (prompt, segments) in enumerate(layout.rows):
-        q, k, v = query[row:row + 1], key[row:row + 1], value[row:row + 1]
+    # Rows by split, not by slicing (see _independent_segments).
+    per_row = list(zip(query.split(1), key.split(1), value.split(1)))
+    for (prompt, segments), (q, k, v) in zip(layout.rows, per_row):
+        if not prompt:  # independent sequences (SFT packing)
+            outputs.append(_independent_segments(attend, q, k, v, segments, width))
+            continue
         pieces: list[torch.Tensor] = []
         prompt_out = None
         start = prompt
         for length in segments:
             end = start + length
-            if not prompt:  # an independent sequence (SFT packing)
-                pieces.append(attend(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True))
-            elif length >= prompt:
+            if length >= prompt:
                 # Replay: [prompt, segment] as one causal sequence; the first replay's prompt rows are the
                 # prompt's own outputs, later ones are dropped. Costs (P + L)^2 / 2, no mask.
                 ids = [slice(0, prompt), slice(start, end)]
@@ -161,15 +188,29 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                 keys, values = (torch.cat([t[:, :, :prompt], t[:, :, start:end]], dim=2) for t in (k, v))
                 pieces.append(attend(q[:, :, start:end], keys, values, attn_mask=layout.mask(prompt, length, q)))
             start = end
-        if prompt:
-            if prompt_out is None:
-                prompt_out = attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], is_causal=True)
-            pieces.insert(0, prompt_out)
+        if prompt_out is None:
+            prompt_out = attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], is_causal=True)
+        pieces.insert(0, prompt_out)
         if start < width:  # padding: finite zeros, never read
             pieces.append(q.new_zeros(1, q.shape[1], width - start, value.shape[-1]))
         outputs.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
     out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _independent_segments(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          segments: tuple[int, ...], width: int) -> torch.Tensor:
+    """One packed row of independent causal sequences (``[1, heads, width, dim]`` each), padded to
+    ``width``. ``split`` rather than one slice per sequence: the backward pass of a slice writes its
+    gradient into a zero tensor as large as the whole row, once per sequence; a split's backward
+    concatenates the pieces once."""
+    used = sum(segments)
+    sizes = list(segments) + ([width - used] if used < width else [])
+    pieces = [attend(*parts, is_causal=True)
+              for parts in zip(*(t.split(sizes, dim=2)[:len(segments)] for t in (q, k, v)))]
+    if used < width:  # padding: finite zeros, never read
+        pieces.append(q.new_zeros(1, q.shape[1], width - used, v.shape[-1]))
+    return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
 
 _registered = False

@@ -1,0 +1,75 @@
+"""Log-probabilities of target tokens through a frozen linear LM head, chunk by chunk, without
+recomputing the head in the backward pass.
+
+``log p(t | h) = (W h + b)[t] - logsumexp(W h + b)`` depends on one hidden state ``h`` only, so
+its gradient with respect to ``h`` is the upstream scalar for that token times a fixed vector,
+``W^T (onehot(t) - softmax(W h + b))``. When the head's weights do not train (LoRA and every other
+adapter method leave the LM head frozen), that vector is computed in the forward pass, while the
+chunk's logits exist anyway, and kept ([tokens, hidden], the size of the hidden states); the backward
+pass only scales it. Activation checkpointing of the chunks, the alternative that also keeps memory
+at one chunk of logits, runs the head's vocabulary-sized matrix product a third time in the backward
+pass; at a 152k-token vocabulary that product is a large share of a LoRA step.
+
+A head whose weights train (full fine-tuning, tied embeddings that train) needs the upstream
+gradients to form its own gradient, so callers use checkpointed chunks for it
+(``frozen_linear_head`` says which).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def frozen_linear_head(head: torch.nn.Module) -> bool:
+    """Whether ``head`` is a plain ``nn.Linear`` none of whose parameters require a gradient.
+
+    Subclasses are excluded on purpose: quantised layers (bitsandbytes' ``Linear4bit``) and adapter
+    layers subclass or wrap ``nn.Linear`` with a different forward.
+    """
+    if type(head) is not torch.nn.Linear:
+        return False
+    return not any(parameter.requires_grad for parameter in head.parameters())
+
+
+class _FrozenHeadLogProbs(torch.autograd.Function):
+    """Target log-probs through a frozen linear head; d/dhidden formed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        wants_grad = ctx.needs_input_grad[0]
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        direction = torch.empty_like(hidden) if wants_grad else None
+        for begin in range(0, hidden.shape[0], chunk):
+            end = min(begin + chunk, hidden.shape[0])
+            target = targets[begin:end].unsqueeze(-1)
+            # One [chunk, vocabulary] float32 buffer, worked on in place: logits, then exp(logits - max),
+            # then softmax - onehot (d(-log p)/dlogits).
+            buffer = F.linear(hidden[begin:end], weight, bias).float()
+            target_logits = buffer.gather(-1, target)
+            peak = buffer.amax(-1, keepdim=True)
+            total = buffer.sub_(peak).exp_().sum(-1, keepdim=True)
+            logps[begin:end] = (target_logits - peak - total.log()).squeeze(-1)
+            if wants_grad:
+                residual = buffer.div_(total)
+                residual.scatter_add_(-1, target, torch.full(target.shape, -1.0, device=target.device))
+                direction[begin:end] = -(residual.to(weight.dtype) @ weight).to(hidden.dtype)
+            del buffer
+        ctx.save_for_backward(direction if wants_grad else hidden.new_empty(0))
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor):
+        (direction,) = ctx.saved_tensors
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = direction * grad_logps.unsqueeze(-1).to(direction.dtype)
+        return grad_hidden, None, None, None, None
+
+
+def frozen_head_logprobs(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                         chunk_tokens: int) -> torch.Tensor:
+    """Float32 log-prob of each ``targets[i]`` given ``hidden[i]`` ([M, H] -> [M]) through the frozen
+    linear ``head``, ``chunk_tokens`` tokens of logits at a time; differentiable in ``hidden``."""
+    return _FrozenHeadLogProbs.apply(hidden, head.weight, head.bias, targets, max(1, chunk_tokens))
