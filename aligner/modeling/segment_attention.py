@@ -164,8 +164,8 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     width = query.shape[2]
     outputs = []
     # Rows by split, not by slicing (see _independent_segments).
-    per_row = list(zip(query.split(1), key.split(1), value.split(1)))
-    for (prompt, segments), (q, k, v) in zip(layout.rows, per_row):
+    per_row = list(zip(query.split(1), key.split(1), value.split(1), strict=True))
+    for (prompt, segments), (q, k, v) in zip(layout.rows, per_row, strict=True):
         if not prompt:  # independent sequences (SFT packing)
             outputs.append(_independent_segments(attend, q, k, v, segments, width))
             continue
@@ -207,7 +207,7 @@ def _independent_segments(attend: Callable, q: torch.Tensor, k: torch.Tensor, v:
     used = sum(segments)
     sizes = list(segments) + ([width - used] if used < width else [])
     pieces = [attend(*parts, is_causal=True)
-              for parts in zip(*(t.split(sizes, dim=2)[:len(segments)] for t in (q, k, v)))]
+              for parts in zip(*(t.split(sizes, dim=2)[:len(segments)] for t in (q, k, v)), strict=True)]
     if used < width:  # padding: finite zeros, never read
         pieces.append(q.new_zeros(1, q.shape[1], width - used, v.shape[-1]))
     return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
