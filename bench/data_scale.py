@@ -8,9 +8,11 @@ For each size a JSON Lines file of short generated preference rows is written on
 measurement runs in a fresh process (peak RSS is a per-process high-water mark, so cases sharing
 a process would hide each other):
 
-- ``aligner cold``: ``load_validated`` (stream, parse, validate, keep rows compactly) and ``tokenize_rows`` (joint
-  prompt+completion tokenization with offsets, truncation) with an empty tokenized-data cache;
-- ``aligner warm``: the same with the entry the cold run wrote;
+- ``aligner cold``: ``load_validated`` (stream, parse, validate, keep rows compactly, write the
+  validated-rows cache) and ``tokenize_rows`` (joint prompt+completion tokenization with offsets,
+  truncation) with an empty cache folder (``ALIGNER_CACHE_DIR``);
+- ``aligner warm``: the same with the entries the cold run wrote (the rows memory-mapped from the
+  validated-rows cache, the ids from the tokenized-data cache);
 - ``datasets cold``: ``datasets.load_dataset("json")`` into a fresh cache folder and a batched
   ``Dataset.map`` tokenizing the same rendered prompt+chosen and prompt+rejected texts;
 - ``datasets warm``: the same again, served from ``datasets``' own cache.
@@ -80,7 +82,7 @@ def child(args: argparse.Namespace) -> None:
         _, rows = load_validated(args.data, None)
         phases["load_cpu_s"] = _cpu() - start_cpu
         data = tokenize_rows(rows, "preference", tokenizer, template, MAX_LENGTH, MAX_PROMPT_LENGTH,
-                             cache=TokenCache(args.cache))
+                             cache=TokenCache(Path(args.cache) / "tokenized"))
         count = len(data.examples)
     else:
         loaded = datasets.load_dataset("json", data_files=args.data, split="train", cache_dir=args.cache)
@@ -103,7 +105,8 @@ def child(args: argparse.Namespace) -> None:
 def _run(case: str, data: Path, cache: Path) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", case, "--data", str(data), "--cache", str(cache)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "ALIGNER_CACHE_DIR": str(cache)}  # both of aligner's data caches (rows, ids) go here
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         sys.exit(f"{case} failed:\n{result.stderr[-3000:]}")
@@ -114,7 +117,7 @@ def measure(n: int, work: Path) -> dict[str, dict[str, float]]:
     """The four cases for ``n`` rows, in ``work``."""
     data = work / f"preference_{n}.jsonl"
     generate(data, n)
-    aligner_cache, datasets_cache = work / f"tokenized_{n}", work / f"datasets_{n}"
+    aligner_cache, datasets_cache = work / f"aligner_{n}", work / f"datasets_{n}"
     return {"aligner cold": _run("aligner", data, aligner_cache),
             "aligner warm": _run("aligner", data, aligner_cache),
             "datasets cold": _run("datasets", data, datasets_cache),

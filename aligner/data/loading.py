@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aligner.data.converters import CONVERTERS, ROW_FORMATS, detect_converter
 from aligner.data.formats import detect_format, validate_row
@@ -37,6 +37,9 @@ from aligner.data.sources import (
     reject,
 )
 from aligner.errors import DataError
+
+if TYPE_CHECKING:
+    from aligner.data.rows_cache import Loaded
 
 __all__ = ["SAVED_DATASET_FILES", "RejectedRow", "Row", "SourceReport", "load_validated", "read_rows", "read_text"]
 
@@ -150,8 +153,42 @@ def _detected_layout(row: dict[str, Any], data_format: str | None, location: str
 
 def _load_one(source: Any, data_format: str | None, split: str, max_rows: int | None,
               errors: list[RejectedRow] | None, report: SourceReport | None) -> tuple[str, Rows]:
+    """Read, map, convert and validate the rows of one source, or map them from the validated-rows
+    cache (``aligner.data.rows_cache``) when an earlier load of the same file with the same options
+    wrote them: the rows, their locations, the report and every rejected row are the same either way."""
+    from aligner.data import rows_cache
+
+    path = rows_cache.cached_file(source)
+    store = rows_cache.resolve() if path is not None else None
+
+    def build() -> rows_cache.Loaded:
+        return _read_and_validate(source, data_format, split, max_rows, errors, report)
+
+    if store is None or path is None:
+        loaded = build()
+    else:
+        loaded, hit = rows_cache.cached_load(store, path, source, data_format, max_rows, errors is not None, build)
+        if hit:  # nothing was read: the report and the rejected rows are the entry's
+            if errors is not None:
+                errors.extend(RejectedRow(location, message) for location, message in loaded.rejected)
+            if report is not None:
+                _fill_report(report, loaded)
+    return loaded.data_format, Rows.of(loaded.block)
+
+
+def _fill_report(report: SourceReport, loaded: Loaded) -> None:
+    """What ``_read_and_validate`` tells the report, from a cached load."""
+    report.label, report.layout, report.data_format = loaded.label, loaded.layout, loaded.data_format
+    report.rows_read, report.valid, report.rejected = loaded.rows_read, len(loaded.block), len(loaded.rejected)
+    report.used = len(loaded.block)
+
+
+def _read_and_validate(source: Any, data_format: str | None, split: str, max_rows: int | None,
+                       errors: list[RejectedRow] | None, report: SourceReport | None) -> Loaded:
     """Read, map, convert and validate the rows of one source, streaming: each raw row is validated
     as it is read and kept compactly (``aligner.data.rows``); reading stops after ``max_rows``."""
+    from aligner.data.rows_cache import Loaded
+
     collected: list[RejectedRow] | None = [] if errors is not None else None
     label, raw = _read_source(source, split, collected, max_rows)
     if report is not None:
@@ -195,7 +232,8 @@ def _load_one(source: Any, data_format: str | None, split: str, max_rows: int | 
         report.used = len(kept)
     if fmt is None:
         raise DataError(f"{label}: no row has a recognisable format")
-    return fmt, Rows.of(kept.build())
+    return Loaded(kept.build(), fmt, label, converter or "native", read,
+                  [(r.location, r.message) for r in collected or []])
 
 
 def load_validated(source: Any, data_format: str | None, split: str = "train",

@@ -9,6 +9,10 @@ the rest of aligner sees: ``rows[i]`` decodes one ``Row`` with the same ``data``
 ``location`` (``"train.jsonl, line 7"``) that a list of rows held, so every located message is
 unchanged; slicing, ``select`` and mixtures are index arrays over the blocks, never copies of rows.
 
+A block read back from the validated-rows cache (``aligner.data.rows_cache``) holds the same three
+things as views of a memory-mapped Arrow file: its buffer is a ``memoryview`` of a ``pyarrow.Buffer``
+over the mapped pages, so rows are decoded straight from the file and never copied into the process.
+
 A ``Row`` handed out is a fresh copy: editing its ``data`` changes nothing stored.
 """
 
@@ -39,17 +43,27 @@ class Row:
 class RowBlock:
     """The validated rows of one source: serialized dicts, byte offsets and source positions."""
 
-    def __init__(self, label: str, unit: str, buffer: bytes | bytearray, offsets: np.ndarray, positions: np.ndarray,
-                 keys: tuple[str, ...] = ()):
+    def __init__(self, label: str, unit: str, buffer: bytes | bytearray | memoryview, offsets: np.ndarray,
+                 positions: np.ndarray, keys: tuple[str, ...] = ()):
         self.label, self.unit = label, unit
         self.keys = keys  # a row stored as a tuple holds the values of these keys, in this order  # a row's location is "<label>, <unit> <position>"
-        self.buffer = buffer
+        self.buffer = buffer  # a memoryview of a memory-mapped ``pyarrow.Buffer`` for a cached block
+        self.mapped: Any = None  # the memory-mapped file a cached block's arrays view (kept open while in use)
         self.offsets = offsets  # int64, len(positions) + 1
         self.positions = positions  # int64 line (or row/item) numbers
         self._digest: str | None = None
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A mapped block is pickled (or deep-copied) as its bytes: a memoryview and a mapped file cannot be."""
+        state = dict(self.__dict__)
+        if isinstance(self.buffer, memoryview):
+            state["buffer"] = bytes(self.buffer)
+            state["offsets"], state["positions"] = np.array(self.offsets), np.array(self.positions)
+        state["mapped"] = None
+        return state
 
     def data(self, i: int) -> dict[str, Any]:
         """Row ``i``'s validated dict (a fresh copy)."""

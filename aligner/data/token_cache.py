@@ -33,14 +33,14 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aligner.data.cache_files import SUFFIX, default_cache_dir, entry_metadata, write_entry
+from aligner.data.cache_files import SUFFIX, default_cache_dir, entry_metadata, locked, write_entry
 from aligner.data.examples import CompactExamples, compact_from_arrays, flatten
 from aligner.data.rows import Row, Rows
 from aligner.data.tokenized import COMPLETION_FIELDS, TokenizedData, prompt_for_judge
@@ -318,9 +318,9 @@ def resolve(cache: TokenCache | bool | None, n_rows: int) -> TokenCache | None:
     return TokenCache()
 
 
-@contextlib.contextmanager
-def building(store: TokenCache, key: str) -> Iterator[None]:
-    """Hold the entry's lock file (``.<key>.lock``, an exclusive ``flock``) while it is built.
+def building(store: TokenCache, key: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the entry's lock (``aligner.data.cache_files.locked``: an exclusive ``flock`` on
+    ``.<key>.lock``, removed after use) while it is built.
 
     The processes of a distributed run tokenize before any process group exists (the model and the
     accelerator come after): the first to take the lock tokenizes and writes the entry, the others
@@ -328,22 +328,7 @@ def building(store: TokenCache, key: str) -> Iterator[None]:
     sharing the cache). The lock goes with the process: one that dies releases it. Where no lock can
     be taken (an unwritable cache, a file system without locks) each process goes on alone.
     """
-    try:
-        import fcntl
-
-        store.directory.mkdir(parents=True, exist_ok=True)
-        handle = open(store.directory / f".{key}.lock", "ab")  # noqa: SIM115 - closed below, which unlocks
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
-    finally:
-        handle.close()
+    return locked(store.directory, key)
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
