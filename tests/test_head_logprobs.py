@@ -62,6 +62,25 @@ def test_bfloat16_head_matches_within_bfloat16_rounding():
     torch.testing.assert_close(got_hidden.grad.float(), expected_hidden.grad.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_values_are_bit_identical_to_the_checkpointed_path_so_a_frozen_copy_matches_its_policy():
+    """A frozen reference copied from a policy whose head trains must give exactly the policy's values
+    before training (held-out margins 0, not float noise), with autograd on or off."""
+    from aligner.modeling.logprobs import _checkpointed_head_logprobs
+
+    head = _head()
+    trainable = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    trainable.weight.data.copy_(head.weight)
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(23, HIDDEN, generator=generator) * 4
+    targets = torch.randint(0, VOCAB, (23,), generator=generator)
+    for chunk in (1, 5, 23, 100):
+        with torch.no_grad():
+            expected = _checkpointed_head_logprobs(trainable, hidden, targets, chunk)
+            assert torch.equal(frozen_head_logprobs(head, hidden, targets, chunk), expected)
+        assert torch.equal(frozen_head_logprobs(head, hidden.clone().requires_grad_(True), targets, chunk).detach(),
+                           expected)
+
+
 def test_without_autograd_nothing_is_kept():
     head = _head()
     hidden = torch.randn(5, HIDDEN, requires_grad=True)

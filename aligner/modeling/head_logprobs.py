@@ -32,6 +32,17 @@ def frozen_linear_head(head: torch.nn.Module) -> bool:
     return not any(parameter.requires_grad for parameter in head.parameters())
 
 
+# Rows per logsumexp call: its temporary is this many rows of the vocabulary, not the whole chunk.
+_LOGSUMEXP_ROWS = 8
+
+
+def _logsumexp_by_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(logits, -1, keepdim=True)``, a few rows at a time (the same values: each row
+    is reduced on its own)."""
+    return torch.cat([torch.logsumexp(logits[row:row + _LOGSUMEXP_ROWS], dim=-1, keepdim=True)
+                      for row in range(0, logits.shape[0], _LOGSUMEXP_ROWS)])
+
+
 class _FrozenHeadLogProbs(torch.autograd.Function):
     """Target log-probs through a frozen linear head; d/dhidden formed in forward, scaled in backward."""
 
@@ -44,15 +55,15 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
         for begin in range(0, hidden.shape[0], chunk):
             end = min(begin + chunk, hidden.shape[0])
             target = targets[begin:end].unsqueeze(-1)
-            # One [chunk, vocabulary] float32 buffer, worked on in place: logits, then exp(logits - max),
-            # then softmax - onehot (d(-log p)/dlogits).
+            # One [chunk, vocabulary] float32 buffer, worked on in place: logits, then softmax, then
+            # softmax - onehot (d(-log p)/dlogits).
             buffer = F.linear(hidden[begin:end], weight, bias).float()
-            target_logits = buffer.gather(-1, target)
-            peak = buffer.amax(-1, keepdim=True)
-            total = buffer.sub_(peak).exp_().sum(-1, keepdim=True)
-            logps[begin:end] = (target_logits - peak - total.log()).squeeze(-1)
+            normaliser = _logsumexp_by_rows(buffer)
+            # The formula of aligner.modeling.logprobs' other path, so that a frozen reference and the
+            # policy it was copied from give bit-identical values (before training, margins are 0).
+            logps[begin:end] = buffer.gather(-1, target).squeeze(-1) - normaliser.squeeze(-1)
             if wants_grad:
-                residual = buffer.div_(total)
+                residual = buffer.sub_(normaliser).exp_()
                 residual.scatter_add_(-1, target, torch.full(target.shape, -1.0, device=target.device))
                 direction[begin:end] = -(residual.to(weight.dtype) @ weight).to(hidden.dtype)
             del buffer
