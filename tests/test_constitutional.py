@@ -112,6 +112,26 @@ def test_bad_constitution_is_one_located_error_line(tmp_path, capsys):
         load_constitution(constitution)
 
 
+def test_a_missing_constitution_or_template_file_names_its_key_and_line(tmp_path, capsys):
+    config = _config(tmp_path, constitution="missing.yaml", critique_template="nope.yaml")
+    path = tmp_path / "revise.yaml"
+    text = yaml.safe_dump(config)
+    path.write_text(text)
+
+    def line(key: str) -> int:
+        return next(n for n, written in enumerate(text.splitlines(), 1) if written.startswith(f"{key}:"))
+
+    assert main(["revise", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"aligner: error: file not found for 'constitution' ({path}, line {line('constitution')}): "
+                   f"{tmp_path / 'missing.yaml'}")
+    config["constitution"] = str(BUNDLED)
+    text = yaml.safe_dump(config)
+    path.write_text(text)
+    assert main(["revise", str(path)]) == 2
+    assert f"file not found for 'critique_template' ({path}, line {line('critique_template')})" in capsys.readouterr().err
+
+
 def test_few_shot_template_with_an_unknown_field_is_refused(tmp_path):
     from aligner.constitutional.templates import critique_prompt, load_few_shot_template
 

@@ -308,7 +308,7 @@ CASES = [
          ["label", "{tmp}/label.yaml"],
          ["'num_completion'", "{tmp}/label.yaml, line 9", "did you mean 'num_completions'"]),
     Case("label-prompts-missing", {**LABELLING, "label.yaml": LABEL.replace("prompts.jsonl", "none.jsonl")},
-         ["label", "{tmp}/label.yaml"], ["'prompts'", "{tmp}/none.jsonl"]),
+         ["label", "{tmp}/label.yaml"], ["'prompts' ({tmp}/label.yaml, line 5)", "{tmp}/none.jsonl"]),
     Case("label-prompts-not-utf8", {**LABELLING, "prompts.jsonl": bad_byte_in_line(PROMPTS, 2)},
          ["label", "{tmp}/label.yaml"], ["{tmp}/prompts.jsonl, line 2", "not UTF-8"]),
     Case("label-prompts-is-a-directory", {**LABELLING, "prompts.jsonl": Dir()},

@@ -58,7 +58,7 @@ class LabelConfig(PromptSamplingConfig):
 
 def load_label_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> LabelConfig:
     """Validate a label config (YAML path or dict); relative ``prompts``/``model.path`` follow the file."""
-    config, _ = load_sampling_config(LabelConfig, source, overrides)
+    config, _, _ = load_sampling_config(LabelConfig, source, overrides)
     return config
 
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from pydantic import Field, ValidationError
 
 from aligner.config import ModelConfig, Strict, read_config_source, resolve_config_path, validation_error
+from aligner.config.origin import ConfigOrigin
 
 
 class PromptSamplingConfig(Strict):
@@ -37,18 +38,19 @@ C = TypeVar("C", bound=PromptSamplingConfig)
 
 
 def load_sampling_config(config_class: type[C], source: str | Path | dict,
-                         overrides: list[str] | tuple[str, ...] = ()) -> tuple[C, Path]:
+                         overrides: list[str] | tuple[str, ...] = ()) -> tuple[C, Path, ConfigOrigin]:
     """Validate a label or revise config (YAML path or dict) with located errors; relative ``prompts``
-    and local ``model.path`` follow the config file. Returns the config and the folder paths follow."""
+    and local ``model.path`` follow the config file. Returns the config, the folder paths follow and
+    where each key was written (for the command's own path errors)."""
     data, base, origin = read_config_source(source, overrides)
     try:
         config = config_class.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, origin, root=config_class) from None
-    config.prompts = resolve_config_path(config.prompts, base, "prompts")
+    config.prompts = resolve_config_path(config.prompts, base, "prompts", origin)
     if config.model.path is not None and config.model.path.startswith((".", "/", "~")):
-        config.model.path = resolve_config_path(config.model.path, base, "model.path")
-    return config, base
+        config.model.path = resolve_config_path(config.model.path, base, "model.path", origin)
+    return config, base, origin
 
 
 def load_for_sampling(config: PromptSamplingConfig, rows: list[Any]) -> tuple[Any, Any, Any, Any]:

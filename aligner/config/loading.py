@@ -203,13 +203,15 @@ def read_config_source(source: str | Path | dict,
     return data, base_dir, origin
 
 
-def resolve_config_path(value: str, base: Path, key: str) -> str:
+def resolve_config_path(value: str, base: Path, key: str, origin: ConfigOrigin | None = None) -> str:
     """``value`` as a path relative to ``base`` (the config file's directory, from ``read_config_source``)
-    unless absolute; ``ConfigError`` naming ``key`` if nothing is there."""
+    unless absolute; ``ConfigError`` naming ``key`` (dotted), and its file and line when ``origin`` is
+    given, if nothing is there."""
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.exists():
-        raise ConfigError(f"file not found for '{key}': {path}")
+        where = origin.where(tuple(key.split("."))) if origin is not None else ""
+        raise ConfigError(f"file not found for '{key}'{where}: {path}")
     return str(path)
 
 

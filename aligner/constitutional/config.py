@@ -44,10 +44,10 @@ class ReviseConfig(PromptSamplingConfig):
 
 def load_revise_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> ReviseConfig:
     """Validate a revise config (YAML path or dict); relative paths follow the file."""
-    config, base = load_sampling_config(ReviseConfig, source, overrides)
-    config.constitution = resolve_config_path(config.constitution, base, "constitution")
+    config, base, origin = load_sampling_config(ReviseConfig, source, overrides)
+    config.constitution = resolve_config_path(config.constitution, base, "constitution", origin)
     for key in ("critique_template", "revision_template"):
         value = getattr(config, key)
         if value.endswith((".yaml", ".yml")):
-            setattr(config, key, resolve_config_path(value, base, key))
+            setattr(config, key, resolve_config_path(value, base, key, origin))
     return config
