@@ -26,7 +26,12 @@ from aligner.data.check import data_summary, enforce_drop_limit
 from aligner.data.tokenize import prompt_token_limit, tokenize_rows
 from aligner.errors import ConfigError
 from aligner.plugins import call_hook, temporary_plugin
-from aligner.training.distributed import build_accelerator, launch_is_main_process, on_main_then_shared
+from aligner.training.distributed import (
+    build_accelerator,
+    check_stages_supported,
+    launch_is_main_process,
+    on_main_then_shared,
+)
 from aligner.training.resume import latest_checkpoint, load_weights, stage_finished
 from aligner.training.run_dir import check_output_dir, discard_if_untouched, start_run
 from aligner.training.run_state import RunResult, RunState
@@ -183,6 +188,7 @@ def train(config: str | Path | dict | RunConfig, overrides: list[str] | tuple[st
     if resume is not None:
         resolved.resume = resume
     stages = prepare_stages(resolved)
+    check_stages_supported([stage.name for stage in stages])  # before anything loads or is written
     # Callbacks are built (their options validated) before anything loads, like the stages' plugins.
     callbacks = [instantiate("callback", choice, ("callbacks", i), resolved) for i, choice in enumerate(resolved.callbacks)]
     # One model runs through every stage, so its head (LM or reward score) must suit them all.

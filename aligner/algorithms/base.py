@@ -12,6 +12,7 @@ schedule, and the PEFT backend's after-step call.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,11 @@ import torch
 from aligner.protocols import Options
 from aligner.reporting.metrics import to_float
 from aligner.training import reference_state
+from aligner.training.distributed import is_deepspeed
 from aligner.training.resume import Position, load_weights
 from aligner.training.run_state import RunState
+
+log = logging.getLogger("aligner")
 
 
 @dataclass
@@ -86,6 +90,9 @@ class StepServices:
         self._policy_of = policy_of
         self._after_step = run.stage.peft.after_optimizer_step  # the protocol's default does nothing
         self._reference = run.stage.reference
+        # Under DeepSpeed its engine (the prepared model) owns backward, clipping and the optimizer step.
+        self._engine = model if is_deepspeed(run.accelerator) else None
+        self._boundary = True  # whether the current micro-batch ends an update (DeepSpeed's accumulation boundary)
 
     @property
     def accelerator(self) -> Any:
@@ -120,14 +127,23 @@ class StepServices:
         """Run a forward and backward under autocast; with ``sync=False`` gradients are only
         accumulated locally (DDP syncs them on the last micro-batch of an update)."""
         accelerator = self.run.accelerator
-        with contextlib.nullcontext() if sync else accelerator.no_sync(self.model), accelerator.autocast():
-            yield
+        self._boundary = sync
+        try:
+            with contextlib.nullcontext() if sync else accelerator.no_sync(self.model), accelerator.autocast():
+                yield
+        finally:
+            self._boundary = True
 
     def backward(self, loss: torch.Tensor, observed: torch.Tensor | None = None,
                  batch: dict[str, Any] | None = None) -> None:
         """Backpropagate ``loss``; the guard checks ``observed`` (default: ``loss``) and, for a bad
         step, names ``batch``'s rows."""
-        self.run.accelerator.backward(loss)
+        if self._engine is not None:
+            # Not accelerate's backward: under DeepSpeed it also steps, before the guard could look.
+            self._engine.set_gradient_accumulation_boundary(self._boundary)
+            self._engine.backward(loss)
+        else:
+            self.run.accelerator.backward(loss)
         self.guard.observe(loss if observed is None else observed, batch or {})
 
     def update(self) -> Update:
@@ -136,6 +152,8 @@ class StepServices:
         schedule step, the PEFT backend's after-step call (e.g. AdaLoRA's rank allocation) and the
         reference's (``after_weights_changed``)."""
         max_norm = self.run.stage.config.train.max_grad_norm
+        if self._engine is not None:
+            return self._deepspeed_update(max_norm)
         if not self.guard.step_ok(self.trainable):
             # A NaN/inf loss or gradient: no update at all (it would poison every weight).
             self.optimizer.zero_grad(set_to_none=True)
@@ -148,6 +166,34 @@ class StepServices:
         self.optimizer.zero_grad(set_to_none=True)
         self.after_weights_changed()
         return Update(applied=True, grad_norm=grad_norm)
+
+    def _deepspeed_update(self, max_norm: float | None) -> Update:
+        """``update`` under DeepSpeed: its engine clips (to ``train.max_grad_norm``, set in its config),
+        steps and zeroes. The gradients are its partitions, not ``p.grad``: the guard sees whether any
+        is non-finite through DeepSpeed's own check (a collective), and the engine skips such a step
+        and clears them itself. A step whose loss alone is non-finite cannot be dropped that way: it is
+        applied, and said."""
+        engine, stage = self._engine, self.run.stage.name
+        has_overflow = getattr(engine.optimizer, "has_overflow", None)
+        flags = []
+        if has_overflow is not None:
+            overflow = has_overflow(partition_gradients=engine.zero_optimization_partition_gradients())
+            flags = [_Flag(torch.tensor(float("nan") if overflow else 0.0))]
+        ok = self.guard.step_ok(flags)
+        engine.step()
+        applied = engine.was_step_applied()
+        if not applied and ok:
+            log.warning("stage '%s' step %d: DeepSpeed skipped the update (non-finite gradients)", stage, self.run.step + 1)
+        if applied and not ok:
+            log.warning("stage '%s' step %d: the loss was non-finite but the gradients were not: DeepSpeed applied "
+                        "the update", stage, self.run.step + 1)
+        if not applied:
+            return Update(applied=False)
+        self.scheduler.step()
+        self._after_step(self._policy_of(self.unwrapped()), self.scheduler.last_epoch)
+        self.after_weights_changed()
+        grad_norm = engine.get_global_grad_norm() if max_norm else None
+        return Update(applied=True, grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm))
 
     def after_weights_changed(self) -> None:
         """Tell the stage's reference an update was applied (its optional ``after_optimizer_step``,
@@ -173,6 +219,13 @@ class StepServices:
         if self.num_processes == 1:
             return tensor
         return self.run.accelerator.reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
+
+
+@dataclass
+class _Flag:
+    """DeepSpeed's verdict on its gradient partitions, shaped as the guard reads gradients (NaN: non-finite)."""
+
+    grad: torch.Tensor
 
 
 def require_token_level_reference(stage: Any, algorithm: str) -> None:

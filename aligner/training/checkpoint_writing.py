@@ -6,10 +6,10 @@ full disk) removes its temporary directory and raises ``CheckpointError`` naming
 checkpoint, which is untouched; a process killed mid-write leaves only a ``.tmp-*`` directory that
 readers ignore and the next write replaces. Weights with a NaN or inf are never written.
 
-Under FSDP a checkpoint is written by every process (``write_sharded_atomically``): each writes its
-shard into the same temporary directory, and after a barrier the main process writes the manifest,
-which covers every process's files, and renames the directory. The final model is gathered and
-written by the main process alone (``write_atomically`` with the gathered ``state_dict``).
+Under FSDP and DeepSpeed a checkpoint is written by every process (``write_sharded_atomically``):
+each writes its shard into the same temporary directory, and after a barrier the main process writes
+the manifest, which covers every process's files, and renames the directory. The final model is
+gathered and written by the main process alone (``write_atomically`` with the gathered ``state_dict``).
 
 
 The marker is also the checkpoint's manifest (``aligner.training.checkpoint_manifest``), written
@@ -109,9 +109,10 @@ def _replace(target: Path, temporary: Path) -> None:
         temporary.rename(target)
 
 
-# --- sharded checkpoints (FSDP): every process writes, the main one completes ------------------
+# --- sharded checkpoints (FSDP, DeepSpeed): every process writes, the main one completes -------
 
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files: one per process, plus .metadata
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's engine checkpoint: every process's ZeRO partitions
 
 
 def _all_errors(error: str | None) -> list[str]:
@@ -134,11 +135,16 @@ def _local_nonfinite(model: Any) -> list[str]:
     """Names of this process's weight shards holding a NaN or inf (no collective: local data only)."""
     import torch
 
+    def nonfinite(tensor: Any) -> bool:
+        return isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
     bad = []
     for name, tensor in model.state_dict().items():
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's own shard
-        if isinstance(local, torch.Tensor) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+        if nonfinite(local):
             bad.append(name)
+    # DeepSpeed ZeRO-3 leaves empty placeholders in the module: each process's partition is ``ds_tensor``.
+    bad += [name for name, parameter in model.named_parameters() if nonfinite(getattr(parameter, "ds_tensor", None))]
     return bad
 
 

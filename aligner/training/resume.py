@@ -6,8 +6,9 @@ model or adapter (safetensors), ``optimizer.pt`` (optimizer and scheduler state,
 states in ``trainer_state.json``, and the data position: how many micro-batches of which epoch
 were consumed. Restoring all of it makes an interrupted-and-resumed run equal, bit for bit on CPU,
 to one that never stopped. Under FSDP the weights and optimizer state are instead every process's
-shards (``sharded/``, torch.distributed.checkpoint), with each process's RNG state beside them
-(see "sharded training state" below).
+shards (``sharded/``, torch.distributed.checkpoint), under DeepSpeed its engine's checkpoint of every
+process's ZeRO partitions (``deepspeed/``), with each process's RNG state beside them (see "sharded
+training state" below).
 
 Resume takes the newest checkpoint that verifies against its manifest (``verify_checkpoint``): a
 damaged one is skipped with a warning naming its damaged files and renamed to ``damaged-<name>``,
@@ -260,10 +261,34 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def is_sharded(directory: Path) -> bool:
-    """Whether a checkpoint holds sharded (per-process) model and optimizer state."""
+    """Whether a checkpoint holds FSDP's sharded (per-process) model and optimizer state."""
     from aligner.training.checkpoint_writing import SHARDED_DIR
 
     return (directory / SHARDED_DIR).is_dir()
+
+
+def is_deepspeed_checkpoint(directory: Path) -> bool:
+    """Whether a checkpoint holds DeepSpeed's per-process (ZeRO) model and optimizer state."""
+    from aligner.training.checkpoint_writing import DEEPSPEED_DIR
+
+    return (directory / DEEPSPEED_DIR).is_dir()
+
+
+def check_sharding_matches(directory: Path, deepspeed: bool) -> None:
+    """A ``CheckpointError`` when a checkpoint and the resuming run disagree about DeepSpeed.
+
+    DeepSpeed's partitions load only into a DeepSpeed engine, and a DeepSpeed engine loads only them:
+    the run must be resumed with an accelerate config of the same kind as the one that wrote it.
+    """
+    written = is_deepspeed_checkpoint(directory)
+    if written == deepspeed:
+        return
+    if written:
+        raise CheckpointError(f"{directory} was written under DeepSpeed (its weights and optimizer state are "
+                              "DeepSpeed's per-process partitions): resume it with the DeepSpeed accelerate config "
+                              "that wrote it (`accelerate launch --config_file ...`)")
+    raise CheckpointError(f"{directory} was not written under DeepSpeed, and this run uses DeepSpeed: resume it "
+                          "with the accelerate config that wrote it, or start the DeepSpeed run from its final model")
 
 
 def save_sharded_shard(directory: Path, model: torch.nn.Module, optimizer: Any, rank: int) -> None:
@@ -315,6 +340,64 @@ def load_sharded_training_state(directory: Path, model: torch.nn.Module, optimiz
         raise CheckpointError(f"could not load the sharded state in {directory / SHARDED_DIR}: {exc}; "
                               "`aligner verify RUN_DIR` checks a run's checkpoints") from exc
     set_state_dict(model, inner, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    scheduler.load_state_dict(_torch_load(directory / "scheduler.pt")["scheduler"])
+    own = directory / f"rng-rank{rank}.pt"
+    if not own.is_file():
+        log.warning("%s has no RNG state for process %d (saved with fewer processes): using process 0's", directory, rank)
+        own = directory / "rng-rank0.pt"
+    saved = _torch_load(own)
+    restore_rng(json.loads(saved["plain"]), saved["tensors"])
+    return _position(state, directory)
+
+
+# --- DeepSpeed --------------------------------------------------------------------------------------
+#
+# DeepSpeed's engine owns its model and optimizer partitions, so its own checkpoint writer saves them
+# (``engine.save_checkpoint``, the call accelerate's ``save_state`` makes for a DeepSpeed model) into
+# ``deepspeed/``: under ZeRO-2 one ``mp_rank_00_model_states.pt`` (the replicated weights, written
+# by the main process) and one ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per process (its
+# partition of the float32 master weights and AdamW state); under ZeRO-3 a model-states file per
+# process too. Called directly on the stage's engine, not through ``save_state``, which would also
+# save every engine an earlier stage prepared and pickle the RNG states. The RNG states and schedule
+# are aligner's own files, as under FSDP; ``write_sharded_atomically`` makes the directory appear at once.
+
+DEEPSPEED_TAG = "state"  # the one sub-directory of ``deepspeed/`` (DeepSpeed's "tag")
+
+
+def save_deepspeed_shard(directory: Path, engine: Any, optimizer: Any, rank: int) -> None:
+    """This process's part of a DeepSpeed checkpoint: its ZeRO partitions (DeepSpeed's writer), its RNG state.
+
+    Every process must call it (DeepSpeed's save is a collective). ``optimizer`` is the engine's own.
+    """
+    from aligner.training.checkpoint_writing import DEEPSPEED_DIR
+
+    del optimizer  # the engine saves its ZeRO optimizer's partitions itself
+    plain, tensors = capture_rng()
+    torch.save({"tensors": tensors, "plain": json.dumps(plain)}, directory / f"rng-rank{rank}.pt")
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+
+
+def load_deepspeed_training_state(directory: Path, engine: Any, scheduler: Any, rank: int) -> Position:
+    """Load a DeepSpeed checkpoint into the stage's freshly built engine; every process calls it.
+
+    DeepSpeed reads each process's partitions of the weights and optimizer state (its files are
+    pickles, read by DeepSpeed's loader: their checksums were verified against the manifest first);
+    aligner restores the schedule, the RNG state and the data position. Resuming with another
+    number of processes is DeepSpeed's to support (ZeRO-2/3 reshard on load); a process without a
+    saved RNG state then takes process 0's.
+    """
+    from aligner.training.checkpoint_writing import DEEPSPEED_DIR
+
+    state = read_trainer_state(directory)
+    try:
+        loaded, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+    except Exception as exc:  # DeepSpeed reports a missing or damaged partition in its own ways
+        raise CheckpointError(f"could not load the DeepSpeed state in {directory / DEEPSPEED_DIR}: {exc}; "
+                              "`aligner verify RUN_DIR` checks a run's checkpoints") from exc
+    if loaded is None:
+        raise CheckpointError(f"could not load the DeepSpeed state in {directory / DEEPSPEED_DIR}: DeepSpeed found "
+                              "no checkpoint there; `aligner verify RUN_DIR` checks a run's checkpoints")
     scheduler.load_state_dict(_torch_load(directory / "scheduler.pt")["scheduler"])
     own = directory / f"rng-rank{rank}.pt"
     if not own.is_file():

@@ -44,6 +44,7 @@ from aligner.protocols import ReferenceContext
 from aligner.reporting.metrics import MetricsFile, Progress, report
 from aligner.reporting.model_card import write_model_card
 from aligner.training import checkpoint_writing, reference_state, resume
+from aligner.training.distributed import configure_deepspeed_stage, is_deepspeed
 from aligner.training.guards import NonFiniteGuard
 from aligner.training.run_state import RunState
 
@@ -78,6 +79,8 @@ def _setup(run: RunState, model: torch.nn.Module, position: resume.Position):
                               num_training_steps=updates)
     # The scheduler is not handed to accelerate: its wrapper steps once per process per step,
     # while the schedule here already counts global (all-process) updates.
+    if is_deepspeed(run.accelerator):
+        configure_deepspeed_stage(run.accelerator, train.batch_size, train.max_grad_norm)
     module, optimizer = run.accelerator.prepare(module, optimizer)
     # FSDP replaces parameters when it wraps the model: clip the prepared model's ones.
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -115,8 +118,9 @@ def save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sched
                     position: resume.Position, extra_state: dict[str, Any] | None = None) -> Path | None:
     """Write ``step-N`` atomically with everything an exact resume needs (``extra_state`` too).
 
-    Under FSDP every process writes its shard of the weights and optimizer state (see
-    ``resume.save_sharded_shard``); otherwise the main process writes the whole state.
+    Under FSDP and DeepSpeed every process writes its shard of the weights and optimizer state (see
+    ``resume.save_sharded_shard`` and ``resume.save_deepspeed_shard``); otherwise the main process
+    writes the whole state.
     """
     if _sharded(run):
         return _save_sharded_checkpoint(run, model, optimizer, scheduler, position, extra_state)
@@ -137,10 +141,11 @@ def save_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, sched
 
 
 def _sharded(run: RunState) -> bool:
-    """Whether checkpoints are sharded: under FSDP no process holds the whole optimizer state."""
+    """Whether checkpoints are sharded: under FSDP and DeepSpeed (ZeRO) no process holds the whole
+    optimizer state."""
     from accelerate.utils import DistributedType
 
-    return run.accelerator.distributed_type == DistributedType.FSDP
+    return run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def _save_sharded_checkpoint(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any,
@@ -148,9 +153,11 @@ def _save_sharded_checkpoint(run: RunState, model: torch.nn.Module, optimizer: A
     """``step-N`` with every process's shard (a collective: every process calls it)."""
     directory = run.stage_dir / "checkpoints"
     target = directory / f"step-{run.step}"
+    deepspeed = is_deepspeed(run.accelerator)
     state = {"stage": run.stage.name, "step": run.step, "total_steps": run.total_steps,
-             "processes": run.accelerator.num_processes}
+             "processes": run.accelerator.num_processes, "sharding": "deepspeed" if deepspeed else "fsdp"}
     unwrapped = run.accelerator.unwrap_model(model)
+    save_shard = resume.save_deepspeed_shard if deepspeed else resume.save_sharded_shard
 
     def write_main(temporary: Path) -> None:
         # The config and tokenizer make the checkpoint self-describing; its weights are the shards.
@@ -165,8 +172,7 @@ def _save_sharded_checkpoint(run: RunState, model: torch.nn.Module, optimizer: A
 
     checkpoint_writing.write_sharded_atomically(
         target, model, run.is_main_process,
-        write_shard=lambda temporary: resume.save_sharded_shard(temporary, model, optimizer,
-                                                                     run.accelerator.process_index),
+        write_shard=lambda temporary: save_shard(temporary, model, optimizer, run.accelerator.process_index),
         write_main=write_main)
     if not run.is_main_process:
         return None
@@ -250,7 +256,11 @@ def _logged_evaluation(run: RunState, step: int) -> dict[str, float]:
 def _resume(run: RunState, model: torch.nn.Module, optimizer: Any, scheduler: Any, directory: Path) -> resume.Position:
     """Load a checkpoint: the algorithm's weights, optimizer/schedule/RNG state, the algorithm's own state."""
     algorithm = run.stage.algorithm
-    if resume.is_sharded(directory):
+    resume.check_sharding_matches(directory, is_deepspeed(run.accelerator))
+    if resume.is_deepspeed_checkpoint(directory):
+        # DeepSpeed's engine reads every process's own partitions of the weights and optimizer state.
+        position = resume.load_deepspeed_training_state(directory, model, scheduler, run.accelerator.process_index)
+    elif resume.is_sharded(directory):
         # Every process reads its own shards of the weights and optimizer state (a collective).
         position = resume.load_sharded_training_state(directory, model, optimizer, scheduler,
                                                        run.accelerator.process_index)
