@@ -10,6 +10,7 @@ FSDP2. This is the product's own path, end to end: ``accelerator.prepare`` shard
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -181,3 +182,21 @@ def test_a_sharded_checkpoint_with_a_non_finite_weight_is_refused(tmp_path):
     with pytest.raises(NonFiniteError, match="refusing to write .*step-2.*weight"):
         _write(tmp_path / "step-2", model, {"sharded/__0_0.distcp": b"a"})
     assert not (tmp_path / "step-2").exists()
+
+
+def test_fsdp_refuses_a_run_of_several_stages_before_anything_is_written(make_config, tmp_path):
+    """After an FSDP stage the weights are shards: the next stage's reference cannot be built on them
+    (it failed inside the second stage, with a traceback). Refused at start, naming the config."""
+    config = make_config("dpo", rows=preference_rows(16), train={"max_steps": 2, "batch_size": 4})
+    sft = copy.deepcopy(config["stages"][0])
+    sft.update(name="sft", losses=[{"name": "sft"}])
+    config["stages"].insert(0, sft)
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = launch(tmp_path, path, tmp_path / "out")
+    assert result.returncode != 0
+    assert (f"the accelerate config {FSDP_CONFIG}: FSDP trains one stage per run, and this run has 2 "
+            "('stages': sft, dpo)") in result.stderr
+    children = result.stderr.split("torch/distributed/elastic")[0]  # before the launcher's own report
+    assert "aligner: error:" in children and "Traceback" not in children
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -116,19 +116,28 @@ def deepspeed_zero_stage() -> int | None:
 
 
 def check_stages_supported(stage_names: list[str]) -> None:
-    """A ``ConfigError`` (before anything is trained) for a run of several stages under ZeRO-3.
+    """A ``ConfigError`` (before anything is trained) for a run of several stages whose weights are
+    sharded over the processes: FSDP, or DeepSpeed ZeRO-3.
 
-    After a stage under ZeRO-3 the model's parameters are DeepSpeed's partitions, held by its hooks:
-    the next stage's reference (a copy, or log-probs computed on the main process alone) cannot run
-    on them. Each stage trains in its own run instead, from the previous run's gathered final model.
+    After such a stage the model's parameters are shards (FSDP's ``DTensor``s, DeepSpeed's partitions
+    held by its hooks): the next stage's reference (a copy, a weights digest, or log-probs computed on
+    the main process alone) cannot run on them. Each stage trains in its own run instead, from the
+    previous run's gathered final model.
     """
-    if len(stage_names) > 1 and deepspeed_zero_stage() == 3:
-        config = _launch_config_file()
-        where = f"the accelerate config {config}" if config else "the accelerate config of this launch"
-        raise ConfigError(
-            f"{where}: DeepSpeed ZeRO-3 trains one stage per run, and this run has {len(stage_names)} "
-            f"('stages': {', '.join(stage_names)}): train each stage in its own run, with model.path set to "
-            "the previous run's STAGE/final, or use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)")
+    if len(stage_names) <= 1:
+        return
+    if deepspeed_zero_stage() == 3:
+        what, alternative = "DeepSpeed ZeRO-3", ", or use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)"
+    elif sharded_launch() == "FSDP":
+        what, alternative = "FSDP", ", or use DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) or DDP"
+    else:
+        return
+    config = _launch_config_file()
+    where = f"the accelerate config {config}" if config else "the accelerate config of this launch"
+    raise ConfigError(
+        f"{where}: {what} trains one stage per run, and this run has {len(stage_names)} "
+        f"('stages': {', '.join(stage_names)}): train each stage in its own run, with model.path set to "
+        f"the previous run's STAGE/final{alternative}")
 
 
 def multi_process_cpu() -> bool:
