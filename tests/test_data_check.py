@@ -135,3 +135,19 @@ def test_drops_under_the_limit_are_counted_in_log_and_summary_and_secrets_stay_o
     for value in secrets.values():
         assert value not in written
         assert value not in caplog.text
+
+
+def test_data_check_reports_every_failing_stage_check_not_only_the_first(make_config, tmp_path, capsys):
+    """A stage whose reference cannot serve its loss and that asks for packing it cannot use: both
+    are reported (the check used to stop at the first); training stops at the first."""
+    config = make_config("kto", rows=[{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0}
+                                      for i in range(8)])
+    stage = config["stages"][0]
+    stage["reference"] = {"name": "cached"}
+    stage["data"]["packing"] = True
+    path = tmp_path / "two_problems.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["data", "check", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "'stages[0].reference'" in out and "scores only the dataset's own sequences" in out
+    assert "'stages[0].data.packing' packs sft rows only" in out

@@ -329,8 +329,8 @@ def _check_forward_kind(losses: list[Any], stage: StageConfig, index: int) -> No
 
 def _resolve_rest(config: RunConfig, index: int, algorithm: Any, losses: list[tuple[Any, float]],
                   rows: StageRows) -> PreparedStage:
-    """The plugins that depend on the rows (PEFT backend, reference, held-out scoring, optimizer), the
-    prepared stage, and every plugin's own check of it."""
+    """The plugins that depend on the rows (PEFT backend, reference, held-out scoring, optimizer) and
+    the prepared stage (its checks: ``_stage_checks``)."""
     stage = config.stages[index]
     base = ("stages", index)
     needs_reference = algorithm.needs_reference(losses)
@@ -354,16 +354,21 @@ def _resolve_rest(config: RunConfig, index: int, algorithm: Any, losses: list[tu
             raise ConfigError(f"stage '{stage.name}': eval.generate needs held-out prompts; set "
                               f"'stages[{index}].data.eval' or 'stages[{index}].data.eval_fraction'")
     optimizer = instantiate("optimizer", stage.optimizer, (*base, "optimizer"), config)
-    prepared = PreparedStage(index, stage, rows.data_format, algorithm, losses, reference_name, reference, peft,
-                             eval_rewards, rows.train, rows.eval, optimizer=optimizer, rows=rows)
-    check_requirements(prepared, config)
-    check_packing(prepared)  # before any model loads, also for a later stage of a multi-stage run
-    algorithm.check_stage(prepared)
-    optimizer.check_stage(prepared)  # refuses a stage it cannot train (the default accepts)
-    # Losses may look at the validated data (class balance, batch size) and warn before any training.
-    for loss, _ in losses:
-        loss.check_stage(prepared)
-    return prepared
+    return PreparedStage(index, stage, rows.data_format, algorithm, losses, reference_name, reference, peft,
+                         eval_rewards, rows.train, rows.eval, optimizer=optimizer, rows=rows)
+
+
+def _stage_checks(prepared: PreparedStage, config: RunConfig) -> list[Callable[[], None]]:
+    """Every check of a prepared stage, each on its own, so that ``aligner data check`` reports all
+    that fail (training stops at the first)."""
+    return [
+        lambda: check_requirements(prepared, config),
+        lambda: check_packing(prepared),  # before any model loads, also for a later stage of a multi-stage run
+        lambda: prepared.algorithm.check_stage(prepared),
+        lambda: prepared.optimizer.check_stage(prepared),  # refuses a stage it cannot train (the default accepts)
+        # Losses may look at the validated data (class balance, batch size) and warn before any training.
+        *[lambda loss=loss: loss.check_stage(prepared) for loss, _ in prepared.losses],
+    ]
 
 
 def prepare_stage_collecting(config: RunConfig, index: int,
@@ -384,7 +389,11 @@ def prepare_stage_collecting(config: RunConfig, index: int,
     rows.generation_tokens = algorithm.generation_tokens() if algorithm is not None else 0
     if algorithm is None or losses is None or rows.train is None:
         return None, rows
-    return problems.attempt(lambda: _resolve_rest(config, index, algorithm, losses, rows)), rows
+    prepared = problems.attempt(lambda: _resolve_rest(config, index, algorithm, losses, rows))
+    if prepared is None:
+        return None, rows
+    failed = [check for check in _stage_checks(prepared, config) if problems.attempt(lambda c=check: c() or True) is None]
+    return (None if failed else prepared), rows
 
 
 def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
