@@ -146,6 +146,31 @@ def test_deepspeed_checkpoints_every_partition_and_a_killed_run_resumes_exactly(
     assert verify_checkpoint(run_stage / "checkpoints" / "step-4").status == "ok"
 
 
+@needs_deepspeed
+def test_a_lora_run_under_zero2_checkpoints_without_the_frozen_base_and_resumes_exactly(make_config, tmp_path):
+    """LoRA: the checkpoint holds the adapters' partitions, not another copy of the frozen base model
+    (DeepSpeed's default would write it into every checkpoint), and the resume still matches."""
+    accelerate_config = CONFIGS / "deepspeed_zero2.yaml"
+    config = make_config("dpo", rows=preference_rows(32), peft={"name": "lora", "r": 4},
+                         train={"max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "save_every": 2})
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _ok(launch(tmp_path, accelerate_config, path, tmp_path / "whole"))
+    killed = launch(tmp_path, accelerate_config, path, tmp_path / "killed", kill_at=3)
+    assert killed.returncode != 0
+    step2 = tmp_path / "killed" / "dpo" / "checkpoints" / "step-2"
+    model_states = step2 / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    assert model_states.is_file()
+    saved = torch.load(model_states, weights_only=True)["module"]
+    assert any("lora_A" in name for name in saved)
+    frozen = [name for name in saved if "lora_" not in name and "lm_head" not in name]  # (the tied head is listed)
+    assert frozen == [], frozen[:5]  # no base-layer weight: DeepSpeed's default wrote all of them
+    _ok(launch(tmp_path, accelerate_config, path, tmp_path / "killed", "--resume"))
+    a, b = dict(losses(tmp_path / "whole")), dict(losses(tmp_path / "killed"))
+    for step in (3, 4):
+        assert a[step] == b[step], (step, a[step], b[step])
+
+
 # --- without deepspeed: a config error before anything is loaded or written ---------------------------
 
 

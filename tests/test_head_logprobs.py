@@ -81,12 +81,28 @@ def test_values_are_bit_identical_to_the_checkpointed_path_so_a_frozen_copy_matc
                            expected)
 
 
-def test_without_autograd_nothing_is_kept():
+def test_without_autograd_nothing_is_kept_and_no_gradient_product_runs():
     head = _head()
     hidden = torch.randn(5, HIDDEN, requires_grad=True)
-    with torch.no_grad():
+    products = _VocabularyTensors()
+    with torch.no_grad(), products:
         out = frozen_head_logprobs(head, hidden, torch.zeros(5, dtype=torch.long), 2)
     assert out.grad_fn is None and out.shape == (5,)
+    # only the logits' products (3 chunks); the [rows, vocabulary] x [vocabulary, hidden] gradient
+    # product is skipped when no backward can come
+    assert sum(products.product_rows) == 5 and products.products == 3
+    with products:
+        frozen_head_logprobs(head, hidden, torch.zeros(5, dtype=torch.long), 2)
+    assert products.products == 3 + 6  # with autograd: both products per chunk
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    head = _head()
+    hidden = torch.randn(4, HIDDEN, requires_grad=True)
+    out = frozen_head_logprobs(head, hidden, torch.zeros(4, dtype=torch.long), 2)
+    (grad,) = torch.autograd.grad(torch.nn.functional.logsigmoid(out).sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
+        grad.pow(2).sum().backward()
 
 
 def test_only_a_plain_frozen_linear_head_takes_this_path():
@@ -110,9 +126,11 @@ class _VocabularyTensors(TorchDispatchMode):
         super().__init__()
         self.rows: list[int] = []
         self.product_rows: list[int] = []
+        self.products = 0  # every matrix product, whatever its shape
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.products += func.overloadpacket.__name__ in ("mm", "addmm", "matmul", "linear")
         if func.is_view:  # e.g. the transposed head weight
             return out
         if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[-1] == VOCAB:

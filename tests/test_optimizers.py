@@ -3,6 +3,8 @@ resumes bit for bit, config mistakes name their key, and a third-party optimizer
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -180,6 +182,32 @@ def _prepare(make_config, tmp_path=None, **stage):
         path.write_text(yaml.safe_dump(config))
         config = path
     return prepare_stages(load_config(config))
+
+
+def test_resuming_a_checkpoint_written_with_the_loop_kernel_keeps_the_fused_one_under_a_grad_scaler(tmp_path):
+    """A checkpoint from before ``fused: auto`` (fused=None in its groups) resumed into a fused AdamW:
+    the first scaled step used to fail (torch's loop kernel refuses the scaler's found_inf)."""
+    from aligner.training.resume import Position, load_training_state, save_training_state
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    old = torch.optim.AdamW([weight], lr=0.1)  # as written before: the loop kernel
+    weight.grad = torch.ones(4)
+    old.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(old, lambda step: 1.0)
+    state = save_training_state(tmp_path, old, scheduler, Position(step=1))
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+
+    fused = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    load_training_state(tmp_path, fused, torch.optim.lr_scheduler.LambdaLR(fused, lambda step: 1.0))
+    assert fused.param_groups[0]["fused"] is True
+    assert fused.state[weight]["step"] == 1  # the state itself did load
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    (weight * 1.0).sum().backward()
+    weight.grad = None
+    scaler.scale((weight * 1.0).sum()).backward()
+    scaler.step(fused)  # the loop kernel raised "Expected grad_scale and found_inf to be None" here
+    scaler.update()
+    assert fused.state[weight]["step"] == 2
 
 
 def test_an_unknown_optimizer_or_option_is_a_config_error_naming_the_key(make_config, tmp_path):

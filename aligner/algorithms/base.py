@@ -176,7 +176,9 @@ class StepServices:
         engine, stage = self._engine, self.run.stage.name
         has_overflow = getattr(engine.optimizer, "has_overflow", None)
         flags = []
-        if has_overflow is not None:
+        # Under fp16 DeepSpeed's loss scaler owns overflowing gradients (expected while it calibrates;
+        # it skips those steps itself), as accelerate's GradScaler does otherwise: only the loss is checked.
+        if has_overflow is not None and not engine.fp16_enabled():
             overflow = has_overflow(partition_gradients=engine.zero_optimization_partition_gradients())
             flags = [_Flag(torch.tensor(float("nan") if overflow else 0.0))]
         ok = self.guard.step_ok(flags)

@@ -43,44 +43,53 @@ def _logsumexp_by_rows(logits: torch.Tensor) -> torch.Tensor:
                       for row in range(0, logits.shape[0], _LOGSUMEXP_ROWS)])
 
 
+def _logprobs_and_direction(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            targets: torch.Tensor, chunk: int,
+                            with_direction: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Target log-probs ([M], float32) and, if asked, d log p / d hidden ([M, H]), chunk by chunk."""
+    logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    direction = torch.empty_like(hidden) if with_direction else None
+    for begin in range(0, hidden.shape[0], chunk):
+        end = min(begin + chunk, hidden.shape[0])
+        target = targets[begin:end].unsqueeze(-1)
+        # One [chunk, vocabulary] float32 buffer, worked on in place: logits, then softmax, then
+        # softmax - onehot (d(-log p)/dlogits).
+        buffer = F.linear(hidden[begin:end], weight, bias).float()
+        normaliser = _logsumexp_by_rows(buffer)
+        # The formula of aligner.modeling.logprobs' other path, so that a frozen reference and the
+        # policy it was copied from give bit-identical values on CPU (before training, margins are 0).
+        logps[begin:end] = buffer.gather(-1, target).squeeze(-1) - normaliser.squeeze(-1)
+        if direction is not None:
+            residual = buffer.sub_(normaliser).exp_()
+            residual.scatter_add_(-1, target, torch.full(target.shape, -1.0, device=target.device))
+            direction[begin:end] = -(residual.to(weight.dtype) @ weight).to(hidden.dtype)
+        del buffer
+    return logps, direction
+
+
 class _FrozenHeadLogProbs(torch.autograd.Function):
     """Target log-probs through a frozen linear head; d/dhidden formed in forward, scaled in backward."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        wants_grad = ctx.needs_input_grad[0]
-        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        direction = torch.empty_like(hidden) if wants_grad else None
-        for begin in range(0, hidden.shape[0], chunk):
-            end = min(begin + chunk, hidden.shape[0])
-            target = targets[begin:end].unsqueeze(-1)
-            # One [chunk, vocabulary] float32 buffer, worked on in place: logits, then softmax, then
-            # softmax - onehot (d(-log p)/dlogits).
-            buffer = F.linear(hidden[begin:end], weight, bias).float()
-            normaliser = _logsumexp_by_rows(buffer)
-            # The formula of aligner.modeling.logprobs' other path, so that a frozen reference and the
-            # policy it was copied from give bit-identical values (before training, margins are 0).
-            logps[begin:end] = buffer.gather(-1, target).squeeze(-1) - normaliser.squeeze(-1)
-            if wants_grad:
-                residual = buffer.sub_(normaliser).exp_()
-                residual.scatter_add_(-1, target, torch.full(target.shape, -1.0, device=target.device))
-                direction[begin:end] = -(residual.to(weight.dtype) @ weight).to(hidden.dtype)
-            del buffer
-        ctx.save_for_backward(direction if wants_grad else hidden.new_empty(0))
+        logps, direction = _logprobs_and_direction(hidden, weight, bias, targets, chunk, with_direction=True)
+        ctx.save_for_backward(direction)
         return logps
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kept direction has no history: no double backward
     def backward(ctx, grad_logps: torch.Tensor):
         (direction,) = ctx.saved_tensors
-        grad_hidden = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = direction * grad_logps.unsqueeze(-1).to(direction.dtype)
-        return grad_hidden, None, None, None, None
+        return direction * grad_logps.unsqueeze(-1).to(direction.dtype), None, None, None, None
 
 
 def frozen_head_logprobs(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
                          chunk_tokens: int) -> torch.Tensor:
     """Float32 log-prob of each ``targets[i]`` given ``hidden[i]`` ([M, H] -> [M]) through the frozen
     linear ``head``, ``chunk_tokens`` tokens of logits at a time; differentiable in ``hidden``."""
-    return _FrozenHeadLogProbs.apply(hidden, head.weight, head.bias, targets, max(1, chunk_tokens))
+    chunk = max(1, chunk_tokens)
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        # No backward will come (reference passes, evaluation): the values alone.
+        return _logprobs_and_direction(hidden, head.weight, head.bias, targets, chunk, with_direction=False)[0]
+    return _FrozenHeadLogProbs.apply(hidden, head.weight, head.bias, targets, chunk)

@@ -108,7 +108,9 @@ def _checkpointed_head_logprobs(head: torch.nn.Module, selected: torch.Tensor, t
     only its inputs are kept and its logits are recomputed in the backward pass. When every position
     fits in one chunk, autograd keeps that chunk's logits instead: no more memory than the chunk's
     recomputation would take, and one vocabulary-sized product fewer."""
-    grad = torch.is_grad_enabled() and selected.requires_grad and selected.shape[0] > chunk
+    # The head's own weights may train over a frozen decoder (hidden states without grad).
+    trains = selected.requires_grad or any(p.requires_grad for p in head.parameters())
+    grad = torch.is_grad_enabled() and trains and selected.shape[0] > chunk
     pieces = [checkpoint(_chunk_token_logps, head, selected[begin:begin + chunk], targets[begin:begin + chunk],
                          use_reentrant=False) if grad
               else _chunk_token_logps(head, selected[begin:begin + chunk], targets[begin:begin + chunk])

@@ -36,7 +36,7 @@ class AdamW:
         eps: float = Field(1e-8, gt=0, description="added to the denominator for stability")
         fused: bool | Literal["auto"] = Field("auto", description=(
             "torch's fused kernel (one pass over each weight instead of about ten elementwise ops): auto uses "
-            "it wherever it applies (plain floating-point weights on CPU or CUDA; not FSDP's sharded ones); "
+            "it wherever it applies (plain floating-point weights on CPU or CUDA, as built before any sharding); "
             "false: torch's default per-weight loop"))
 
     def __init__(self, options: Options | None = None):
@@ -44,7 +44,7 @@ class AdamW:
 
     def build(self, context: OptimizerContext) -> torch.optim.Optimizer:
         """One group of plain parameters, the checkpoint layout of the runs before optimizers were
-        plugins (their checkpoints still resume; a resumed one keeps the kernel it was saved with)."""
+        plugins (their checkpoints still resume, with the kernel this config asks for)."""
         # Plain parameters, not (name, parameter) pairs: torch would add 'param_names' to the
         # checkpointed state, and checkpoints written before would no longer load.
         parameters = list(context.parameters)

@@ -235,11 +235,28 @@ def read_position(directory: Path) -> Position:
     return _position(read_trainer_state(directory), directory)
 
 
+# Which of torch's kernels updates the weights: this run's configuration, not state to restore.
+_KERNEL_KEYS = ("fused", "foreach")
+
+
+def _keeping_kernel(optimizer: Any, load: Any) -> None:
+    """Run ``load()`` (a load of ``optimizer``'s state) keeping the kernel the optimizer was built with.
+
+    torch's ``load_state_dict`` takes every group setting from the checkpoint, the kernel too: a
+    checkpoint written before AdamW's ``fused: auto`` would switch a resumed run back to the
+    per-weight loop, which under fp16 refuses the gradient scaler's arguments promised to the
+    fused kernel (the first step after the resume failed)."""
+    built = [{key: group[key] for key in _KERNEL_KEYS if key in group} for group in optimizer.param_groups]
+    load()
+    for group, kernel in zip(optimizer.param_groups, built, strict=False):
+        group.update(kernel)
+
+
 def load_training_state(directory: Path, optimizer: Any, scheduler: Any) -> Position:
     """Restore optimizer, scheduler and RNG from a checkpoint; return its position."""
     state = read_trainer_state(directory)
     saved = _torch_load(directory / "optimizer.pt")
-    optimizer.load_state_dict(saved["optimizer"])
+    _keeping_kernel(optimizer, lambda: optimizer.load_state_dict(saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng(state["rng"], _torch_load(directory / "rng.pt"))
     return _position(state, directory)
@@ -339,7 +356,8 @@ def load_sharded_training_state(directory: Path, model: torch.nn.Module, optimiz
     except Exception as exc:  # DCP reports a missing or damaged shard in its own exception types
         raise CheckpointError(f"could not load the sharded state in {directory / SHARDED_DIR}: {exc}; "
                               "`aligner verify RUN_DIR` checks a run's checkpoints") from exc
-    set_state_dict(model, inner, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    _keeping_kernel(inner, lambda: set_state_dict(model, inner, model_state_dict=loaded["model"],
+                                                  optim_state_dict=loaded["optimizer"]))
     scheduler.load_state_dict(_torch_load(directory / "scheduler.pt")["scheduler"])
     own = directory / f"rng-rank{rank}.pt"
     if not own.is_file():
@@ -374,7 +392,10 @@ def save_deepspeed_shard(directory: Path, engine: Any, optimizer: Any, rank: int
     del optimizer  # the engine saves its ZeRO optimizer's partitions itself
     plain, tensors = capture_rng()
     torch.save({"tensors": tensors, "plain": json.dumps(plain)}, directory / f"rng-rank{rank}.pt")
-    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    # Frozen weights (a LoRA run's base model) are left out: they are the model the run started from,
+    # which a resume loads anyway, not a copy per checkpoint.
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                           exclude_frozen_parameters=True)
 
 
 def load_deepspeed_training_state(directory: Path, engine: Any, scheduler: Any, rank: int) -> Position:
@@ -391,7 +412,8 @@ def load_deepspeed_training_state(directory: Path, engine: Any, scheduler: Any, 
     state = read_trainer_state(directory)
     try:
         loaded, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+                                           load_optimizer_states=True, load_lr_scheduler_states=False,
+                                           load_module_strict=False)  # frozen weights are not in it
     except Exception as exc:  # DeepSpeed reports a missing or damaged partition in its own ways
         raise CheckpointError(f"could not load the DeepSpeed state in {directory / DEEPSPEED_DIR}: {exc}; "
                               "`aligner verify RUN_DIR` checks a run's checkpoints") from exc
