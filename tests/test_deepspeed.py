@@ -26,62 +26,20 @@ from safetensors.torch import load_file
 from aligner.training.checkpoint_manifest import MARKER, verify_checkpoint
 
 from .conftest import preference_rows
+from .sharded_launch import launch_two, losses, ok
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "accelerate"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install 'aligner[deepspeed]')")
 
-LAUNCHER = '''
-import os
-import signal
-import sys
-
-import aligner
-from aligner.cli import main
-from aligner.plugins import temporary_plugin
-
-
-class KillAt:
-    """A real SIGKILL of every process at the end of a step: no handler, no cleanup, no final save."""
-
-    def __init__(self, step):
-        self.step = step
-
-    @aligner.hookimpl
-    def on_step_end(self, run, step, metrics):
-        assert type(run.model).__name__ == "DeepSpeedEngine", type(run.model)  # really DeepSpeed
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
-with temporary_plugin(KillAt(kill_at), "killer"):
-    sys.exit(main(sys.argv[1:]))
-'''
-
-
 def launch(tmp_path: Path, accelerate_config: Path, config: Path, out: Path, *extra: str,
            kill_at: int = 0) -> subprocess.CompletedProcess:
     """Two processes through ``accelerate launch`` with a shipped DeepSpeed config (on CPUs, in float32)."""
-    launcher = tmp_path / "deepspeed_launcher.py"
-    launcher.write_text(LAUNCHER)
-    env = {**os.environ, "ALIGNER_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled", "KILL_AT_STEP": str(kill_at), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-               str(launcher), "train", str(config), "--output-dir", str(out), *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    return launch_two(tmp_path, accelerate_config, "DeepSpeedEngine", config, out, *extra, kill_at=kill_at)
 
 
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-6000:]
-    return result
-
-
-def losses(out: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+_ok = ok
 
 
 @needs_deepspeed

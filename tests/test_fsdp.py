@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,59 +23,17 @@ from safetensors.torch import load_file
 from aligner.training.checkpoint_manifest import MARKER, verify_checkpoint
 
 from .conftest import preference_rows
+from .sharded_launch import launch_two, losses, ok
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 
-LAUNCHER = '''
-import os
-import signal
-import sys
-
-import aligner
-from aligner.cli import main
-from aligner.plugins import temporary_plugin
-
-
-class KillAt:
-    """A real SIGKILL of every process at the end of a step: no handler, no cleanup, no final save."""
-
-    def __init__(self, step):
-        self.step = step
-
-    @aligner.hookimpl
-    def on_step_end(self, run, step, metrics):
-        assert type(run.model).__name__.startswith("FSDP"), type(run.model)  # really sharded
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
-with temporary_plugin(KillAt(kill_at), "killer"):
-    sys.exit(main(sys.argv[1:]))
-'''
-
-
 def launch(tmp_path: Path, config: Path, out: Path, *extra: str, kill_at: int = 0) -> subprocess.CompletedProcess:
     """Two processes through ``accelerate launch`` with the shipped FSDP config (on CPUs, in float32)."""
-    launcher = tmp_path / "fsdp_launcher.py"
-    launcher.write_text(LAUNCHER)
-    env = {**os.environ, "ALIGNER_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled", "KILL_AT_STEP": str(kill_at), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-               str(launcher), "train", str(config), "--output-dir", str(out), *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return launch_two(tmp_path, FSDP_CONFIG, "FSDP", config, out, *extra, kill_at=kill_at, timeout=300)
 
 
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def losses(out: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+_ok = ok
 
 
 def test_fsdp2_checkpoints_every_shard_and_a_killed_run_resumes_exactly(make_config, tmp_path):

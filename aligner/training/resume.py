@@ -358,6 +358,12 @@ def load_sharded_training_state(directory: Path, model: torch.nn.Module, optimiz
                               "`aligner verify RUN_DIR` checks a run's checkpoints") from exc
     _keeping_kernel(inner, lambda: set_state_dict(model, inner, model_state_dict=loaded["model"],
                                                   optim_state_dict=loaded["optimizer"]))
+    return _restore_schedule_and_rng(directory, state, scheduler, rank)
+
+
+def _restore_schedule_and_rng(directory: Path, state: dict[str, Any], scheduler: Any, rank: int) -> Position:
+    """The rest of a per-process (FSDP, DeepSpeed) checkpoint's load: the schedule, this process's RNG
+    state (process 0's where it was saved with fewer processes) and the data position."""
     scheduler.load_state_dict(_torch_load(directory / "scheduler.pt")["scheduler"])
     own = directory / f"rng-rank{rank}.pt"
     if not own.is_file():
@@ -420,11 +426,4 @@ def load_deepspeed_training_state(directory: Path, engine: Any, scheduler: Any, 
     if loaded is None:
         raise CheckpointError(f"could not load the DeepSpeed state in {directory / DEEPSPEED_DIR}: DeepSpeed found "
                               "no checkpoint there; `aligner verify RUN_DIR` checks a run's checkpoints")
-    scheduler.load_state_dict(_torch_load(directory / "scheduler.pt")["scheduler"])
-    own = directory / f"rng-rank{rank}.pt"
-    if not own.is_file():
-        log.warning("%s has no RNG state for process %d (saved with fewer processes): using process 0's", directory, rank)
-        own = directory / "rng-rank0.pt"
-    saved = _torch_load(own)
-    restore_rng(json.loads(saved["plain"]), saved["tensors"])
-    return _position(state, directory)
+    return _restore_schedule_and_rng(directory, state, scheduler, rank)
