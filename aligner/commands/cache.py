@@ -90,15 +90,9 @@ class DataCache:
 
     def remove(self, key: str) -> bool:
         """Delete an entry; ``False`` if it was not there."""
-        from aligner.errors import os_error
+        from aligner.data.cache_files import remove_entry_file
 
-        try:
-            self.path(key).unlink()
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise os_error(exc, self.path(key), "could not remove cache entry") from exc
+        return remove_entry_file(self.path(key))
 
     def clear(self) -> int:
         """Delete every entry, temporary files over an hour old and lock files no process holds (left by

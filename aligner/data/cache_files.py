@@ -109,3 +109,17 @@ def locked(directory: Path, key: str) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # while still held: a waiter then sees the name gone and locks again
             handle.close()
+
+
+def remove_entry_file(path: Path) -> bool:
+    """Delete one cache entry's file; ``False`` if it was not there, a located ``PathError`` if it cannot be
+    removed (a read-only cache, a directory named like an entry)."""
+    from aligner.errors import os_error
+
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise os_error(exc, path, "could not remove cache entry") from exc

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from aligner.data.cache_files import SUFFIX, default_cache_dir, entry_metadata, write_entry
+from aligner.data.cache_files import SUFFIX, default_cache_dir, entry_metadata, remove_entry_file, write_entry
 from aligner.errors import PathError, os_error
 
 FORMAT_VERSION = "1"
@@ -106,13 +106,7 @@ class ReferenceCache:
 
     def remove(self, key: str) -> bool:
         """Delete an entry; ``False`` if it was not there."""
-        try:
-            self.path(key).unlink()
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError as exc:  # read-only cache, a directory named like an entry
-            raise os_error(exc, self.path(key), "could not remove cache entry") from exc
+        return remove_entry_file(self.path(key))
 
     def keys(self) -> list[str]:
         """Keys of the entries present (complete files only; temporary files are skipped)."""
