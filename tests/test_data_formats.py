@@ -67,7 +67,18 @@ def test_hh_rlhf_shared_prefix_is_the_prompt(tmp_path):
     dialogue = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant:"
     fmt, rows, report = load(tmp_path, [{"chosen": dialogue + " It is 4.", "rejected": dialogue + " It is 5."}])
     assert fmt == "preference" and report.layout == "hh-rlhf"
-    assert rows == [{"prompt": dialogue, "chosen": " It is 4.", "rejected": " It is 5."}]
+    assert rows == [{"prompt": dialogue, "chosen": "It is 4.", "rejected": "It is 5."}]
+
+
+def test_hh_rlhf_with_the_plain_template_reads_as_the_dialogue_with_one_space_after_the_marker(tmp_path):
+    from aligner.data.templates import load_template
+    from aligner.modeling.tiny_tokenizer import load_builtin_tokenizer
+
+    dialogue = "\n\nHuman: What is 2+2?\n\nAssistant:"
+    _, rows, _ = load(tmp_path, [{"chosen": dialogue + " It is 4.", "rejected": dialogue + " It is 5."}])
+    template = load_template("plain", load_builtin_tokenizer(), chat_data=False)
+    text = template.prompt_text(rows[0]["prompt"]) + rows[0]["chosen"]
+    assert text == dialogue + " It is 4."  # not "Assistant:  It is 4." (the space twice)
 
 
 def test_hh_rlhf_replies_sharing_their_first_words_split_at_the_last_assistant_marker(tmp_path):
@@ -137,7 +148,7 @@ HH = "\n\nHuman: What is 2+2?\n\nAssistant:"
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "sft",
      {"completion": "Hello<|im_end|>\n"}),
     ({"chosen": HH + " It is 4.", "rejected": HH + " It is 5."}, "preference",
-     {"chosen": " It is 4.<|im_end|>\n", "rejected": " It is 5.<|im_end|>\n"}),
+     {"chosen": "It is 4.<|im_end|>\n", "rejected": "It is 5.<|im_end|>\n"}),  # the space after "Assistant:" is the template's
 ])
 def test_each_layout_trains_exactly_its_completion_tokens(tmp_path, tokenizer, row, fmt, trained):
     detected, rows = load_validated(write_jsonl(tmp_path / "rows.jsonl", [row]), None)

@@ -104,7 +104,9 @@ def openai_messages(row: dict[str, Any], location: str) -> dict[str, Any]:
 
 def hh_rlhf(row: dict[str, Any], location: str) -> dict[str, Any]:
     """The text ``chosen`` and ``rejected`` share, up to and including its last "\\n\\nAssistant:", is
-    the prompt; the rest of each is its completion (a leading space stays with the completion)."""
+    the prompt; the rest of each is its completion, less the one space that follows the marker: the
+    template writes what separates a prompt from its completion (``plain``'s space, a chat template's
+    turn markup), so the reply does not start with a second space."""
     chosen, rejected = _text(row, "chosen", location), _text(row, "rejected", location)
     shared = 0
     for a, b in zip(chosen, rejected, strict=False):
@@ -116,7 +118,12 @@ def hh_rlhf(row: dict[str, Any], location: str) -> dict[str, Any]:
         raise DataError(f"{location}: 'chosen' and 'rejected' share no text ending in \"\\n\\nAssistant:\"; an "
                         "hh-rlhf row holds one dialogue with two different last assistant replies")
     end = cut + len(HH_ASSISTANT)
-    return {"prompt": chosen[:end], "chosen": chosen[end:], "rejected": rejected[end:]}
+    return {"prompt": chosen[:end], "chosen": _without_one_space(chosen[end:]),
+            "rejected": _without_one_space(rejected[end:])}
+
+
+def _without_one_space(reply: str) -> str:
+    return reply[1:] if reply.startswith(" ") else reply
 
 
 def _same_turn(a: Any, b: Any) -> bool:
