@@ -31,7 +31,7 @@ from .sharded_launch import launch_two, losses, ok
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "accelerate"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install 'aligner[deepspeed]')")
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install 'aligner-trainer[deepspeed]')")
 
 def launch(tmp_path: Path, accelerate_config: Path, config: Path, out: Path, *extra: str,
            kill_at: int = 0) -> subprocess.CompletedProcess:
@@ -163,7 +163,7 @@ def test_the_deepspeed_refusal_names_the_config_file_of_the_launch(monkeypatch):
                                           r"'distributed_type: DEEPSPEED' \(zero_stage 2\) needs the deepspeed package"):
         distributed.check_deepspeed_installed()
     monkeypatch.setattr(distributed, "_launch_config_file", lambda: None)
-    with pytest.raises(ConfigError, match="the accelerate config of this launch: .*pip install 'aligner\\[deepspeed\\]'"):
+    with pytest.raises(ConfigError, match="the accelerate config of this launch: .*pip install 'aligner-trainer\\[deepspeed\\]'"):
         distributed.check_deepspeed_installed()
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     distributed.check_deepspeed_installed()  # no DeepSpeed asked for: nothing to refuse

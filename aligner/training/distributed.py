@@ -55,7 +55,7 @@ def deepspeed_requested() -> bool:
 
 
 def deepspeed_available() -> bool:
-    """Whether the ``deepspeed`` package can be imported (``pip install 'aligner[deepspeed]'``)."""
+    """Whether the ``deepspeed`` package can be imported (``pip install 'aligner-trainer[deepspeed]'``)."""
     import importlib.util
 
     return importlib.util.find_spec("deepspeed") is not None
@@ -91,7 +91,7 @@ def check_deepspeed_installed() -> None:
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     raise ConfigError(
         f"{where}: 'distributed_type: DEEPSPEED'{f' (zero_stage {stage})' if stage else ''} needs the deepspeed "
-        "package, which is not installed: `pip install 'aligner[deepspeed]'`, or launch with another config "
+        "package, which is not installed: `pip install 'aligner-trainer[deepspeed]'`, or launch with another config "
         "(configs/accelerate/fsdp.yaml shards parameters, gradients and optimizer state without it)")
 
 
