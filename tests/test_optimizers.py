@@ -210,6 +210,26 @@ def test_resuming_a_checkpoint_written_with_the_loop_kernel_keeps_the_fused_one_
     assert fused.state[weight]["step"] == 2
 
 
+def test_a_resumed_fused_optimizer_keeps_its_step_counters_on_the_weights_device(tmp_path):
+    """torch places each step counter by the loaded group's kernel: on the weight's device for the fused
+    kernel (CUDA raises "Expected all tensors to be on the same device" otherwise), on the CPU for the
+    loop. A meta weight stands in for a GPU one."""
+    from aligner.training.resume import Position, load_training_state, save_training_state
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    old = torch.optim.AdamW([weight], lr=0.1)  # the loop kernel: its step counter is a CPU tensor
+    weight.grad = torch.ones(4)
+    old.step()
+    state = save_training_state(tmp_path, old, torch.optim.lr_scheduler.LambdaLR(old, lambda step: 1.0),
+                                Position(step=1))
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    on_device = torch.nn.Parameter(torch.ones(4, device="meta"))
+    fused = torch.optim.AdamW([on_device], lr=0.1, fused=True)
+    load_training_state(tmp_path, fused, torch.optim.lr_scheduler.LambdaLR(fused, lambda step: 1.0))
+    assert fused.param_groups[0]["fused"] is True
+    assert fused.state[on_device]["step"].device == on_device.device
+
+
 def test_an_unknown_optimizer_or_option_is_a_config_error_naming_the_key(make_config, tmp_path):
     # An unknown name is a PluginError like an unknown loss (the plugin may not be installed), located the same way.
     with pytest.raises(PluginError, match=r"unknown optimizer 'adam' at 'stages\[0\]\.optimizer' .*line.*"

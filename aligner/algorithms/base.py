@@ -185,7 +185,10 @@ class StepServices:
         engine.step()
         applied = engine.was_step_applied()
         if not applied and ok:
-            log.warning("stage '%s' step %d: DeepSpeed skipped the update (non-finite gradients)", stage, self.run.step + 1)
+            # Under fp16 these are the loss scaler's calibration skips (expected); otherwise a surprise.
+            level = logging.DEBUG if engine.fp16_enabled() else logging.WARNING
+            log.log(level, "stage '%s' step %d: DeepSpeed skipped the update (non-finite gradients)", stage,
+                    self.run.step + 1)
         if applied and not ok:
             log.warning("stage '%s' step %d: the loss was non-finite but the gradients were not: DeepSpeed applied "
                         "the update", stage, self.run.step + 1)

@@ -239,14 +239,30 @@ def read_position(directory: Path) -> Position:
 _KERNEL_KEYS = ("fused", "foreach")
 
 
-def _keeping_kernel(optimizer: Any, load: Any) -> None:
-    """Run ``load()`` (a load of ``optimizer``'s state) keeping the kernel the optimizer was built with.
+def _built_kernels(optimizer: Any) -> list[dict[str, Any]]:
+    return [{key: group[key] for key in _KERNEL_KEYS if key in group} for group in optimizer.param_groups]
+
+
+def _with_built_kernel(optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (an optimizer state dict) with each group's kernel setting replaced by the one
+    ``optimizer`` was built with, before it is loaded.
 
     torch's ``load_state_dict`` takes every group setting from the checkpoint, the kernel too: a
     checkpoint written before AdamW's ``fused: auto`` would switch a resumed run back to the
-    per-weight loop, which under fp16 refuses the gradient scaler's arguments promised to the
-    fused kernel (the first step after the resume failed)."""
-    built = [{key: group[key] for key in _KERNEL_KEYS if key in group} for group in optimizer.param_groups]
+    per-weight loop, which under fp16 refuses the gradient scaler's arguments promised to the fused
+    kernel (the first step after the resume failed). Set before loading, not after, because torch
+    places each weight's step counter by the loaded group's kernel (the fused one needs it on the
+    weight's device, the loop on the CPU)."""
+    for group, kernel in zip(saved["param_groups"], _built_kernels(optimizer), strict=False):
+        group.update(kernel)
+    return saved
+
+
+def _keeping_kernel(optimizer: Any, load: Any) -> None:
+    """Run ``load()`` keeping ``optimizer``'s kernel settings, for loaders that place the state into
+    tensors the optimizer already has (torch.distributed.checkpoint), where setting them back after
+    the load is enough."""
+    built = _built_kernels(optimizer)
     load()
     for group, kernel in zip(optimizer.param_groups, built, strict=False):
         group.update(kernel)
@@ -256,7 +272,7 @@ def load_training_state(directory: Path, optimizer: Any, scheduler: Any) -> Posi
     """Restore optimizer, scheduler and RNG from a checkpoint; return its position."""
     state = read_trainer_state(directory)
     saved = _torch_load(directory / "optimizer.pt")
-    _keeping_kernel(optimizer, lambda: optimizer.load_state_dict(saved["optimizer"]))
+    optimizer.load_state_dict(_with_built_kernel(optimizer, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng(state["rng"], _torch_load(directory / "rng.pt"))
     return _position(state, directory)
@@ -388,6 +404,15 @@ def _restore_schedule_and_rng(directory: Path, state: dict[str, Any], scheduler:
 DEEPSPEED_TAG = "state"  # the one sub-directory of ``deepspeed/`` (DeepSpeed's "tag")
 
 
+def _frozen_weights_are_the_base_model(engine: Any) -> bool:
+    """Whether a checkpoint may leave the frozen weights out: they are then the model the run started
+    from (a LoRA run's base), which a resume loads anyway, not a copy per checkpoint. Not when an
+    adapter weight is frozen (``lora_fa`` keeps LoRA's randomly initialised A matrices frozen): those
+    exist nowhere else."""
+    module = getattr(engine, "module", engine)
+    return not any("lora_" in name for name, parameter in module.named_parameters() if not parameter.requires_grad)
+
+
 def save_deepspeed_shard(directory: Path, engine: Any, optimizer: Any, rank: int) -> None:
     """This process's part of a DeepSpeed checkpoint: its ZeRO partitions (DeepSpeed's writer), its RNG state.
 
@@ -398,10 +423,8 @@ def save_deepspeed_shard(directory: Path, engine: Any, optimizer: Any, rank: int
     del optimizer  # the engine saves its ZeRO optimizer's partitions itself
     plain, tensors = capture_rng()
     torch.save({"tensors": tensors, "plain": json.dumps(plain)}, directory / f"rng-rank{rank}.pt")
-    # Frozen weights (a LoRA run's base model) are left out: they are the model the run started from,
-    # which a resume loads anyway, not a copy per checkpoint.
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
-                           exclude_frozen_parameters=True)
+                           exclude_frozen_parameters=_frozen_weights_are_the_base_model(engine))
 
 
 def load_deepspeed_training_state(directory: Path, engine: Any, scheduler: Any, rank: int) -> Position:

@@ -358,16 +358,17 @@ def _resolve_rest(config: RunConfig, index: int, algorithm: Any, losses: list[tu
                          eval_rewards, rows.train, rows.eval, optimizer=optimizer, rows=rows)
 
 
-def _stage_checks(prepared: PreparedStage, config: RunConfig) -> list[Callable[[], None]]:
-    """Every check of a prepared stage, each on its own, so that ``aligner data check`` reports all
-    that fail (training stops at the first)."""
+def _stage_checks(prepared: PreparedStage, config: RunConfig) -> list[list[Callable[[], None]]]:
+    """The checks of a prepared stage, in groups: each check of a group runs on its own, so that
+    ``aligner data check`` reports all that fail (training stops at the first); a group runs only when
+    the groups before it passed (the losses' own checks may assume the stage is otherwise sound)."""
     return [
-        lambda: check_requirements(prepared, config),
-        lambda: check_packing(prepared),  # before any model loads, also for a later stage of a multi-stage run
-        lambda: prepared.algorithm.check_stage(prepared),
-        lambda: prepared.optimizer.check_stage(prepared),  # refuses a stage it cannot train (the default accepts)
+        [lambda: check_requirements(prepared, config),
+         lambda: check_packing(prepared),  # before any model loads, also for a later stage of a multi-stage run
+         lambda: prepared.algorithm.check_stage(prepared),
+         lambda: prepared.optimizer.check_stage(prepared)],  # refuses a stage it cannot train (the default accepts)
         # Losses may look at the validated data (class balance, batch size) and warn before any training.
-        *[lambda loss=loss: loss.check_stage(prepared) for loss, _ in prepared.losses],
+        [lambda loss=loss: loss.check_stage(prepared) for loss, _ in prepared.losses],
     ]
 
 
@@ -392,8 +393,10 @@ def prepare_stage_collecting(config: RunConfig, index: int,
     prepared = problems.attempt(lambda: _resolve_rest(config, index, algorithm, losses, rows))
     if prepared is None:
         return None, rows
-    failed = [check for check in _stage_checks(prepared, config) if problems.attempt(lambda c=check: c() or True) is None]
-    return (None if failed else prepared), rows
+    for group in _stage_checks(prepared, config):
+        if [check for check in group if problems.attempt(lambda c=check: c() or True) is None]:
+            return None, rows
+    return prepared, rows
 
 
 def prepare_stage(config: RunConfig, index: int) -> PreparedStage:
