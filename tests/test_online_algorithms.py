@@ -62,14 +62,16 @@ def train_steps(result) -> list[dict]:
 
 # Per-step losses of this exact run, recorded with the PPO stage runner before the port onto the
 # stage skeleton (aligner/ppo/stage.py); the port reproduces them bit for bit on this CPU build (and
-# the final weights too: checked by hashing them before and after the port).
+# the final weights too: checked by hashing them before and after the port). Recorded with torch's
+# per-weight AdamW loop, which ``fused: false`` keeps (the fused kernel rounds differently).
 PPO_LOSSES_BEFORE_THE_PORT = [-0.0476854145526886, -0.044386131688952446, -0.040797993540763855,
                               -0.017542585730552673]
 
 
 def test_ppo_per_step_losses_are_those_recorded_before_the_port(tmp_path):
     config = online_config(tmp_path, {"name": "ppo", "ppo_epochs": 2, "mini_batch_size": 4, "sample_every": 1},
-                           steps=4, batch_size=8, reference={"name": "frozen_copy"})
+                           steps=4, batch_size=8, reference={"name": "frozen_copy"},
+                           optimizer={"name": "adamw", "fused": False})
     losses = [r["loss"] for r in train_steps(aligner.train(config))]
     assert losses == PPO_LOSSES_BEFORE_THE_PORT
 
