@@ -222,3 +222,9 @@ def test_held_out_split_and_chosen_as_sft_keep_rows_compact(tmp_path):
     assert isinstance(sft, Rows) and sft == chosen_as_sft(list(held))
     assert sft[0].data == {"prompt": held[0].data["prompt"], "completion": held[0].data["chosen"]}
     assert sft[0].location == held[0].location
+    # a split re-encodes its own rows only, not the whole source's (2x the memory for large sets before)
+    assert sum(len(block) for block in sft.blocks) == len(held) == 10
+    train_sft = chosen_as_sft(train)
+    assert sum(len(block) for block in train_sft.blocks) == 40
+    assert [r.location for r in train_sft] == [r.location for r in train]
+    assert [r.data["completion"] for r in train_sft] == [r.data["chosen"] for r in train]

@@ -179,14 +179,18 @@ class Rows(Sequence):
 
     def map_data(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Rows:
         """The same rows (same order and locations) with each one's data replaced by ``change(data)``,
-        held compactly again: a new block per block, the index arrays shared."""
-        blocks = []
-        for block in self.blocks:
+        held compactly again: per block, a new block of only the rows these ``Rows`` use (a split of a
+        large source re-encodes its own rows, not the whole source's)."""
+        blocks, index = [], np.empty_like(self.index)
+        for b, block in enumerate(self.blocks):
+            mine = np.arange(len(self.index)) if self.which is None else np.flatnonzero(self.which == b)
+            used, inverse = np.unique(self.index[mine], return_inverse=True)
             builder = RowBlockBuilder(block.label, block.unit)
-            for i in range(len(block)):
+            for i in used.tolist():
                 builder.append(change(block.data(i)), int(block.positions[i]))
             blocks.append(builder.build())
-        return Rows(blocks, self.index, self.which)
+            index[mine] = inverse
+        return Rows(blocks, index, self.which)
 
     def location(self, k: int) -> str:
         """Row ``k``'s location without decoding its data."""
