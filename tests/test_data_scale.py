@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from aligner.data import sources
 from aligner.data.loading import Row, load_validated
 from aligner.data.rows import RowBlockBuilder, Rows, concat
 from aligner.errors import DataError
+from tests.concurrent_workers import run_two_together
 from tests.conftest import preference_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,23 +167,11 @@ WORKER = textwrap.dedent("""
 def test_processes_sharing_a_cache_tokenize_once(tmp_path):
     data = [dict(BASE[i % 16], prompt=f"question number {i}") for i in range(1200)]
     path = write_jsonl(tmp_path / "train.jsonl", data)
-    script, log, go = tmp_path / "worker.py", tmp_path / "built.log", tmp_path / "go"
-    script.write_text(WORKER)
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    workers = [subprocess.Popen([sys.executable, str(script), str(path), str(tmp_path / "cache"), str(log), str(go)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-               for _ in range(2)]
-    # Start them together once both have imported and loaded (each waits for the file).
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("go.*"))) < 2 and time.monotonic() < deadline and all(w.poll() is None for w in workers):
-        time.sleep(0.05)
-    go.write_text("")
-    outputs = [w.communicate(timeout=240) for w in workers]
-    for worker, (_, err) in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, err[-2000:]
+    log = tmp_path / "built.log"
+    # Started together once both have imported and loaded (each waits for the go file).
+    first, second = run_two_together(tmp_path, WORKER, [str(path), str(tmp_path / "cache"), str(log), str(tmp_path / "go")],
+                                     {"TOKENIZERS_PARALLELISM": "false"})
     assert len(log.read_text().split()) == 1  # one process tokenized; the other waited and read its entry
-    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     assert first == second and len(first) == 1200
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from aligner.data import loading, rows_cache, sources
 from aligner.data.loading import load_validated
 from aligner.errors import DataError
 
+from .concurrent_workers import run_two_together
 from .conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,22 +261,10 @@ WORKER = textwrap.dedent("""
 
 def test_processes_sharing_a_cache_parse_once(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", pairs(300))
-    script, log, go = tmp_path / "worker.py", tmp_path / "built.log", tmp_path / "go"
-    script.write_text(WORKER)
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-           "ALIGNER_CACHE_DIR": str(tmp_path / "cache")}
-    workers = [subprocess.Popen([sys.executable, str(script), str(path), str(log), str(go)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-               for _ in range(2)]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("go.*"))) < 2 and time.monotonic() < deadline and all(w.poll() is None for w in workers):
-        time.sleep(0.05)
-    go.write_text("")
-    outputs = [w.communicate(timeout=240) for w in workers]
-    for worker, (_, err) in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, err[-2000:]
+    log = tmp_path / "built.log"
+    first, second = run_two_together(tmp_path, WORKER, [str(path), str(log), str(tmp_path / "go")],
+                                     {"ALIGNER_CACHE_DIR": str(tmp_path / "cache")})
     assert len(log.read_text().split()) == 1  # one process parsed; the other waited and mapped its entry
-    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     assert first == second and len(first) == 300 and first[0][1] == f"{path}, line 1"
     cache = tmp_path / "cache" / "tokenized"
     assert [p.name.endswith(".rows.arrow") for p in cache.iterdir()] == [True]  # no lock or temporary file left
